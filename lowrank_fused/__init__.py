@@ -1,0 +1,18 @@
+"""lowrank_fused: fused LoRA, LoRA-FA and LoRA-XS linear layers.
+
+One operator, y = x·Wᵀ + bias + s·(x·Aᵀ)·R·Bᵀ over a frozen W, whose backward keeps only the
+activations the trainable tensors need.
+"""
+from .dispatch import available_backends
+from .errors import BackendUnavailableError
+from .functional import low_rank_linear
+from .init import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent, truncated_svd
+from .layer import METHODS, LowRankLinear, scaling_for
+from .surgery import LowRankSummary, apply_low_rank, count_parameters
+
+__all__ = [
+    "low_rank_linear", "LowRankLinear", "apply_low_rank", "LowRankSummary", "count_parameters",
+    "available_backends", "BackendUnavailableError", "METHODS", "scaling_for",
+    "kaiming_uniform_a_", "lora_xs_factors", "lora_xs_latent", "truncated_svd",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""Reference backend: plain PyTorch. The CPU path and the ground truth for every kernel.
+
+Contract shared by all backends (x is 2-D, (M, K)):
+
+``forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout) -> (y, p)``
+    y = x Wᵀ + bias + scaling · p · B_effᵀ  in x's dtype, and p = dropout(x) Aᵀ (M, r) in the
+    adapters' dtype; p is what backward needs instead of x when A is frozen.
+
+``backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *, need_x, need_a,
+need_b, need_bias) -> (dx, da, db_eff, dbias)``
+    Gradients asked for, ``None`` for the rest. ``x`` may be ``None`` unless ``need_a``; ``p``
+    may be ``None`` unless ``need_b``. Each gradient has its own tensor's dtype.
+
+``dropout_keep_mask(dropout, shape, device) -> bool tensor``
+    The keep-mask the backend derives from ``dropout.seed``: True where x is kept.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..dropout import DropoutSpec
+
+
+def dropout_keep_mask(dropout: DropoutSpec, shape, device) -> Tensor:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(dropout.seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout.p
+
+
+def _apply_dropout(t: Tensor, dropout: Optional[DropoutSpec]) -> Tensor:
+    if dropout is None:
+        return t
+    keep = dropout_keep_mask(dropout, t.shape, t.device)
+    return t * keep * dropout.keep_scale
+
+
+def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
+    p = _apply_dropout(x, dropout).to(lora_a.dtype) @ lora_a.T
+    low_rank = scaling * (p @ lora_b_eff.T)
+    y = torch.nn.functional.linear(x, weight, bias) + low_rank.to(x.dtype)
+    return y, p
+
+
+def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
+             need_x, need_a, need_b, need_bias):
+    adapter_dtype = lora_a.dtype
+    grad_lr = grad_y.to(adapter_dtype)
+    dx = da = db_eff = dbias = None
+    if need_x or need_a:
+        dp = scaling * (grad_lr @ lora_b_eff)  # (M, r)
+        if need_x:
+            dx_low_rank = _apply_dropout(dp @ lora_a, dropout)
+            dx = (grad_y @ weight + dx_low_rank.to(grad_y.dtype)).to(weight.dtype)
+        if need_a:
+            da = dp.T @ _apply_dropout(x, dropout).to(adapter_dtype)
+    if need_b:
+        db_eff = scaling * (grad_lr.T @ p)
+    if need_bias:
+        dbias = grad_y.sum(0)
+    return dx, da, db_eff, dbias

@@ -1,0 +1,73 @@
+"""The public operator: ``low_rank_linear``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .autograd import LowRankLinearFunction
+from .dropout import DropoutSpec, draw_seed
+from .validation import check_operator_inputs
+
+
+def low_rank_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    latent: Optional[Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    """y = x·Wᵀ + bias + scaling · dropout(x)·Aᵀ·R·Bᵀ, forward and backward fused.
+
+    Args:
+        x: input, shape (..., K), same dtype as ``weight``.
+        weight: frozen base weight W, shape (N, K) (nn.Linear's layout).
+        lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
+            backward: only P = dropout(x)·Aᵀ, shape (M, r).
+        lora_b: B, shape (N, r).
+        bias: optional base bias, shape (N,).
+        latent: optional LoRA-XS matrix R, shape (r, r); absent means R = I.
+        scaling: s, usually alpha / r.
+        dropout_p: dropout probability on the low-rank branch's input (PEFT's lora_dropout).
+            The mask is regenerated from a seed in backward, never stored.
+        training: dropout is applied only when True.
+        backend: "auto", "reference", "triton" or "cuda"; the environment variable
+            ``LOWRANK_FUSED_BACKEND`` replaces "auto".
+        dropout_seed: seed of the dropout mask; drawn from torch's RNG when None.
+
+    Adapters (lora_a, lora_b, latent) share one dtype, which may differ from x's (fp32
+    adapters on a bf16 base, as PEFT keeps them); y has x's dtype and every gradient its own
+    tensor's dtype.
+
+    Returns:
+        y, shape (..., N).
+
+    Raises:
+        ValueError: mismatched shapes, rank < 1, tensors on several devices, dropout_p outside
+            [0, 1), unknown backend.
+        TypeError: non-floating dtypes, x and weight of different dtypes, adapters of mixed dtypes.
+        lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
+    """
+    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    backend_module = dispatch.resolve(backend, x.device)
+
+    dropout = None
+    if training and dropout_p > 0.0:
+        seed = draw_seed(x.device) if dropout_seed is None else int(dropout_seed)
+        dropout = DropoutSpec(float(dropout_p), seed)
+
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    y2d = LowRankLinearFunction.apply(
+        x2d, weight, bias, lora_a, lora_b, latent, float(scaling), dropout, backend_module
+    )
+    return y2d.reshape(*x.shape[:-1], n)

@@ -1,0 +1,94 @@
+"""Checks on the operator's inputs; each error names what was expected and what came."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_rank(rank, out_features: int, in_features: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    limit = min(out_features, in_features)
+    if not 1 <= rank <= limit:
+        raise ValueError(
+            f"rank must be between 1 and min(out_features, in_features) = {limit}, got {rank}"
+        )
+
+
+def check_dropout_p(p) -> None:
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+
+
+def _check_shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} ({meaning}), got {tuple(t.shape)}"
+        )
+
+
+def check_operator_inputs(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Optional[Tensor],
+    latent: Optional[Tensor],
+    dropout_p: float,
+) -> None:
+    named = [("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    if bias is not None:
+        named.append(("bias", bias))
+    if latent is not None:
+        named.append(("latent", latent))
+    for name, t in named:
+        _check_float(name, t)
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features N, in_features K), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x must have shape (..., K) with K = weight.shape[1] = {k}, got {tuple(x.shape)}"
+        )
+    if lora_a.dim() != 2 or lora_a.shape[1] != k:
+        raise ValueError(f"lora_a must have shape (r, K) with K = {k}, got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"rank r = lora_a.shape[0] must be at least 1, got {r}")
+    _check_shape("lora_b", lora_b, (n, r), f"N = {n} from weight, r = {r} from lora_a")
+    if latent is not None:
+        _check_shape("latent", latent, (r, r), f"r = {r} from lora_a")
+    if bias is not None:
+        _check_shape("bias", bias, (n,), f"N = {n} from weight")
+
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype (as in nn.Linear), got x {x.dtype} and weight {weight.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    adapters = [("lora_b", lora_b)] + ([("latent", latent)] if latent is not None else [])
+    for name, t in adapters:
+        if t.dtype != lora_a.dtype:
+            raise TypeError(
+                f"adapter tensors must share one dtype: lora_a is {lora_a.dtype}, {name} is {t.dtype}"
+            )
+
+    devices = {name: t.device for name, t in named}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    check_dropout_p(dropout_p)

@@ -1,0 +1,47 @@
+"""What each method keeps for backward, counted with saved_tensors_hooks."""
+import pytest
+import torch
+
+from lowrank_fused import LowRankLinear
+
+M_SHAPE, K, N, R = (4, 9), 48, 40, 6
+M = M_SHAPE[0] * M_SHAPE[1]
+
+
+def saved_activations(layer, x):
+    """Tensors autograd keeps for backward of layer(x), parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return saved
+
+
+@pytest.mark.parametrize("method", ["lora_fa", "lora_xs"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_frozen_a_keeps_only_the_rank_r_activation(method, dropout):
+    layer = LowRankLinear(K, N, R, method=method, dropout=dropout)
+    x = torch.randn(*M_SHAPE, K, requires_grad=True)
+    saved = saved_activations(layer, x)
+    assert all(t.numel() != M * K for t in saved), [tuple(t.shape) for t in saved]
+    assert sum(t.numel() for t in saved) == M * R, [tuple(t.shape) for t in saved]
+
+
+def test_lora_keeps_x_and_p():
+    layer = LowRankLinear(K, N, R, method="lora")
+    x = torch.randn(*M_SHAPE, K, requires_grad=True)
+    saved = saved_activations(layer, x)
+    assert sorted(t.numel() for t in saved) == sorted([M * K, M * R])
+
+
+def test_frozen_everything_but_x_keeps_nothing():
+    layer = LowRankLinear(K, N, R, method="lora_fa")
+    layer.lora_b.requires_grad_(False)
+    x = torch.randn(*M_SHAPE, K, requires_grad=True)
+    assert saved_activations(layer, x) == []
