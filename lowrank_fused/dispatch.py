@@ -86,19 +86,25 @@ def _load_cuda(device: torch.device) -> ModuleType:
     return importlib.import_module(".backends.cuda", __package__)
 
 
-def resolve(backend: str, device: torch.device) -> ModuleType:
-    """The backend module for ``backend`` (after the env override) on ``device``."""
+def resolved_name(backend: str, device: torch.device) -> str:
+    """The concrete backend ("reference", "triton" or "cuda") that ``backend`` (after the env
+    override) means on ``device``; raises BackendUnavailableError if it cannot run there."""
     name = requested_backend(backend)
-    if name == "reference":
-        return importlib.import_module(".backends.reference", __package__)
+    if name == "auto":
+        if device.type == "cuda" and cuda_extension_available():
+            name = "cuda"
+        elif device.type == "cuda" and triton_available():
+            name = "triton"
+        else:
+            name = "reference"
+    resolve(name, device)  # fail now, with the reason, rather than inside the op
+    return name
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for a concrete backend name on ``device``."""
     if name == "triton":
         return _load_triton(device)
     if name == "cuda":
         return _load_cuda(device)
-    # auto
-    if device.type == "cuda":
-        if cuda_extension_available():
-            return _load_cuda(device)
-        if triton_available():
-            return _load_triton(device)
     return importlib.import_module(".backends.reference", __package__)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class DropoutSpec:
         return 1.0 / (1.0 - self.p)
 
 
-def draw_seed(device: torch.device) -> int:
-    """Draw a seed from torch's global RNG of ``device`` so ``torch.manual_seed`` governs dropout."""
-    generator_device = device if device.type == "cuda" else torch.device("cpu")
-    return int(torch.randint(0, 2**31 - 1, (1,), device=generator_device).item())
+def seed_tensor(seed: Optional[int] = None) -> Tensor:
+    """The dropout seed as a 1-element int64 CPU tensor (so torch.compile can trace drawing it):
+    ``seed`` if given, else drawn from torch's global RNG, so ``torch.manual_seed`` governs it."""
+    if seed is not None:
+        return torch.tensor([int(seed)], dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .autograd import LowRankLinearFunction
-from .dropout import DropoutSpec, draw_seed
+from .dropout import seed_tensor
+from .ops import forward_op
 from .validation import check_operator_inputs
 
 
@@ -57,17 +57,26 @@ def low_rank_linear(
         TypeError: non-floating dtypes, x and weight of different dtypes, adapters of mixed dtypes.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
+    x, weight, bias = _autocast_base(x, weight, bias)
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    backend_module = dispatch.resolve(backend, x.device)
+    backend_name = dispatch.resolved_name(backend, x.device)
 
-    dropout = None
-    if training and dropout_p > 0.0:
-        seed = draw_seed(x.device) if dropout_seed is None else int(dropout_seed)
-        dropout = DropoutSpec(float(dropout_p), seed)
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = seed_tensor(dropout_seed if dropout_p > 0.0 else 0)
 
     n, k = weight.shape
-    x2d = x.reshape(-1, k)
-    y2d = LowRankLinearFunction.apply(
-        x2d, weight, bias, lora_a, lora_b, latent, float(scaling), dropout, backend_module
-    )
+    y2d, _ = forward_op(x.reshape(-1, k), weight, bias, lora_a, lora_b, latent, float(scaling),
+                        dropout_p, seed, backend_name)
     return y2d.reshape(*x.shape[:-1], n)
+
+
+def _autocast_base(x, weight, bias):
+    """Under torch.autocast, the base GEMM runs in the autocast dtype as nn.Linear's does; the
+    adapters keep their own dtype. The casts are differentiable, so gradients come back in each
+    tensor's own dtype."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    return cast(x), cast(weight), cast(bias)

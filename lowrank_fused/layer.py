@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .autograd import effective_lora_b
+from .ops import effective_lora_b
 from .functional import low_rank_linear
 from .init import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent
 from .validation import check_dropout_p, check_rank

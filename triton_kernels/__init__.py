@@ -1,0 +1,11 @@
+"""Triton kernels of the low-rank linear operator (installed as lowrank_fused.triton_kernels).
+
+Launchers take 2-D tensors and plain numbers; they know nothing of modules or autograd.
+Run on CPU tensors under TRITON_INTERPRET=1 (how CI tests them).
+"""
+from .backward import grad_a, grad_input, grad_output_pass
+from .dropout import dropout_keep_mask
+from .forward import fused_linear, project
+
+__all__ = ["project", "fused_linear", "grad_output_pass", "grad_input", "grad_a",
+           "dropout_keep_mask"]

@@ -1,0 +1,44 @@
+"""Triton backend: the reference contract (see ``reference``) on the kernels of
+``lowrank_fused.triton_kernels``."""
+from __future__ import annotations
+
+import torch
+
+from .. import triton_kernels as kernels
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_dtypes(x, lora_a):
+    for name, t in (("x", x), ("adapters", lora_a)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend 'triton' supports float16, bfloat16 and float32; {name} is "
+                            f"{t.dtype} (use backend='reference')")
+
+
+def _seed_and_p(dropout):
+    return (0, 0.0) if dropout is None else (dropout.seed, dropout.p)
+
+
+def dropout_keep_mask(dropout, shape, device):
+    return kernels.dropout_keep_mask(dropout.seed, dropout.p, shape, device)
+
+
+def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
+    _check_dtypes(x, lora_a)
+    seed, p_drop = _seed_and_p(dropout)
+    p = kernels.project(x, lora_a, seed, p_drop)
+    y = kernels.fused_linear(x, weight, bias, p, lora_b_eff.contiguous(), scaling)
+    return y, p
+
+
+def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
+             need_x, need_a, need_b, need_bias):
+    seed, p_drop = _seed_and_p(dropout)
+    dp, db_eff, dbias = kernels.grad_output_pass(
+        grad_y, lora_b_eff, p, scaling, need_dp=need_x or need_a, need_db=need_b,
+        need_dbias=need_bias, bias_dtype=weight.dtype,
+        deterministic=torch.are_deterministic_algorithms_enabled())
+    dx = kernels.grad_input(grad_y, weight, dp, lora_a, seed, p_drop) if need_x else None
+    da = kernels.grad_a(dp, x, lora_a.dtype, seed, p_drop) if need_a else None
+    return dx, da, db_eff, dbias

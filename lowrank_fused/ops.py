@@ -1,0 +1,107 @@
+"""The operator as two torch.library custom ops, with its autograd formula and fake (meta)
+implementations, so torch.compile traces it without graph breaks.
+
+What is saved follows what needs a gradient: x only for lora_a's (or an unfrozen weight's)
+gradient; with lora_a frozen (LoRA-FA, LoRA-XS) only P = dropout(x)·Aᵀ (M x r). LoRA-XS's latent
+R is folded into B_eff = B·Rᵀ inside the ops, so every backend sees one low-rank shape and no
+N x r product is kept. Dropout keeps its seed, never its mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .dropout import DropoutSpec
+
+
+def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
+    """B_eff = B·Rᵀ (N x r) when a latent R is present, else B."""
+    return lora_b if latent is None else lora_b @ latent.T
+
+
+def _dropout(dropout_p: float, seed: Tensor) -> Optional[DropoutSpec]:
+    return DropoutSpec(dropout_p, int(seed.item())) if dropout_p > 0.0 else None
+
+
+@torch.library.custom_op("lowrank_fused::forward", mutates_args=())
+def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+               lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
+               seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(y, P) for 2-D x; ``backend`` is a resolved name, ``seed`` a 1-element int64 tensor."""
+    impl = dispatch.resolve(backend, x.device)
+    return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
+                        _dropout(dropout_p, seed))
+
+
+@forward_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            lora_a.new_empty((x.shape[0], lora_a.shape[0])))
+
+
+@torch.library.custom_op("lowrank_fused::backward", mutates_args=())
+def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
+                lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
+                dropout_p: float, seed: Tensor, backend: str, need_x: bool, need_a: bool,
+                need_b: bool, need_latent: bool, need_bias: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
+    impl = dispatch.resolve(backend, grad_y.device)
+    dx, da, db_eff, dbias = impl.backward(
+        grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,
+        _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
+        need_b=need_b or need_latent, need_bias=need_bias)
+    db = dr = None
+    if latent is None:
+        db = db_eff
+    else:
+        # B_eff = B·Rᵀ: dB = dB_eff·R and dR = dB_effᵀ·B, r x r and N x r work.
+        db = db_eff @ latent if need_b else None
+        dr = db_eff.T @ lora_b if need_latent else None
+    return tuple(t if t is not None else grad_y.new_empty(0) for t in (dx, da, db, dr, dbias))
+
+
+@backward_op.register_fake
+def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+      need_x, need_a, need_b, need_latent, need_bias):
+    def maybe(needed, like, shape):
+        return like.new_empty(shape if needed else (0,))
+    return (maybe(need_x, weight, (grad_y.shape[0], weight.shape[1])),
+            maybe(need_a, lora_a, lora_a.shape),
+            maybe(need_b, lora_b, lora_b.shape),
+            maybe(need_latent and latent is not None, lora_a,
+                  latent.shape if latent is not None else (0,)),
+            maybe(need_bias, weight, (weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend = inputs
+    _, p = output
+    need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
+    ctx.save_for_backward(
+        x if (need_a or need_w) else None,
+        p if (need_b or need_latent) else None,
+        weight, lora_a, lora_b, latent,  # parameters: no activation memory
+    )
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.seed = seed  # kept off save_for_backward: one integer, not an activation
+
+
+def _backward(ctx, grad_y, grad_p):
+    x, p, weight, lora_a, lora_b, latent = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
+    grad_y = grad_y.contiguous()
+    outs = backward_op(grad_y, x, p, weight, lora_a, lora_b, latent, ctx.scaling,
+                       ctx.dropout_p, ctx.seed, ctx.backend, need_x, need_a, need_b,
+                       need_latent and latent is not None, need_bias)
+    dx, da, db, dr, dbias = (g if needed else None for g, needed in
+                             zip(outs, (need_x, need_a, need_b, need_latent, need_bias)))
+    # W is frozen by design; if a caller unfroze it, its gradient is one plain GEMM.
+    dw = (grad_y.T @ x).to(weight.dtype) if need_w else None
+    return dx, dw, dbias, da, db, dr, None, None, None, None
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,217 @@
+"""Backward, G = dL/dy (M x N):
+
+- one pass over G per row block gives dP = s·G·B_eff (M x r), and, in the same read of G, the
+  partial sums of dB_eff = s·Gᵀ·P and of dbias (fp32 atomics, or a second, deterministic pass
+  over G when torch.are_deterministic_algorithms_enabled());
+- dx = G·W + dropout(dP·A): the dx GEMM with the low-rank term as r extra steps of its K loop;
+- dA = dPᵀ·dropout(x) (LoRA only: the one place x is needed).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dot_precision, launcher, rank_block
+from .dropout import keep_mask
+from .mma import mma
+
+
+@triton.jit
+def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
+                             stride_bn, stride_br,
+                             NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
+                             NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+                             RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ranks = tl.arange(0, RANK_BLOCK)
+    rank_ok = ranks < R
+    gb = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
+    if NEED_DB:
+        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        p = (p.to(tl.float32) * scaling).to(p_ptr.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if NEED_DBIAS:
+            tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
+        g = g.to(b_ptr.dtype.element_ty)
+        if NEED_DP:
+            b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            gb = mma(g, b, gb, PRECISION)
+        if NEED_DB:
+            db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
+            tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
+                          mask=col_ok[:, None] & rank_ok[None, :])
+    if NEED_DP:
+        tl.store(dp_ptr + rows[:, None] * R + ranks[None, :], gb * scaling,
+                 mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
+                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+                   RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Deterministic dB_eff and dbias: each program owns BLOCK_N rows of dB and walks all of M.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ranks = tl.arange(0, RANK_BLOCK)
+    rank_ok = ranks < R
+    db = tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if NEED_DBIAS:
+            dbias += tl.sum(g.to(tl.float32), axis=0)
+        if NEED_DB:
+            p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            db = mma(tl.trans(g.to(p.dtype)), p, db, PRECISION)
+    if NEED_DB:
+        tl.store(db_ptr + cols[:, None] * R + ranks[None, :], db * scaling,
+                 mask=col_ok[:, None] & rank_ok[None, :])
+    if NEED_DBIAS:
+        tl.store(dbias_ptr + cols, dbias, mask=col_ok)
+
+
+@triton.jit
+def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
+                       stride_wn, stride_wk, stride_ar, stride_ak, seed, p_drop, keep_scale,
+                       HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                       LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N in
+    # BLOCK_K steps, then over r.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_k = tl.cdiv(K, BLOCK_N)
+    group = pid // (GROUP_M * grid_k)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_k = (pid % (GROUP_M * grid_k)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        g = tl.load(g_ptr + rows[:, None] * N + ns[None, :],
+                    mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
+        w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=(ns < N)[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(g, w, acc, PRECISION)
+    ranks = tl.arange(0, RANK_BLOCK)
+    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)
+    dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
+                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(a.dtype)
+    if HAS_DROPOUT:
+        low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
+        keep = keep_mask(seed, rows, cols, K, p_drop)
+        acc += tl.where(keep, low_rank * keep_scale, 0.0)
+    else:
+        acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
+    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p_drop,
+                   keep_scale, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Each program owns BLOCK_N columns of dA (r x K) and walks all of M: deterministic.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    ranks = tl.arange(0, RANK_BLOCK)
+    acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
+                     mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, cols, K, p_drop)
+            x = tl.where(keep, x * keep_scale, 0.0)
+        acc = mma(tl.trans(dp), x.to(da_ptr.dtype.element_ty).to(tl.float32), acc, PRECISION)
+    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc.to(da_ptr.dtype.element_ty),
+             mask=(ranks < R)[:, None] & col_ok[None, :])
+
+
+def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_dbias,
+                     bias_dtype=None, deterministic=False):
+    """(dP (M x r, fp32), dB_eff (N x r, B's dtype), dbias (N, bias_dtype)); None where not
+    asked for. One read of G unless ``deterministic``, which adds a pass over G for dB and dbias."""
+    m, n = grad_y.shape
+    r = lora_b_eff.shape[1]
+    device = grad_y.device
+    dp = torch.empty((m, r), dtype=torch.float32, device=device) if need_dp else None
+    db = torch.zeros((n, r), dtype=torch.float32, device=device) if need_db else None
+    dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
+    fused_reductions = not deterministic
+    if m and (need_dp or fused_reductions and (need_db or need_dbias)):
+        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M", "N", "R"],
+                                reset_to_zero=["db_ptr", "dbias_ptr"])
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+        kernel[grid](grad_y, lora_b_eff, p if p is not None else grad_y, dp if need_dp else grad_y,
+                     db if db is not None else grad_y, dbias if dbias is not None else grad_y,
+                     m, n, r, float(scaling), lora_b_eff.stride(0), lora_b_eff.stride(1),
+                     NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
+                     NEED_DBIAS=need_dbias and fused_reductions,
+                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+    if m and deterministic and (need_db or need_dbias):
+        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M", "N", "R"])
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](grad_y, p if p is not None else grad_y, db if db is not None else grad_y,
+                     dbias if dbias is not None else grad_y, m, n, r, float(scaling),
+                     NEED_DB=need_db, NEED_DBIAS=need_dbias,
+                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+    if db is not None:
+        db = db.to(lora_b_eff.dtype)
+    if dbias is not None:
+        dbias = dbias.to(bias_dtype or grad_y.dtype)
+    return dp, db, dbias
+
+
+def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
+    """dx = G·W + dropout(dP·A), shape (M, K), in W's dtype."""
+    m, n = grad_y.shape
+    k = weight.shape[1]
+    r = lora_a.shape[0]
+    dx = torch.empty((m, k), dtype=weight.dtype, device=grad_y.device)
+    if m == 0:
+        return dx
+    kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M", "N", "K", "R"])
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, weight.stride(0), weight.stride(1),
+                 lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
+                 HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
+                 LR_PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
+    return dx
+
+
+def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
+    """dA = dPᵀ·dropout(x), shape (r, K), in ``lora_a_dtype``."""
+    m, k = x.shape
+    r = dp.shape[1]
+    da = torch.empty((r, k), dtype=lora_a_dtype, device=x.device)
+    if m == 0:
+        return da.zero_()
+    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R"])
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](dp, x, da, m, k, r, x.stride(0), x.stride(1), seed, p_drop,
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
+                 PRECISION=dot_precision(torch.float32), RANK_BLOCK=rank_block(r), **meta)
+    return da

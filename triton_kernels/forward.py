@@ -1,0 +1,114 @@
+"""Forward: P = dropout(x)·Aᵀ (skinny pass), then y = x·Wᵀ + bias + (s·P)·B_effᵀ in one GEMM whose
+K loop is extended by r steps, so the low-rank term lands in the base accumulator and no M x N
+intermediate is ever written."""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dot_precision, launcher, rank_block
+from .dropout import keep_mask
+from .mma import mma
+
+
+@triton.jit
+def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
+                    stride_xm, stride_xk, stride_ar, stride_ak,
+                    seed, p_drop, keep_scale,
+                    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # BLOCK_N is the width of the streamed K tile.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, RANK_BLOCK)
+    acc = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_N):
+        cols = k0 + tl.arange(0, BLOCK_N)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=(ranks < R)[None, :] & (cols < K)[:, None], other=0.0)
+        x = x.to(a_t.dtype)  # the low-rank branch computes in the adapters' dtype, as PEFT
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, cols, K, p_drop)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(a_t.dtype)
+        acc = mma(x, a_t, acc, PRECISION)
+    tl.store(p_ptr + rows[:, None] * R + ranks[None, :], acc.to(p_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (ranks < R)[None, :])
+
+
+@triton.jit
+def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R, scaling,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                         LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row blocks share each column block while it sits in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=col_ok[None, :] & (ks < K)[:, None], other=0.0)
+        acc = mma(x, w_t, acc, PRECISION)
+    # K-extension: r more steps of the same accumulation, [x | s·P]·[W | B_eff]ᵀ.
+    ranks = tl.arange(0, RANK_BLOCK)
+    p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+    b_t = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+                  mask=col_ok[None, :] & (ranks < R)[:, None], other=0.0)
+    p = (p.to(tl.float32) * scaling).to(b_t.dtype)
+    acc = mma(p, b_t, acc, LR_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float = 0.0
+            ) -> torch.Tensor:
+    """P = dropout(x)·Aᵀ, shape (M, r), in A's dtype; dropout is applied when p_drop > 0."""
+    m, k = x.shape
+    r = lora_a.shape[0]
+    p = torch.empty((m, r), dtype=lora_a.dtype, device=x.device)
+    if m == 0:
+        return p
+    kernel, meta = launcher(_project_kernel, "skinny", key=["M", "K", "R"])
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+    kernel[grid](x, lora_a, p, m, k, r, x.stride(0), x.stride(1),
+                 lora_a.stride(0), lora_a.stride(1), seed, p_drop,
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
+                 PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
+    return p
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
+                 lora_b_eff: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y = x·Wᵀ + bias + s·P·B_effᵀ, shape (M, N), in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    r = p.shape[1]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M", "N", "K", "R"])
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, n, k, r,
+                 float(scaling), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                 lora_b_eff.stride(0), lora_b_eff.stride(1), HAS_BIAS=bias is not None,
+                 PRECISION=dot_precision(x.dtype), LR_PRECISION=dot_precision(p.dtype),
+                 RANK_BLOCK=rank_block(r), **meta)
+    return y
