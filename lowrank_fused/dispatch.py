@@ -86,6 +86,8 @@ def _load_cuda(device: torch.device) -> ModuleType:
     return importlib.import_module(".backends.cuda", __package__)
 
 
+# Under torch.compile the choice is made once, at trace time, and baked into the graph.
+@torch.compiler.assume_constant_result
 def resolved_name(backend: str, device: torch.device) -> str:
     """The concrete backend ("reference", "triton" or "cuda") that ``backend`` (after the env
     override) means on ``device``; raises BackendUnavailableError if it cannot run there."""

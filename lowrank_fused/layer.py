@@ -103,20 +103,41 @@ class LowRankLinear(nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
 
+        self._xs_init = dict(source=xs_source, triplets=xs_triplets, fold_sigma=xs_fold_sigma)
         factory = dict(device=weight.device, dtype=adapter_dtype)
-        if method == "lora_xs":
-            a, b = lora_xs_factors(weight, rank, source=xs_source, triplets=xs_triplets,
-                                   fold_sigma=xs_fold_sigma, generator=generator,
-                                   dtype=adapter_dtype)
-            latent = lora_xs_latent(rank, generator=generator, device=weight.device)
-            self.lora_a = nn.Parameter(a, requires_grad=False)
-            self.lora_b = nn.Parameter(b, requires_grad=False)
-            self.latent = nn.Parameter(latent.to(adapter_dtype))
+        xs = method == "lora_xs"
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, **factory),
+                                   requires_grad=method == "lora")
+        self.lora_b = nn.Parameter(torch.empty(out_features, rank, **factory),
+                                   requires_grad=not xs)
+        if xs:
+            self.latent = nn.Parameter(torch.empty(rank, rank, **factory))
         else:
-            a = kaiming_uniform_a_(torch.empty(rank, in_features, **factory), generator)
-            self.lora_a = nn.Parameter(a, requires_grad=(method == "lora"))
-            self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **factory))
             self.register_parameter("latent", None)
+        if not weight.is_meta:  # on the meta device: call reset_adapters() after to_empty()
+            self.reset_adapters(generator)
+
+    @torch.no_grad()
+    def reset_adapters(self, generator: Optional[torch.Generator] = None) -> None:
+        """(Re)initialise A, B and R from the current W: kaiming-uniform A and B = 0 for LoRA and
+        LoRA-FA; the truncated SVD of W and R ~ N(0, 1e-5²) for LoRA-XS."""
+        if self.method == "lora_xs":
+            a, b = lora_xs_factors(self.weight, self.rank, generator=generator,
+                                   dtype=self.lora_a.dtype, **self._xs_init)
+            self.lora_a.copy_(a)
+            self.lora_b.copy_(b)
+            self.latent.copy_(lora_xs_latent(self.rank, generator=generator,
+                                             device=self.weight.device))
+        else:
+            kaiming_uniform_a_(self.lora_a, generator)
+            self.lora_b.zero_()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise everything as a fresh layer: W and bias as nn.Linear does, then the
+        adapters. Used by meta-device materialisation; a pretrained W wants reset_adapters()."""
+        nn.Linear.reset_parameters(self)
+        self.reset_adapters()
 
     def delta_weight(self) -> Tensor:
         """s · B·R·A, shape (out, in), in the adapters' dtype: what merging adds to W."""

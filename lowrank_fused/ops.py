@@ -22,6 +22,12 @@ def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
     return lora_b if latent is None else lora_b @ latent.T
 
 
+def _no_autocast(t: Tensor):
+    """Inside the ops every tensor keeps its dtype: the caller already applied autocast."""
+    device_type = t.device.type if t.device.type in ("cuda", "cpu") else "cpu"
+    return torch.autocast(device_type, enabled=False)
+
+
 def _dropout(dropout_p: float, seed: Tensor) -> Optional[DropoutSpec]:
     return DropoutSpec(dropout_p, int(seed.item())) if dropout_p > 0.0 else None
 
@@ -32,7 +38,8 @@ def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
                seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(y, P) for 2-D x; ``backend`` is a resolved name, ``seed`` a 1-element int64 tensor."""
     impl = dispatch.resolve(backend, x.device)
-    return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
+    with _no_autocast(x):
+        return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
                         _dropout(dropout_p, seed))
 
 
@@ -50,10 +57,11 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
     impl = dispatch.resolve(backend, grad_y.device)
-    dx, da, db_eff, dbias = impl.backward(
-        grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,
-        _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
-        need_b=need_b or need_latent, need_bias=need_bias)
+    with _no_autocast(grad_y):
+        dx, da, db_eff, dbias = impl.backward(
+            grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,
+            _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
+            need_b=need_b or need_latent, need_bias=need_bias)
     db = dr = None
     if latent is None:
         db = db_eff
