@@ -1,7 +1,6 @@
 """DDP (gloo, 2 CPU processes) gives one process's gradients; FSDP2 wraps the layer."""
 import os
 import time
-import socket
 import tempfile
 
 import pytest
@@ -14,12 +13,6 @@ from lowrank_fused import LowRankLinear, apply_low_rank
 
 WORLD = 2
 GLOBAL_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(method):
@@ -46,9 +39,10 @@ def single_process_grads(method):
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, method, wrapper, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, method, wrapper, out_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
+                            rank=rank, world_size=WORLD)
     try:
         model = build(method)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -72,23 +66,34 @@ def _worker(rank, port, method, wrapper, out_dir):
                 grads[n] = g.detach().clone()
         assert set(grads) == set(names)
         if rank == 0:
-            torch.save(grads, os.path.join(out_dir, "grads.pt"))
-    finally:
+            torch.save(grads, os.path.join(out_dir, "grads.tmp"))
+            os.replace(os.path.join(out_dir, "grads.tmp"), os.path.join(out_dir, "grads.pt"))
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Both ranks are done; skip gloo's teardown, which now and then hangs or aborts on exit.
+    os._exit(0)
 
 
-def run_two_processes(method, wrapper):
+def run_two_processes(method, wrapper, deadline_s=120):
+    """Rank 0's gradients, within ``deadline_s``; workers left alive after that are killed."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(free_port(), method, wrapper, out_dir),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-        deadline_s = 120
+        result = os.path.join(out_dir, "grads.pt")
+        ctx = mp.start_processes(_worker, args=(method, wrapper, out_dir), nprocs=WORLD,
+                                 join=False, start_method="spawn")
         end = time.monotonic() + deadline_s
-        while not ctx.join(timeout=5):
-            if time.monotonic() > end:
-                for p in ctx.processes:
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > end:
+                    break
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
                     p.kill()
-                pytest.fail(f"{wrapper} workers did not finish within {deadline_s} s")
-        return torch.load(os.path.join(out_dir, "grads.pt"))
+        if not os.path.exists(result):
+            pytest.fail(f"{wrapper} workers gave no result within {deadline_s} s")
+        return torch.load(result)
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_xs"])
