@@ -1,0 +1,110 @@
+"""The layers the suites compare, all built over the same frozen base weight.
+
+- "linear": the bare frozen nn.Linear (the floor every ratio is taken against);
+- "naive": an unfused PyTorch composition, x·Wᵀ + b + s·(x·Aᵀ)·R·Bᵀ as separate ops;
+- "peft": PEFT's LoRA layer (lora_A/lora_B as nn.Linear), when the peft package is installed;
+- "ours-<backend>": LowRankLinear on one of our backends.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from torch import nn
+
+from lowrank_fused import LowRankLinear, available_backends
+
+METHODS = ("lora", "lora_fa", "lora_xs")
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def our_backends(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return [b for b in available_backends() if b != "reference"] + ["reference"]
+    return ["reference"]
+
+
+def implementations(device: torch.device) -> list[str]:
+    names = ["linear", "naive"] + (["peft"] if peft_available() else [])
+    return names + [f"ours-{b}" for b in our_backends(device)]
+
+
+class NaiveLowRank(nn.Module):
+    """The unfused composition: what a user writes by hand (and what PEFT does, minus PEFT)."""
+
+    def __init__(self, base: nn.Linear, rank: int, method: str):
+        super().__init__()
+        self.base = base
+        n, k = base.weight.shape
+        factory = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_a = nn.Parameter(torch.randn(rank, k, **factory) / k ** 0.5,
+                                   requires_grad=method == "lora")
+        self.lora_b = nn.Parameter(torch.randn(n, rank, **factory) * 0.01,
+                                   requires_grad=method != "lora_xs")
+        self.latent = nn.Parameter(torch.zeros(rank, rank, **factory)) if method == "lora_xs" else None
+
+    def forward(self, x):
+        p = x.to(self.lora_a.dtype) @ self.lora_a.T
+        if self.latent is not None:
+            p = p @ self.latent
+        return self.base(x) + (p @ self.lora_b.T).to(x.dtype)
+
+
+class _Holder(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_layer(base: nn.Linear, rank: int, method: str) -> nn.Module:
+    """PEFT's LoRA on one Linear; LoRA-FA freezes every lora_A (PEFT has no LoRA-XS: same rank
+    LoRA stands in for it)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_Holder(base), LoraConfig(r=rank, lora_alpha=rank,
+                                                     target_modules=["proj"]))
+    if method == "lora_fa":
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return model
+
+
+def build(impl: str, k: int, n: int, rank: int, method: str, dtype, device) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    if impl == "linear":
+        return base
+    if impl == "naive":
+        return NaiveLowRank(base, rank, method)
+    if impl == "peft":
+        return peft_layer(copy.deepcopy(base), rank, method)
+    backend = impl.split("-", 1)[1]
+    layer = LowRankLinear.from_linear(base, rank, method, backend=backend)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.01)
+    return layer
+
+
+def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward of module(x), parameters excluded (x counts when kept)."""
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
