@@ -40,10 +40,10 @@ def cuda_extension():
             raise RuntimeError("cannot build lowrank_fused._C: " + "; ".join(missing))
         return [], {}
     arch_flags = os.environ.get("LOWRANK_FUSED_CUDA_ARCHS", "80;90a").split(";")
-    nvcc = ["-O3", "--use_fast_math", "-std=c++17"] + [
+    nvcc = ["-O3", "--use_fast_math"] + [
         f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch_flags if a]
     ext = CUDAExtension("lowrank_fused._C", sources,
-                        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc})
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

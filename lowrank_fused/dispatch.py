@@ -1,8 +1,9 @@
 """Choose the backend that computes the operator: "auto" | "reference" | "triton" | "cuda".
 
 An explicit ``backend=`` argument wins; otherwise the environment variable
-``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks the fastest built GPU backend
-for CUDA tensors and the reference backend for anything else.
+``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a built GPU backend for CUDA
+tensors (Triton, until measured figures back a per-shape choice of the CUDA extension) and the
+reference backend for anything else.
 """
 from __future__ import annotations
 
@@ -93,10 +94,11 @@ def resolved_name(backend: str, device: torch.device) -> str:
     override) means on ``device``; raises BackendUnavailableError if it cannot run there."""
     name = requested_backend(backend)
     if name == "auto":
-        if device.type == "cuda" and cuda_extension_available():
-            name = "cuda"
-        elif device.type == "cuda" and triton_available():
+        # Triton first: no per-shape cuda-vs-triton figures have been measured yet.
+        if device.type == "cuda" and triton_available():
             name = "triton"
+        elif device.type == "cuda" and cuda_extension_available():
+            name = "cuda"
         else:
             name = "reference"
     resolve(name, device)  # fail now, with the reason, rather than inside the op

@@ -15,6 +15,9 @@ def test_auto_on_cuda_prefers_gpu_kernels(monkeypatch):
     assert dispatch.resolved_name("auto", torch.device("cuda")) == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     assert dispatch.resolved_name("auto", torch.device("cuda")) == "reference"
+    monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: None)
+    assert dispatch.resolved_name("auto", torch.device("cuda")) == "cuda"
 
 
 def test_env_replaces_auto_only(monkeypatch):

@@ -13,6 +13,7 @@ import triton.language as tl
 from .configs import dot_precision, launcher, rank_block
 from .dropout import keep_mask
 from .mma import mma
+from .tiling import grouped_tile
 
 
 @triton.jit
@@ -90,14 +91,7 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
                        GROUP_M: tl.constexpr):
     # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N in
     # BLOCK_K steps, then over r.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_k = tl.cdiv(K, BLOCK_N)
-    group = pid // (GROUP_M * grid_k)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_k = (pid % (GROUP_M * grid_k)) // group_size
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,12 +155,16 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     db = torch.zeros((n, r), dtype=torch.float32, device=device) if need_db else None
     dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
     fused_reductions = not deterministic
+    # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
+    # db_ptr and dbias_ptr before each trial.
+    scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
         kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M", "N", "R"],
                                 reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        kernel[grid](grad_y, lora_b_eff, p if p is not None else grad_y, dp if need_dp else grad_y,
-                     db if db is not None else grad_y, dbias if dbias is not None else grad_y,
+        kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
+                     dp if need_dp else scratch, db if db is not None else scratch,
+                     dbias if dbias is not None else scratch,
                      m, n, r, float(scaling), lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
                      NEED_DBIAS=need_dbias and fused_reductions,
@@ -174,8 +172,8 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     if m and deterministic and (need_db or need_dbias):
         kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M", "N", "R"])
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](grad_y, p if p is not None else grad_y, db if db is not None else grad_y,
-                     dbias if dbias is not None else grad_y, m, n, r, float(scaling),
+        kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
+                     dbias if dbias is not None else scratch, m, n, r, float(scaling),
                      NEED_DB=need_db, NEED_DBIAS=need_dbias,
                      PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
     if db is not None:
