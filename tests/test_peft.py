@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 peft = pytest.importorskip("peft", reason="the peft package is not installed")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lowrank_fused import peft as lfp  # noqa: E402
 
@@ -283,3 +283,28 @@ def test_example_script_runs():
     assert "trainable adapter parameters: 450 " in done.stdout
     assert "held-out accuracy" in done.stdout
     assert "saved activations" in done.stdout
+
+
+def test_minilm_bf16_matches_peft(minilm_parts):
+    load, batch = minilm_parts
+    torch.manual_seed(0)
+    model = get_peft_model(load().to(torch.bfloat16),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    nonzero_b(model)
+    model.eval()
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    assert lora_params and all(p.dtype == torch.float32 for p in lora_params)  # PEFT's default
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = _pooled(model, batch)
+        out.float().square().sum().backward()
+        return out.detach().float(), [p.grad.clone() for p in lora_params]
+
+    want_y, want_g = run()
+    with lfp.enable_fused(model):
+        got_y, got_g = run()
+    torch.testing.assert_close(got_y, want_y, rtol=5e-2, atol=5e-2 * want_y.abs().max().item())
+    for got, want in zip(got_g, want_g):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())

@@ -13,7 +13,7 @@ import triton.language as tl
 from .configs import dot_precision, launcher, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile
+from .tiling import grouped_tile, matmul_tile
 
 
 @triton.jit
@@ -97,14 +97,8 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K)
-        g = tl.load(g_ptr + rows[:, None] * N + ns[None, :],
-                    mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
-        w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                    mask=(ns < N)[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(g, w, acc, PRECISION)
+    acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, N, 1, stride_wn, stride_wk,
+                      PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ranks = tl.arange(0, RANK_BLOCK)
     a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                 mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)

@@ -8,7 +8,7 @@ import triton.language as tl
 from .configs import dot_precision, launcher, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile
+from .tiling import grouped_tile, matmul_tile
 
 
 @triton.jit
@@ -49,14 +49,8 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=col_ok[None, :] & (ks < K)[:, None], other=0.0)
-        acc = mma(x, w_t, acc, PRECISION)
+    acc = matmul_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
+                      stride_wk, stride_wn, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # K-extension: r more steps of the same accumulation, [x | s·P]·[W | B_eff]ᵀ.
     ranks = tl.arange(0, RANK_BLOCK)
     p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],

@@ -5,24 +5,13 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
+from ._gpu_common import check_dtypes, seed_and_p
 
 _ops = torch.ops.lowrank_fused_C
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _check_dtypes(x, lora_a):
-    for name, t in (("x", x), ("adapters", lora_a)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"backend 'cuda' supports float16, bfloat16 and float32; {name} is "
-                            f"{t.dtype} (use backend='reference')")
-
-
-def _seed_and_p(dropout):
-    return (0, 0.0) if dropout is None else (dropout.seed, dropout.p)
 
 
 def dropout_keep_mask(dropout, shape, device):
@@ -32,8 +21,8 @@ def dropout_keep_mask(dropout, shape, device):
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
-    _check_dtypes(x, lora_a)
-    seed, p_drop = _seed_and_p(dropout)
+    check_dtypes("cuda", x, lora_a)
+    seed, p_drop = seed_and_p(dropout)
     with torch.cuda.device(x.device):
         p = _ops.skinny_projection(x, lora_a, 1.0, seed, p_drop, lora_a.dtype, _stream(x.device))
         y = torch.nn.functional.linear(x, weight, bias)
@@ -44,7 +33,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 
 def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
              need_x, need_a, need_b, need_bias):
-    seed, p_drop = _seed_and_p(dropout)
+    seed, p_drop = seed_and_p(dropout)
     dx = da = db_eff = dbias = None
     with torch.cuda.device(grad_y.device):
         stream = _stream(grad_y.device)

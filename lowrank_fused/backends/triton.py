@@ -5,19 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import triton_kernels as kernels
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_dtypes(x, lora_a):
-    for name, t in (("x", x), ("adapters", lora_a)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"backend 'triton' supports float16, bfloat16 and float32; {name} is "
-                            f"{t.dtype} (use backend='reference')")
-
-
-def _seed_and_p(dropout):
-    return (0, 0.0) if dropout is None else (dropout.seed, dropout.p)
+from ._gpu_common import check_dtypes, seed_and_p
 
 
 def dropout_keep_mask(dropout, shape, device):
@@ -25,8 +13,8 @@ def dropout_keep_mask(dropout, shape, device):
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
-    _check_dtypes(x, lora_a)
-    seed, p_drop = _seed_and_p(dropout)
+    check_dtypes("triton", x, lora_a)
+    seed, p_drop = seed_and_p(dropout)
     p = kernels.project(x, lora_a, seed, p_drop)
     y = kernels.fused_linear(x, weight, bias, p, lora_b_eff.contiguous(), scaling)
     return y, p
@@ -34,7 +22,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 
 def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
              need_x, need_a, need_b, need_bias):
-    seed, p_drop = _seed_and_p(dropout)
+    seed, p_drop = seed_and_p(dropout)
     dp, db_eff, dbias = kernels.grad_output_pass(
         grad_y, lora_b_eff, p, scaling, need_dp=need_x or need_a, need_db=need_b,
         need_dbias=need_bias, bias_dtype=weight.dtype,
