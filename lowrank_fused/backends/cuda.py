@@ -1,6 +1,14 @@
 """CUDA backend: the reference contract (see ``reference``) on the compiled extension
-lowrank_fused._C (csrc/) for the rank-r passes and cuBLAS (through ATen) for the GEMMs."""
+lowrank_fused._C (csrc/) for the rank-r passes and cuBLAS (through ATen) for the GEMMs.
+
+Forward: P = dropout(x)·Aᵀ (one read of x), y = x·Wᵀ + bias on cuBLAS, then y += s·P·B_effᵀ
+by a second cuBLAS call (beta = 1). Backward: one read of G gives dP = s·G·B_eff and the dB_eff
+and dbias sums (fp32 atomics; cuBLAS and torch.sum instead under deterministic algorithms);
+dx = G·W on cuBLAS plus dropout(dP·A); dA = dPᵀ·dropout(x) with M split across the GPU.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -8,14 +16,33 @@ from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
 from ._gpu_common import check_dtypes, seed_and_p
 
 _ops = torch.ops.lowrank_fused_C
+_GRAD_A_COLUMNS = 64  # columns of dA per block (csrc: kGradACols)
 
 
 def _stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _current(device):
+    """Context making ``device`` current for the extension's launches."""
+    return torch.cuda.device(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def grad_a_splits(m: int, k: int, r: int, multiprocessors: int) -> int:
+    """Ways to split M in the dA kernel: enough blocks for two per multiprocessor, with at least
+    256 rows per split so the atomic adds stay few."""
+    blocks = -(-k // _GRAD_A_COLUMNS) * -(-r // 64)
+    wanted = -(-2 * multiprocessors // blocks)
+    return max(1, min(wanted, m // 256))
+
+
 def dropout_keep_mask(dropout, shape, device):
-    with torch.cuda.device(device):
+    with _current(device):
         return _ops.keep_mask(torch.empty(0, device=device), shape[0], shape[1], dropout.seed,
                               dropout.p, _stream(device))
 
@@ -23,10 +50,9 @@ def dropout_keep_mask(dropout, shape, device):
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     check_dtypes("cuda", x, lora_a)
     seed, p_drop = seed_and_p(dropout)
-    with torch.cuda.device(x.device):
-        p = _ops.skinny_projection(x, lora_a, 1.0, seed, p_drop, lora_a.dtype, _stream(x.device))
+    with _current(x.device):
+        p = _ops.project(x, lora_a, 1.0, seed, p_drop, lora_a.dtype, _stream(x.device))
         y = torch.nn.functional.linear(x, weight, bias)
-        # low-rank term accumulated into y by a second cuBLAS call (beta = 1): no M x N temporary
         y.addmm_(p.to(x.dtype), lora_b_eff.T.to(x.dtype), alpha=scaling)
     return y, p
 
@@ -34,29 +60,37 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
              need_x, need_a, need_b, need_bias):
     seed, p_drop = seed_and_p(dropout)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    n, r = lora_b_eff.shape
     dx = da = db_eff = dbias = None
-    with torch.cuda.device(grad_y.device):
+    with _current(grad_y.device):
         stream = _stream(grad_y.device)
+        need_dp = need_x or need_a
+        db32 = dbias32 = None
+        if not deterministic:  # dB and dbias ride along the pass over G, as atomic sums
+            if need_b:
+                db32 = torch.zeros((n, r), dtype=torch.float32, device=grad_y.device)
+            if need_bias:
+                dbias32 = torch.zeros((n,), dtype=torch.float32, device=grad_y.device)
         dp = None
-        if need_x or need_a:  # dP = s·G·B_eff, one read of G
-            dp = _ops.skinny_projection(grad_y, lora_b_eff.T, scaling, 0, 0.0, torch.float32,
-                                        stream)
+        if need_dp or db32 is not None or dbias32 is not None:
+            dp = _ops.grad_output_pass(grad_y, lora_b_eff, p if db32 is not None else None,
+                                       scaling, need_dp, db32, dbias32, stream)
         if need_x:
             dx = grad_y @ weight
             if dropout is None:
                 dx.addmm_(dp.to(dx.dtype), lora_a.to(dx.dtype))
             else:
-                low_rank = (dp @ lora_a.float()).to(dx.dtype).contiguous()
-                _ops.dropout_(low_rank, seed, p_drop, stream)
-                dx += low_rank
+                _ops.add_dropped_low_rank_(dx, dp, lora_a, seed, p_drop, stream)
         if need_a:
-            x_lr = x.contiguous()
-            if dropout is not None:
-                x_lr = x_lr.clone()
-                _ops.dropout_(x_lr, seed, p_drop, stream)
-            da = (dp.T.to(x_lr.dtype) @ x_lr).to(lora_a.dtype)
+            m, k = x.shape
+            splits = 1 if deterministic else grad_a_splits(
+                m, k, r, _multiprocessors(grad_y.device.index or 0))
+            da = _ops.grad_a(dp, x, seed, p_drop, splits, stream).to(lora_a.dtype)
         if need_b:
-            db_eff = (scaling * (grad_y.T @ p.to(grad_y.dtype)).float()).to(lora_b_eff.dtype)
+            if db32 is None:
+                db32 = scaling * (grad_y.T @ p.to(grad_y.dtype)).float()
+            db_eff = db32.to(lora_b_eff.dtype)
         if need_bias:
-            dbias = grad_y.sum(0)
+            dbias = (dbias32 if dbias32 is not None else grad_y.sum(0)).to(weight.dtype)
     return dx, da, db_eff, dbias
