@@ -6,6 +6,7 @@ import torch
 from benchmarks.conftest import DEVICE, DTYPE, RANKS, SHAPES, TOKENS
 from benchmarks.layers import METHODS, build, implementations
 from benchmarks.timing import median_ms
+from lowrank_fused import dispatch
 
 _linear_ms = {}
 
@@ -63,5 +64,7 @@ def test_layer(benchmark, shape_name, m, rank, impl, method, mode):
                                 method=method, mode=mode, dtype=str(DTYPE), median_ms=ms,
                                 linear_ms=base_ms, ratio_to_linear=ms / base_ms,
                                 device=torch.cuda.get_device_name() if DEVICE.type == "cuda"
+                                else "cpu",
+                                generation=dispatch.gpu_generation(DEVICE) if DEVICE.type == "cuda"
                                 else "cpu")
     benchmark(run)

@@ -1,9 +1,9 @@
 """Choose the backend that computes the operator: "auto" | "reference" | "triton" | "cuda".
 
 An explicit ``backend=`` argument wins; otherwise the environment variable
-``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a built GPU backend for CUDA
-tensors (Triton, until measured figures back a per-shape choice of the CUDA extension) and the
-reference backend for anything else.
+``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a GPU backend for CUDA
+tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
+names, else Triton, else the CUDA extension; and the reference backend for anything else.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
+from typing import Optional
 
 import torch
 
+from . import policy
 from .errors import BackendUnavailableError
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
@@ -87,26 +89,63 @@ def _load_cuda(device: torch.device) -> ModuleType:
     return importlib.import_module(".backends.cuda", __package__)
 
 
-# Under torch.compile the choice is made once, at trace time, and baked into the graph.
+def gpu_generation(device: torch.device) -> str:
+    """"sm90" for H100/H200, "sm80" for A100, ...: the key of the measured policy."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+POLICY_TAG = "auto:"  # "auto:<method>:<mode>": chosen per shape by the ops, see resolve()
+
+
+def _auto_on_cuda(device: torch.device, kind: str) -> str:
+    have_triton, have_cuda = triton_available(), cuda_extension_available()
+    if have_triton and have_cuda:
+        return POLICY_TAG + kind  # both built: the measured policy decides, per shape
+    if have_triton:
+        return "triton"
+    return "cuda" if have_cuda else "reference"
+
+
+# Under torch.compile the choice is made once, at trace time, and baked into the graph; it takes
+# strings only, so dynamic shapes add no guard (the per-shape part runs inside the ops).
 @torch.compiler.assume_constant_result
-def resolved_name(backend: str, device: torch.device) -> str:
-    """The concrete backend ("reference", "triton" or "cuda") that ``backend`` (after the env
-    override) means on ``device``; raises BackendUnavailableError if it cannot run there."""
+def resolved_name(backend: str, device: torch.device, kind: str = "lora:forward+backward") -> str:
+    """What ``backend`` (after the env override) means on ``device``: "reference", "triton",
+    "cuda", or, for "auto" on CUDA tensors with both GPU backends built, the tag
+    "auto:<method>:<mode>" that the ops resolve per shape with the measured policy (``kind`` is
+    "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it cannot run."""
     name = requested_backend(backend)
     if name == "auto":
-        # Triton first: no per-shape cuda-vs-triton figures have been measured yet.
-        if device.type == "cuda" and triton_available():
-            name = "triton"
-        elif device.type == "cuda" and cuda_extension_available():
-            name = "cuda"
-        else:
-            name = "reference"
+        name = _auto_on_cuda(device, kind) if device.type == "cuda" else "reference"
     resolve(name, device)  # fail now, with the reason, rather than inside the op
     return name
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for a concrete backend name on ``device``."""
+def call_kind(x, weight, lora_a, lora_b, latent) -> str:
+    """"<method>:<mode>" of one call, for the measured policy: the method by which adapters
+    train (lora, lora_fa, lora_xs), the mode "forward+backward" when autograd will run."""
+    trains = [t is not None and t.requires_grad for t in (lora_a, lora_b, latent)]
+    method = "lora" if trains[0] else ("lora_fa" if trains[1] else
+                                       ("lora_xs" if trains[2] else "lora"))
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(trains))
+    return f"{method}:{'forward+backward' if grads else 'forward'}"
+
+
+def measured_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                    r: int) -> str:
+    """The backend a policy tag means for one shape: the measured winner, else "triton"."""
+    method, mode = tag[len(POLICY_TAG):].split(":")
+    dtype_name = str(dtype).replace("torch.", "")
+    choice = policy.choose(gpu_generation(device), dtype_name, method, mode, m, n, k, r)
+    return choice or "triton"
+
+
+def resolve(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
+    """The backend module for a name from ``resolved_name`` on ``device``; a policy tag needs
+    ``shape`` = (dtype, M, N, K, r) and checks only the fallback without it."""
+    if name.startswith(POLICY_TAG):
+        name = measured_choice(name, device, *shape) if shape is not None else "triton"
     if name == "triton":
         return _load_triton(device)
     if name == "cuda":

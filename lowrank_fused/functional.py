@@ -59,7 +59,8 @@ def low_rank_linear(
     """
     x, weight, bias = _autocast_base(x, weight, bias)
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    backend_name = dispatch.resolved_name(backend, x.device)
+    backend_name = dispatch.resolved_name(backend, x.device,
+                                          dispatch.call_kind(x, weight, lora_a, lora_b, latent))
 
     dropout_p = float(dropout_p) if training else 0.0
     seed = seed_tensor(dropout_seed if dropout_p > 0.0 else 0)

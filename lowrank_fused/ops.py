@@ -32,12 +32,18 @@ def _dropout(dropout_p: float, seed: Tensor) -> Optional[DropoutSpec]:
     return DropoutSpec(dropout_p, int(seed.item())) if dropout_p > 0.0 else None
 
 
+def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
+    """(dtype, M, N, K, r) of a call, for a backend chosen per shape (dispatch.resolve)."""
+    return (weight.dtype, rows.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
+
+
 @torch.library.custom_op("lowrank_fused::forward", mutates_args=())
 def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
                seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(y, P) for 2-D x; ``backend`` is a resolved name, ``seed`` a 1-element int64 tensor."""
-    impl = dispatch.resolve(backend, x.device)
+    """(y, P) for 2-D x; ``backend`` comes from dispatch.resolved_name, ``seed`` is a 1-element
+    int64 tensor."""
+    impl = dispatch.resolve(backend, x.device, _shape(x, weight, lora_a))
     with _no_autocast(x):
         return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
                         _dropout(dropout_p, seed))
@@ -56,7 +62,7 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
                 need_b: bool, need_latent: bool, need_bias: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
-    impl = dispatch.resolve(backend, grad_y.device)
+    impl = dispatch.resolve(backend, grad_y.device, _shape(grad_y, weight, lora_a))
     with _no_autocast(grad_y):
         dx, da, db_eff, dbias = impl.backward(
             grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,

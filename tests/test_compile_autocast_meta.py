@@ -48,6 +48,20 @@ def test_compile_fullgraph_matches_eager(method):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4)
 
 
+def test_compile_fullgraph_survives_new_sequence_lengths():
+    """A new M recompiles with a symbolic M (automatic dynamic shapes); the backend choice must
+    still trace with no graph break, and the result still match eager."""
+    torch._dynamo.reset()
+    model = small_model("lora")
+    perturb_adapters(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for seq in (5, 7, 9):
+        x = torch.randn(3, seq, 32, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_op_has_no_graph_break():
     torch._dynamo.reset()
     layer = LowRankLinear(16, 8, 2, method="lora_fa", dropout=0.1)
