@@ -61,6 +61,9 @@ def check_operator_inputs(
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features N, in_features K), got shape {tuple(weight.shape)}")
     n, k = weight.shape
+    if k < 1:
+        raise ValueError(f"in_features K = weight.shape[1] must be at least 1, got weight of shape "
+                         f"{tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(
             f"x must have shape (..., K) with K = weight.shape[1] = {k}, got {tuple(x.shape)}"

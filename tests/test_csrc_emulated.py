@@ -179,6 +179,17 @@ def test_keep_mask_statistics_and_determinism(lib):
     assert _keep(lib, m, k, 21, 0.0).all()
 
 
+def test_empty_reduction_writes_zeros(lib):
+    """N = 0 (an empty G row): dP is an empty sum, so zeros, not whatever memory held."""
+    m, r = 5, 3
+    g = torch.empty((m, 0))
+    b = torch.empty((0, r))
+    dp = torch.full((m, r), float("nan"))
+    lib.rank_pass(g.data_ptr(), 0, 0, 1, b.data_ptr(), 0, 1, r, None, 0, dp.data_ptr(), 0, None,
+                  None, m, 0, r, 1.0, 0, 0.0)
+    assert (dp == 0).all()
+
+
 def test_empty_inputs_write_nothing(lib):
     out = torch.full((0, 4), 1.0)
     x = torch.empty((0, 100))
