@@ -98,7 +98,7 @@ def gpu_generation(device: torch.device) -> str:
 POLICY_TAG = "auto:"  # "auto:<method>:<mode>": chosen per shape by the ops, see resolve()
 
 
-def _auto_on_cuda(device: torch.device, kind: str) -> str:
+def _auto_on_cuda(kind: str) -> str:
     have_triton, have_cuda = triton_available(), cuda_extension_available()
     if have_triton and have_cuda:
         return POLICY_TAG + kind  # both built: the measured policy decides, per shape
@@ -117,7 +117,7 @@ def resolved_name(backend: str, device: torch.device, kind: str = "lora:forward+
     "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it cannot run."""
     name = requested_backend(backend)
     if name == "auto":
-        name = _auto_on_cuda(device, kind) if device.type == "cuda" else "reference"
+        name = _auto_on_cuda(kind) if device.type == "cuda" else "reference"
     resolve(name, device)  # fail now, with the reason, rather than inside the op
     return name
 
