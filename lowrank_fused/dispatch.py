@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import policy
+from ._numpy_check import check_numpy_for_triton_interpreter
 from .errors import BackendUnavailableError
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
@@ -72,6 +73,8 @@ def _load_triton(device: torch.device) -> ModuleType:
             "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
             "interpreter (slow; for tests)"
         )
+    if _triton_interpreting():
+        check_numpy_for_triton_interpreter()
     return importlib.import_module(".backends.triton", __package__)
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from . import dispatch
 from .dropout import seed_tensor
 from .ops import forward_op
-from .validation import check_operator_inputs
+from .validation import check_call_arguments, check_operator_inputs
 
 
 def low_rank_linear(
@@ -53,10 +53,14 @@ def low_rank_linear(
 
     Raises:
         ValueError: mismatched shapes, rank < 1, tensors on several devices, dropout_p outside
-            [0, 1), unknown backend.
-        TypeError: non-floating dtypes, x and weight of different dtypes, adapters of mixed dtypes.
+            [0, 1), non-finite scaling or a scaling tensor that requires grad, dropout_seed
+            outside [0, 2**63), unknown backend.
+        TypeError: x not a tensor, non-floating dtypes, x and weight of different dtypes,
+            adapters of mixed dtypes, scaling not a number, dropout_p not a number, dropout_seed
+            not an int.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
+    check_call_arguments(x, scaling, dropout_seed)
     x, weight, bias = _autocast_base(x, weight, bias)
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     backend_name = dispatch.resolved_name(backend, x.device,

@@ -85,7 +85,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
         out_features, in_features = weight.shape
         check_rank(rank, out_features, in_features)
-        check_dropout_p(dropout)
+        check_dropout_p(dropout, "dropout")
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
 

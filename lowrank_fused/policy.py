@@ -51,8 +51,15 @@ def _check_entry(entry, where: str) -> dict:
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> tuple:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"backend policy {path} ({ENV_VAR}) must be JSON text in UTF-8, got "
+                         f"bytes that are not UTF-8 ({err})") from err
+    except OSError as err:
+        raise ValueError(f"cannot read the backend policy {path} ({ENV_VAR}): {err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise ValueError(f"cannot read the backend policy {path} ({ENV_VAR}): {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise ValueError(f"backend policy {path}: expected an object with an 'entries' list")

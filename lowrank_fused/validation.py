@@ -1,6 +1,8 @@
 """Checks on the operator's inputs; each error names what was expected and what came."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -19,9 +21,55 @@ def check_rank(rank, out_features: int, in_features: int) -> None:
         )
 
 
-def check_dropout_p(p) -> None:
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+def check_dropout_p(p, name: str = "dropout_p") -> None:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
+    if not 0.0 <= float(p) < 1.0:  # NaN fails this too
+        raise ValueError(f"{name}: the dropout probability must be in [0, 1), got {p}")
+
+
+SEED_LIMIT = 2**63  # seeds travel as int64
+
+
+def check_call_arguments(x, scaling, dropout_seed) -> None:
+    """The operator's non-tensor arguments and x's type, before anything touches them. Plain
+    Python checks: a tensor ``scaling`` costs one sync, as converting it to float does anyway."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}"
+                        + (" (convert it with torch.from_numpy or torch.as_tensor)"
+                           if type(x).__module__ == "numpy" else ""))
+    check_scaling(scaling)
+    check_dropout_seed(dropout_seed)  # dropout_p: in check_operator_inputs
+
+
+def check_scaling(scaling) -> None:
+    if isinstance(scaling, Tensor):
+        if scaling.requires_grad:
+            raise ValueError("scaling must not require grad: the operator has no gradient for "
+                             "it and would detach it silently; pass a float or a tensor that "
+                             "does not require grad")
+        if scaling.numel() != 1:
+            raise ValueError(f"scaling must be a number or a 1-element tensor, got a tensor of "
+                             f"shape {tuple(scaling.shape)}")
+        value = float(scaling)
+    elif isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number (a float such as alpha / r), got "
+                        f"{type(scaling).__name__} {scaling!r}")
+    else:
+        value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"scaling must be finite, got {value}")
+
+
+def check_dropout_seed(seed) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"dropout_seed must be None or an int in [0, 2**63), got "
+                        f"{type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"dropout_seed must be an int in [0, 2**63) (it is stored as int64), "
+                         f"got {seed}")
 
 
 def _check_float(name: str, t: Tensor) -> None:

@@ -32,7 +32,7 @@ def call(**over):
     (dict(weight=torch.randn(N, K, 1)), r"weight must be 2-D"),
     (dict(lora_a=torch.randn(0, K), lora_b=torch.randn(N, 0)), r"rank r = lora_a.shape\[0\] must be at least 1, got 0"),
     (dict(x=torch.randn(5, 0), weight=torch.randn(N, 0), lora_a=torch.randn(R, 0)), r"in_features K = weight.shape\[1\] must be at least 1, got weight of shape \(6, 0\)"),
-    (dict(dropout_p=1.0), r"dropout probability must be in \[0, 1\), got 1.0"),
+    (dict(dropout_p=1.0), r"dropout_p: the dropout probability must be in \[0, 1\), got 1.0"),
     (dict(backend="cudnn"), r"unknown backend 'cudnn': expected one of auto, reference, triton, cuda"),
 ])
 def test_value_errors(over, match):
