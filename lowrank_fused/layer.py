@@ -96,6 +96,9 @@ class LowRankLinear(nn.Module):
         self.scaling = scaling_for(rank, alpha, use_rslora)
         self.merged = False
         self._warned_merged = False
+        # While merged: W as it was before merge(), so unmerge() restores it bit-for-bit. A
+        # non-persistent buffer: it follows .to() but never enters the state_dict.
+        self.register_buffer("_weight_before_merge", None, persistent=False)
 
         self.weight = weight
         self.weight.requires_grad_(False)
@@ -120,7 +123,9 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def reset_adapters(self, generator: Optional[torch.Generator] = None) -> None:
         """(Re)initialise A, B and R from the current W: kaiming-uniform A and B = 0 for LoRA and
-        LoRA-FA; the truncated SVD of W and R ~ N(0, 1e-5²) for LoRA-XS."""
+        LoRA-FA; the truncated SVD of W and R ~ N(0, 1e-5²) for LoRA-XS. A merged layer refuses
+        (its W holds the old update): unmerge() first."""
+        self._refuse_if_merged("reset_adapters")
         if self.method == "lora_xs":
             a, b = lora_xs_factors(self.weight, self.rank, generator=generator,
                                    dtype=self.lora_a.dtype, **self._xs_init)
@@ -135,9 +140,16 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Re-initialise everything as a fresh layer: W and bias as nn.Linear does, then the
-        adapters. Used by meta-device materialisation; a pretrained W wants reset_adapters()."""
+        adapters. Used by meta-device materialisation; a pretrained W wants reset_adapters().
+        A merged layer refuses: unmerge() first."""
+        self._refuse_if_merged("reset_parameters")
         nn.Linear.reset_parameters(self)
         self.reset_adapters()
+
+    def _refuse_if_merged(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"LowRankLinear is merged: call unmerge() before {what}(), else W "
+                               "keeps the update of adapters that no longer exist")
 
     def delta_weight(self) -> Tensor:
         """s · B·R·A, shape (out, in), in the adapters' dtype: what merging adds to W."""
@@ -158,20 +170,33 @@ class LowRankLinear(nn.Module):
                                backend=self.backend)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_original: bool = True) -> None:
         """Fold the low-rank update into W in place (for inference). W is shared with the
-        ``nn.Linear`` this layer was made from, so that one changes too."""
+        ``nn.Linear`` this layer was made from, so that one changes too.
+
+        With ``keep_original`` (default) the layer keeps a copy of the pre-merge W until
+        ``unmerge()`` (one more W in memory, on W's device), so that unmerge restores W
+        bit-for-bit in every dtype: subtracting the update again would round. Pass False to
+        save that memory when you will not unmerge, or use ``to_linear()``."""
         if self.merged:
             raise RuntimeError("LowRankLinear is already merged")
+        if keep_original:
+            self._weight_before_merge = self.weight.detach().clone()
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the low-rank update back out of W (exact in float32/64, rounded in half)."""
+        """Take the low-rank update back out of W: bit-for-bit the W from before ``merge()``.
+        Without that copy (``merge(keep_original=False)``, or a layer loaded merged from a
+        state_dict) the update is subtracted instead, which rounds."""
         if not self.merged:
             raise RuntimeError("LowRankLinear is not merged")
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        if self._weight_before_merge is not None:
+            self.weight.copy_(self._weight_before_merge)
+        else:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self._weight_before_merge = None
         self.merged = False
 
     @torch.no_grad()
@@ -189,12 +214,52 @@ class LowRankLinear(nn.Module):
         return {"method": self.method, "rank": self.rank, "scaling": self.scaling,
                 "merged": self.merged}
 
-    def set_extra_state(self, state: dict) -> None:
+    def _extra_state_problem(self, state) -> Optional[str]:
+        """Why a saved extra state cannot be loaded into this layer, or None."""
+        if not isinstance(state, dict):
+            return f"LowRankLinear extra state must be a dict, got {type(state).__name__}"
         for key in ("method", "rank"):
             if state.get(key) != getattr(self, key):
-                raise ValueError(f"state_dict is for {key}={state.get(key)!r}, this layer has "
-                                 f"{key}={getattr(self, key)!r}")
-        self.merged = bool(state.get("merged", False))
+                return (f"state_dict is for {key}={state.get(key)!r}, this layer has "
+                        f"{key}={getattr(self, key)!r}")
+        merged = state.get("merged", False)
+        if not isinstance(merged, bool):
+            return f"state_dict's 'merged' must be a bool, got {type(merged).__name__} {merged!r}"
+        saved_scaling = state.get("scaling", self.scaling)
+        if merged and saved_scaling != self.scaling:
+            # the saved W holds s·ΔW at the saved s; unmerge() here would subtract another s
+            return (f"state_dict is merged with scaling={saved_scaling!r}, this layer has "
+                    f"scaling={self.scaling!r}")
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # Check the extra state before any of this layer's tensors is copied; on a mismatch copy
+        # nothing, and let PyTorch report size mismatches beside ours (it raises at the end).
+        key = prefix + "_extra_state"
+        problem = self._extra_state_problem(state_dict[key]) if key in state_dict else None
+        if problem is None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            return
+        error_msgs.append(problem + " (nothing of this layer was loaded)")
+        own = dict(self.named_parameters(recurse=False))
+        own.update((name, b) for name, b in self.named_buffers(recurse=False) if b is not None)
+        mismatched = {prefix + name: value for name, value in
+                      ((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
+                      if name in own and isinstance(value, Tensor)
+                      and own[name] is not None and value.shape != own[name].shape}
+        # only mismatched shapes: PyTorch reports each and copies none; its other findings
+        # (keys absent from this filtered dict) go to throwaway lists
+        super()._load_from_state_dict(mismatched, prefix, local_metadata, strict, [], [],
+                                      error_msgs)
+
+    def set_extra_state(self, state: dict) -> None:
+        problem = self._extra_state_problem(state)
+        if problem is not None:
+            raise ValueError(problem)
+        self.merged = state.get("merged", False)
+        self._weight_before_merge = None  # W was just loaded: any pre-merge copy is stale
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

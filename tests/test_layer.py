@@ -81,7 +81,7 @@ def test_state_dict_round_trip():
     dst.load_state_dict(src.state_dict())
     assert dst.merged
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="state_dict is for method='lora_xs'"):
+    with pytest.raises(RuntimeError, match="state_dict is for method='lora_xs'"):
         LowRankLinear(10, 6, 3, method="lora").load_state_dict(src.state_dict())
 
 
