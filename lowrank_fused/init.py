@@ -9,9 +9,19 @@ from torch import Tensor
 
 SVD_SOURCES = ("weight", "random_svd", "random")
 SVD_TRIPLETS = ("top", "bottom")
-# When min(N, K) exceeds this, the top-r SVD is randomized (torch.svd_lowrank): exact SVD of a
-# 4096 x 11008 weight takes minutes on a laptop CPU, the randomized one about a second.
+# When min(N, K) exceeds this on the CPU, the top-r SVD is randomized (torch.svd_lowrank): exact
+# SVD of a 4096 x 11008 weight takes minutes on a laptop CPU, the randomized one seconds. On a GPU
+# the exact SVD takes about a second at that size, so there it is always exact.
 EXACT_SVD_MAX_DIM = 1024
+# Randomized SVD settings at least as accurate as the LoRA-XS paper's (sklearn's randomized_svd,
+# n_iter=10, 10 oversamples): as many power iterations, more oversampling. With niter=4 an
+# 1100 x 1100 Gaussian matrix at r = 32 kept 0.94 of the optimal energy; with these, 0.996.
+RANDOMIZED_SVD_NITER = 10
+
+
+def _randomized_svd_width(rank: int, matrix: Tensor) -> int:
+    """Sketch width q: r plus max(10, r) oversamples, at most min(N, K)."""
+    return min(rank + max(10, rank), min(matrix.shape))
 
 
 def kaiming_uniform_a_(lora_a: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -30,24 +40,26 @@ def lora_xs_latent(rank: int, *, std: float = 1e-5, dtype=None, device=None,
 def truncated_svd(matrix: Tensor, rank: int, *, triplets: str = "top",
                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(U_r (N x r), S_r (r,), Vh_r (r x K)) of the r largest ("top") or smallest ("bottom")
-    singular triplets, in float32 or float64. Exact for small matrices, randomized
-    (torch.svd_lowrank with oversampling) for large ones when only the top triplets are wanted."""
+    singular triplets, in float32 or float64. Exact on a GPU and for small matrices; on the CPU,
+    randomized (torch.svd_lowrank, 10 power iterations, oversampled) for large ones when only the
+    top triplets are wanted, at least as accurate as the LoRA-XS paper's sklearn call."""
     if triplets not in SVD_TRIPLETS:
         raise ValueError(f"triplets must be one of {SVD_TRIPLETS}, got {triplets!r}")
     work = matrix.detach()
     if work.dtype not in (torch.float32, torch.float64):
         work = work.float()
-    small = min(work.shape) <= EXACT_SVD_MAX_DIM
-    if triplets == "top" and not small:
+    exact = min(work.shape) <= EXACT_SVD_MAX_DIM or work.device.type == "cuda"
+    if triplets == "top" and not exact:
+        q = _randomized_svd_width(rank, work)
         if generator is not None:
             # svd_lowrank draws its sketch from the global RNG; fork it so `generator` governs it.
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
             devices = [work.device] if work.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                u, s, v = torch.svd_lowrank(work, q=min(rank + 10, min(work.shape)), niter=4)
+                u, s, v = torch.svd_lowrank(work, q=q, niter=RANDOMIZED_SVD_NITER)
         else:
-            u, s, v = torch.svd_lowrank(work, q=min(rank + 10, min(work.shape)), niter=4)
+            u, s, v = torch.svd_lowrank(work, q=q, niter=RANDOMIZED_SVD_NITER)
         return u[:, :rank], s[:rank], v[:, :rank].T
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     if triplets == "top":
