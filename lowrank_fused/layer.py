@@ -243,12 +243,13 @@ class LowRankLinear(nn.Module):
                                           missing_keys, unexpected_keys, error_msgs)
             return
         error_msgs.append(problem + " (nothing of this layer was loaded)")
-        own = dict(self.named_parameters(recurse=False))
-        own.update((name, b) for name, b in self.named_buffers(recurse=False) if b is not None)
-        mismatched = {prefix + name: value for name, value in
-                      ((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
-                      if name in own and isinstance(value, Tensor)
-                      and own[name] is not None and value.shape != own[name].shape}
+        own = {**dict(self.named_parameters(recurse=False)),
+               **{n: b for n, b in self.named_buffers(recurse=False) if b is not None}}
+        mismatched = {}
+        for name, tensor in own.items():
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != tensor.shape:
+                mismatched[prefix + name] = saved
         # only mismatched shapes: PyTorch reports each and copies none; its other findings
         # (keys absent from this filtered dict) go to throwaway lists
         super()._load_from_state_dict(mismatched, prefix, local_metadata, strict, [], [],
