@@ -42,3 +42,10 @@ def test_at_least_as_accurate_as_sklearn(gaussian):
     ours = captured(truncated_svd(w, RANK, generator=torch.Generator().manual_seed(1))[0],
                        w, s_exact)
     assert ours >= paper, (ours, paper)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_exact_on_gpu(gaussian):
+    w, s_exact = gaussian
+    _, s, _ = truncated_svd(w.cuda(), RANK)
+    torch.testing.assert_close(s.cpu().double(), s_exact[:RANK], rtol=1e-4, atol=0)
