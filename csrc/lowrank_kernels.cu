@@ -1,20 +1,8 @@
-// Hand-written CUDA for the rank-r, memory-bound parts of the operator: each kernel streams x or
-// G once, in 16-byte vector loads where the rows allow it, through shared-memory tiles, with
-// fp32 accumulation on CUDA cores. Up to r = 16 that keeps them memory-bound (2r flops per
-// 2-byte element sits at the H100's FP32 ridge, about 20 flops/byte); at r = 64 they become
-// compute-bound at about 4x their memory time, and tensor-core (mma.sync) tiles would be the fix,
-// if measurement shows these passes matter next to the GEMMs.
-//
-// Main GEMMs: cuBLAS, not CUTLASS, for now. y = x·Wᵀ + bias and dx = G·W run on cuBLAS through
-// ATen (backends/cuda.py), and the low-rank term is added into the same output by a second
-// cuBLAS call (beta = 1). What a CUTLASS K-extension ([x | s·P]·[W | B_eff]ᵀ in one accumulator)
-// would save is that second call's read and write of the M x N output: at 8192 x 4096 bf16 that
-// is 128 MiB, about 40 us at 3.35 TB/s next to a GEMM of about 0.45 ms on an H100, so roughly
-// 9%, more than the 5% forward budget. The Triton backend already has the K-extension, so the
-// measured cuda-vs-triton figures (benchmarks/results/, lowrank_fused/auto_policy.json) show
-// whether that saving is real; a CUTLASS mainloop over two operand pairs (headers: the
-// nvidia-cutlass wheel) is the next step if it is and Triton's GEMM trails cuBLAS. No GPU has
-// been lent to this project yet, so neither figure exists.
+// Hand-written CUDA for the rank-r, memory-bound parts of the operator; the M x N and M x K
+// GEMMs stay on cuBLAS (backends/cuda.py). Each kernel streams x or G once, in 16-byte vector
+// loads where the rows allow it, through shared-memory tiles, with fp32 accumulation on CUDA
+// cores: at 2r flops per 2-byte element that stays memory-bound up to about r = 16 on an H100
+// (FP32 ridge near 20 flops/byte); larger ranks would want tensor-core tiles.
 #include "lowrank_kernels.cuh"
 
 #ifndef LOWRANK_FUSED_EMULATION
