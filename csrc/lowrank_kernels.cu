@@ -244,15 +244,15 @@ __global__ void __launch_bounds__(kThreads) grad_a_kernel(const float* dp, const
   }
 }
 
-// ---- dx += drop(dP·A) ----
+// ---- out = drop(dP·A): dx's low-rank term, written before the G·W GEMM adds into it ----
 
 constexpr int kAddRows = 32, kAddCols = 64, kAddRanks = 32;
 
-// Block: kAddRows x kAddCols of dx. Thread t owns column t % 64 and rows t / 64 + 4·i; ranks are
+// Block: kAddRows x kAddCols of out. Thread t owns column t % 64 and rows t / 64 + 4·i; ranks are
 // consumed kAddRanks at a time.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) add_dropped_low_rank_kernel(
-    T* dx, const float* dp, const void* a, DType a_dt, int64_t a_sj, int64_t a_sk, int64_t M,
+__global__ void __launch_bounds__(kThreads) dropped_low_rank_kernel(
+    T* out, const float* dp, const void* a, DType a_dt, int64_t a_sj, int64_t a_sk, int64_t M,
     int64_t K, int64_t R, uint64_t seed, float p_drop) {
   constexpr int BM = kAddRows, BK = kAddCols, RB = kAddRanks, kRowsPerThread = BM / 4;
   __shared__ float dp_tile[BM][RB + 1];
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) add_dropped_low_rank_kernel(
     if (m >= M) continue;
     const bool kept = keep(seed, static_cast<uint64_t>(m * K + k), p_drop);
     const float low_rank = kept ? acc[i] * keep_scale : 0.f;
-    dx[m * K + k] = from_float<T>(to_float(dx[m * K + k]) + low_rank);
+    out[m * K + k] = from_float<T>(low_rank);
   }
 }
 
@@ -357,16 +357,16 @@ void launch_grad_a(const float* dp, const void* x, DType x_dtype, int64_t x_stri
   });
 }
 
-void launch_add_dropped_low_rank(void* dx, DType dx_dtype, const float* dp, const void* a,
-                                 DType a_dtype, int64_t a_stride_j, int64_t a_stride_k,
-                                 int64_t M, int64_t K, int64_t R, uint64_t seed, float p_drop,
-                                 cudaStream_t stream) {
-  if (M == 0 || K == 0 || R == 0) return;
+void launch_dropped_low_rank(void* out, DType out_dtype, const float* dp, const void* a,
+                             DType a_dtype, int64_t a_stride_j, int64_t a_stride_k, int64_t M,
+                             int64_t K, int64_t R, uint64_t seed, float p_drop,
+                             cudaStream_t stream) {
+  if (M == 0 || K == 0) return;  // R = 0 still launches: the term is written as zeros
   const dim3 grid(blocks_for(M, kAddRows), blocks_for(K, kAddCols));
-  with_type(dx_dtype, [&](auto tag) {
+  with_type(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    LF_LAUNCH(grid, kThreads, stream, add_dropped_low_rank_kernel<T>)(
-        static_cast<T*>(dx), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
+    LF_LAUNCH(grid, kThreads, stream, dropped_low_rank_kernel<T>)(
+        static_cast<T*>(out), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
   });
 }
 
