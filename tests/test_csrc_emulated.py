@@ -406,3 +406,26 @@ def test_op_arguments_are_checked(lib):
         ops.grad_a(torch.zeros((4, 3)), x, 0, 0.0, 0, 0)
     with pytest.raises(ValueError, match=r"dropped_low_rank: dp must be .* \(4, 5\)"):
         ops.dropped_low_rank(torch.zeros((4, 3)), torch.zeros((5, 8)), 0, 0.0, torch.float32, 0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
+    """No bias: y is allocated uninitialised and the low-rank GEMM must not read it (beta = 0)."""
+    from lowrank_fused.backends import reference
+    from lowrank_fused.dropout import DropoutSpec
+
+    monkeypatch.setattr(reference, "dropout_keep_mask", cuda_backend.dropout_keep_mask)
+    m, k, n, r, scaling = 37, 100, 80, 12, 0.5
+    x = _rand(m, k, dtype=dtype, seed=1)
+    weight = _rand(n, k, dtype=dtype, seed=2) * k ** -0.5
+    lora_a = _rand(r, k, dtype=torch.float32, seed=4) * k ** -0.5
+    lora_b = _rand(n, r, dtype=torch.float32, seed=5) * r ** -0.5
+    dropout = DropoutSpec(p=p, seed=17) if p else None
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, shape: torch.full(shape, float("nan"), dtype=self.dtype))
+    got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    want, _ = reference.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol,
+                               atol=tol * want.abs().max().item())
