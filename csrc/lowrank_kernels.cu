@@ -5,6 +5,8 @@
 // (FP32 ridge near 20 flops/byte); larger ranks would want tensor-core tiles.
 #include "lowrank_kernels.cuh"
 
+#include <type_traits>
+
 #ifndef LOWRANK_FUSED_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -59,13 +61,13 @@ __device__ __forceinline__ bool keep(uint64_t seed, uint64_t index, float p) {
   return uniform(seed, index) >= p;
 }
 
-// Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float
+// Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float (or T)
 // shared-memory tile, zero outside rows < row_end and columns < col_end. Each thread loads 8
 // consecutive columns of one row: one or two 16-byte loads when the row is contiguous and
 // aligned. Dropout keeps (row, col) where keep(seed, row * mask_ld + col), and the kept value is
 // rounded to T, as the reference's dropout(x) is.
-template <typename T, int ROWS, int COLS, int PITCH>
-__device__ __forceinline__ void load_tile(float (*tile)[PITCH], const T* src, int64_t stride_r,
+template <typename T, int ROWS, int COLS, int PITCH, typename S>
+__device__ __forceinline__ void load_tile(S (*tile)[PITCH], const T* src, int64_t stride_r,
                                           int64_t stride_c, int64_t r0, int64_t c0,
                                           int64_t row_end, int64_t col_end, int64_t mask_ld,
                                           uint64_t seed, float p_drop, float keep_scale) {
@@ -101,7 +103,7 @@ __device__ __forceinline__ void load_tile(float (*tile)[PITCH], const T* src, in
     for (int i = 0; i < 8; ++i) v[i] = 0.f;
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) tile[row][col + i] = v[i];
+  for (int i = 0; i < 8; ++i) tile[row][col + i] = from_float<S>(v[i]);
 }
 
 // ---- rank pass: out = s·drop(in)·fᵀ, with the dB and dbias partial sums of the same tiles ----
@@ -189,6 +191,100 @@ __global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
         const int64_t j = j0 + tx + 16 * c;
         if (m < a.M && j < a.R) store_float(a.out, a.out_dtype, m * a.R + j, a.scale * acc[i][c]);
       }
+    }
+  }
+}
+
+// ---- projection on tensor cores: out = s·drop(in)·fᵀ when in and f are both fp16 or bf16 ----
+//
+// mma.sync m16n8k16 (fp32 accumulators): at r = 64 the CUDA-core pass above is bound by its
+// shared-memory operand loads at several times x's memory time; on tensor cores it is
+// memory-bound. The inputs are exact in T, so results differ from the CUDA-core pass only in
+// summation order.
+
+// d += a·b for one m16n8k16 tile, with the PTX fragment layout (g = lane / 4, t = lane % 4):
+// a[0..3] hold A(g, 2t..2t+1), A(g+8, 2t..), A(g, 2t+8..), A(g+8, 2t+8..); b[0..1] hold
+// B(2t..2t+1, g), B(2t+8.., g); d[0..3] hold D(g, 2t), D(g, 2t+1), D(g+8, 2t), D(g+8, 2t+1).
+// Under emulation, tests/cuda_emulation/emulation.h supplies mma_m16n8k16 with that layout.
+#ifndef LOWRANK_FUSED_EMULATION
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                     const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4],
+                                                            const uint32_t (&a)[4],
+                                                            const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Two consecutive T elements of a shared-memory row as one 32-bit register.
+template <typename T> __device__ __forceinline__ uint32_t pair_at(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+constexpr int kMmaPitch = kPassCols + 8;  // halves per tile row: 4-byte pairs, fewer conflicts
+
+// Block: kPassRows rows x RB ranks. Warp w owns rows 16·(w % 4) and the RB / 16 n-tiles of 8
+// ranks starting at (RB / 2)·(w / 4).
+template <typename T, int RB>
+__global__ void __launch_bounds__(kThreads) project_mma_kernel(RankPassArgs a) {
+  constexpr int BM = kPassRows, BK = kPassCols, kTiles = RB / 16;
+  alignas(16) __shared__ T in_tile[BM][kMmaPitch];
+  alignas(16) __shared__ T f_tile[RB][kMmaPitch];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+  const int row0 = 16 * (warp % 4), rank0 = (RB / 2) * (warp / 4);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RB;
+  const float keep_scale = a.p_drop > 0.f ? 1.f / (1.f - a.p_drop) : 1.f;
+  float acc[kTiles][4] = {};
+  for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
+    load_tile<T, BM, BK, kMmaPitch>(in_tile, static_cast<const T*>(a.in), a.in_stride_m,
+                                    a.in_stride_k, m0, k0, a.M, a.K, a.K, a.seed, a.p_drop,
+                                    keep_scale);
+    for (int i = t; i < RB * BK; i += kThreads) {
+      const int jj = i / BK, kk = i % BK;
+      f_tile[jj][kk] = j0 + jj < a.R && k0 + kk < a.K
+                           ? static_cast<const T*>(a.f)[(j0 + jj) * a.f_stride_j +
+                                                        (k0 + kk) * a.f_stride_k]
+                           : from_float<T>(0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      const uint32_t frag_a[4] = {pair_at(&in_tile[row0 + g][kk + 2 * q]),
+                                  pair_at(&in_tile[row0 + g + 8][kk + 2 * q]),
+                                  pair_at(&in_tile[row0 + g][kk + 2 * q + 8]),
+                                  pair_at(&in_tile[row0 + g + 8][kk + 2 * q + 8])};
+#pragma unroll
+      for (int n = 0; n < kTiles; ++n) {
+        const T* f_row = f_tile[rank0 + 8 * n + g];
+        const uint32_t frag_b[2] = {pair_at(f_row + kk + 2 * q), pair_at(f_row + kk + 2 * q + 8)};
+        mma_m16n8k16<T>(acc[n], frag_a, frag_b);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = m0 + row0 + g + 8 * (e / 2);
+      const int64_t j = j0 + rank0 + 8 * n + 2 * q + e % 2;
+      if (m < a.M && j < a.R) store_float(a.out, a.out_dtype, m * a.R + j, a.scale * acc[n][e]);
     }
   }
 }
@@ -323,8 +419,20 @@ void launch_rank_pass(const RankPassArgs& args, cudaStream_t stream) {
   if (args.M == 0 || args.R == 0) return;
   const int rb = rank_group(args.R);
   const dim3 grid(blocks_for(args.M, kPassRows), blocks_for(args.R, rb));
+  // Tensor cores for the plain projection when in and f share a half type (their values are
+  // then exact MMA operands).
+  const bool mma = args.in_dtype != kFloat32 && args.f_dtype == args.in_dtype &&
+                   args.db == nullptr && args.dbias == nullptr && args.out != nullptr;
   with_type(args.in_dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (mma) {
+        if (rb == 16) LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 16>)(args);
+        else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 32>)(args);
+        else LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 64>)(args);
+        return;
+      }
+    }
     if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 16>)(args);
     else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 32>)(args);
     else LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 64>)(args);

@@ -91,7 +91,7 @@ PROJECTION_CASES = [
     for m, k in [(1, 100), (37, 100), (130, 64)]
     for r in (1, 12, 25, 64, 80)
     for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16)]
+                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
     for p, layout in [(0.0, "contiguous"), (0.25, "contiguous"), (0.0, "transposed")]
     if (m, r) != (130, 80) or dt == torch.float32  # the widest case once
 ]
