@@ -5,6 +5,7 @@
 // (FP32 ridge near 20 flops/byte); larger ranks would want tensor-core tiles.
 #include "lowrank_kernels.cuh"
 
+#include <cstring>
 #include <type_traits>
 
 #ifndef LOWRANK_FUSED_EMULATION
@@ -195,11 +196,11 @@ __global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
   }
 }
 
-// ---- projection on tensor cores: out = s·drop(in)·fᵀ when in and f are both fp16 or bf16 ----
+// ---- the rank pass on tensor cores, when in, f (and p) all share a half type ----
 //
 // mma.sync m16n8k16 (fp32 accumulators): at r = 64 the CUDA-core pass above is bound by its
 // shared-memory operand loads at several times x's memory time; on tensor cores it is
-// memory-bound. The inputs are exact in T, so results differ from the CUDA-core pass only in
+// memory-bound. The operands are exact in T, so results differ from the CUDA-core pass only in
 // summation order.
 
 // d += a·b for one m16n8k16 tile, with the PTX fragment layout (g = lane / 4, t = lane % 4):
@@ -236,20 +237,41 @@ template <typename T> __device__ __forceinline__ uint32_t pair_at(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// Two T elements as one 32-bit register, `low` first (its place in memory order).
+template <typename T> __device__ __forceinline__ uint32_t pack(T low, T high) {
+  const T e[2] = {low, high};
+  uint32_t r;
+  memcpy(&r, e, sizeof r);
+  return r;
+}
+
 constexpr int kMmaPitch = kPassCols + 8;  // halves per tile row: 4-byte pairs, fewer conflicts
 
-// Block: kPassRows rows x RB ranks. Warp w owns rows 16·(w % 4) and the RB / 16 n-tiles of 8
-// ranks starting at (RB / 2)·(w / 4).
+// Same blocks and outputs as rank_pass_kernel. out: warp w owns rows 16·(w % 4) and the RB / 16
+// n-tiles of 8 ranks from (RB / 2)·(w / 4). db: per step, the (kPassCols x RB) partial
+// Σ_m in[m, k]·p[m, j] is cut into 16 x 8 tiles taken by the warps in turn, with in_tile read
+// transposed as the A operand and p kept rank-major (pt_tile) as the B operand.
 template <typename T, int RB>
-__global__ void __launch_bounds__(kThreads) project_mma_kernel(RankPassArgs a) {
+__global__ void __launch_bounds__(kThreads) rank_pass_mma_kernel(RankPassArgs a) {
   constexpr int BM = kPassRows, BK = kPassCols, kTiles = RB / 16;
+  constexpr int kDbTiles = (BK / 16) * (RB / 8), kWarps = kThreads / 32;
   alignas(16) __shared__ T in_tile[BM][kMmaPitch];
   alignas(16) __shared__ T f_tile[RB][kMmaPitch];
+  alignas(16) __shared__ T pt_tile[RB][BM + 8];
   const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
   const int row0 = 16 * (warp % 4), rank0 = (RB / 2) * (warp / 4);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RB;
+  const bool with_dbias = a.dbias != nullptr && blockIdx.y == 0;
   const float keep_scale = a.p_drop > 0.f ? 1.f / (1.f - a.p_drop) : 1.f;
+  if (a.db != nullptr) {
+    for (int i = t; i < RB * BM; i += kThreads) {
+      const int jj = i / BM, mm = i % BM;
+      pt_tile[jj][mm] = m0 + mm < a.M && j0 + jj < a.R
+                            ? static_cast<const T*>(a.p)[(m0 + mm) * a.R + j0 + jj]
+                            : from_float<T>(0.f);
+    }
+  }
   float acc[kTiles][4] = {};
   for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
     load_tile<T, BM, BK, kMmaPitch>(in_tile, static_cast<const T*>(a.in), a.in_stride_m,
@@ -264,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) project_mma_kernel(RankPassArgs a) {
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
+    for (int kk = 0; kk < BK && a.out != nullptr; kk += 16) {
       const uint32_t frag_a[4] = {pair_at(&in_tile[row0 + g][kk + 2 * q]),
                                   pair_at(&in_tile[row0 + g + 8][kk + 2 * q]),
                                   pair_at(&in_tile[row0 + g][kk + 2 * q + 8]),
@@ -276,8 +298,33 @@ __global__ void __launch_bounds__(kThreads) project_mma_kernel(RankPassArgs a) {
         mma_m16n8k16<T>(acc[n], frag_a, frag_b);
       }
     }
+    for (int tile = warp; tile < kDbTiles && a.db != nullptr; tile += kWarps) {
+      const int c0 = 16 * (tile % (BK / 16)), n0 = 8 * (tile / (BK / 16));
+      float part[4] = {};
+#pragma unroll
+      for (int mm = 0; mm < BM; mm += 16) {
+        const int r = mm + 2 * q;
+        const uint32_t frag_a[4] = {pack(in_tile[r][c0 + g], in_tile[r + 1][c0 + g]),
+                                    pack(in_tile[r][c0 + g + 8], in_tile[r + 1][c0 + g + 8]),
+                                    pack(in_tile[r + 8][c0 + g], in_tile[r + 9][c0 + g]),
+                                    pack(in_tile[r + 8][c0 + g + 8], in_tile[r + 9][c0 + g + 8])};
+        const uint32_t frag_b[2] = {pair_at(&pt_tile[n0 + g][r]), pair_at(&pt_tile[n0 + g][r + 8])};
+        mma_m16n8k16<T>(part, frag_a, frag_b);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t k = k0 + c0 + g + 8 * (e / 2), j = j0 + n0 + 2 * q + e % 2;
+        if (k < a.K && j < a.R) atomicAdd(a.db + k * a.R + j, a.scale * part[e]);
+      }
+    }
+    if (with_dbias && t < BK && k0 + t < a.K) {
+      float s = 0.f;
+      for (int mm = 0; mm < BM; ++mm) s += to_float(in_tile[mm][t]);
+      atomicAdd(a.dbias + k0 + t, s);
+    }
     __syncthreads();
   }
+  if (a.out == nullptr) return;
 #pragma unroll
   for (int n = 0; n < kTiles; ++n) {
 #pragma unroll
@@ -419,17 +466,16 @@ void launch_rank_pass(const RankPassArgs& args, cudaStream_t stream) {
   if (args.M == 0 || args.R == 0) return;
   const int rb = rank_group(args.R);
   const dim3 grid(blocks_for(args.M, kPassRows), blocks_for(args.R, rb));
-  // Tensor cores for the plain projection when in and f share a half type (their values are
-  // then exact MMA operands).
+  // Tensor cores when in, f and p share a half type: their values are then exact MMA operands.
   const bool mma = args.in_dtype != kFloat32 && args.f_dtype == args.in_dtype &&
-                   args.db == nullptr && args.dbias == nullptr && args.out != nullptr;
+                   (args.db == nullptr || args.p_dtype == args.in_dtype);
   with_type(args.in_dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
       if (mma) {
-        if (rb == 16) LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 16>)(args);
-        else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 32>)(args);
-        else LF_LAUNCH(grid, kThreads, stream, project_mma_kernel<T, 64>)(args);
+        if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 16>)(args);
+        else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 32>)(args);
+        else LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 64>)(args);
         return;
       }
     }

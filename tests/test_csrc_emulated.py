@@ -114,7 +114,7 @@ GRAD_OUTPUT_CASES = [
     for m, n in [(37, 80), (130, 96)]
     for r in (1, 12, 25, 64, 80)
     for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16)]
+                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
     for outputs in ("dp+db+dbias", "db only")
 ]
 
