@@ -1,8 +1,10 @@
-// Hand-written CUDA for the rank-r, memory-bound parts of the operator; the M x N and M x K
-// GEMMs stay on cuBLAS (backends/cuda.py). Each kernel streams x or G once, in 16-byte vector
-// loads where the rows allow it, through shared-memory tiles, with fp32 accumulation on CUDA
-// cores: at 2r flops per 2-byte element that stays memory-bound up to about r = 16 on an H100
-// (FP32 ridge near 20 flops/byte); larger ranks would want tensor-core tiles.
+// Hand-written CUDA for the rank-r parts of the operator; the M x N and M x K GEMMs stay on
+// cuBLAS (backends/cuda.py). Each kernel streams x or G once, in 16-byte vector loads where the
+// rows allow it, through shared-memory tiles, accumulating in fp32. At 2r flops per 2-byte
+// element, CUDA cores fed from shared memory fall behind the memory stream from about r = 16 on
+// an H100, so the rank pass uses tensor cores (mma.sync) whenever its operands share a half type
+// and are thus exact MMA inputs; fp32 operands (fp32 adapters, and dP in the dA and dx kernels)
+// stay on CUDA cores, where they keep fp32 accuracy.
 #include "lowrank_kernels.cuh"
 
 #include <cstring>
