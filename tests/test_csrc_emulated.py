@@ -302,7 +302,8 @@ def cuda_backend(lib, monkeypatch):
                                    (600, 12, 0.0)])  # M = 600: dA split in two
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
                                                  (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float16)])
+                                                 (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.bfloat16)])
 def test_cuda_backend_glue_matches_reference(cuda_backend, monkeypatch, m, r, dtype,
                                              adapter_dtype, p, deterministic):
     from lowrank_fused.backends import reference
