@@ -1,21 +1,14 @@
-// Hand-written CUDA for the rank-r, memory-bound parts of the operator: each kernel streams x or
-// G once, in 16-byte vector loads where the rows allow it, through shared-memory tiles, with
-// fp32 accumulation on CUDA cores. Up to r = 16 that keeps them memory-bound (2r flops per
-// 2-byte element sits at the H100's FP32 ridge, about 20 flops/byte); at r = 64 they become
-// compute-bound at about 4x their memory time, and tensor-core (mma.sync) tiles would be the fix,
-// if measurement shows these passes matter next to the GEMMs.
-//
-// Main GEMMs: cuBLAS, not CUTLASS, for now. y = x·Wᵀ + bias and dx = G·W run on cuBLAS through
-// ATen (backends/cuda.py), and the low-rank term is added into the same output by a second
-// cuBLAS call (beta = 1). What a CUTLASS K-extension ([x | s·P]·[W | B_eff]ᵀ in one accumulator)
-// would save is that second call's read and write of the M x N output: at 8192 x 4096 bf16 that
-// is 128 MiB, about 40 us at 3.35 TB/s next to a GEMM of about 0.45 ms on an H100, so roughly
-// 9%, more than the 5% forward budget. The Triton backend already has the K-extension, so the
-// measured cuda-vs-triton figures (benchmarks/results/, lowrank_fused/auto_policy.json) show
-// whether that saving is real; a CUTLASS mainloop over two operand pairs (headers: the
-// nvidia-cutlass wheel) is the next step if it is and Triton's GEMM trails cuBLAS. No GPU has
-// been lent to this project yet, so neither figure exists.
+// Hand-written CUDA for the rank-r parts of the operator; the M x N and M x K GEMMs stay on
+// cuBLAS (backends/cuda.py). Each kernel streams x or G once, in 16-byte vector loads where the
+// rows allow it, through shared-memory tiles, accumulating in fp32. At 2r flops per 2-byte
+// element, CUDA cores fed from shared memory fall behind the memory stream from about r = 16 on
+// an H100, so the rank pass uses tensor cores (mma.sync) whenever its operands share a half type
+// and are thus exact MMA inputs; fp32 operands (fp32 adapters, and dP in the dA and dx kernels)
+// stay on CUDA cores, where they keep fp32 accuracy.
 #include "lowrank_kernels.cuh"
+
+#include <cstring>
+#include <type_traits>
 
 #ifndef LOWRANK_FUSED_EMULATION
 #include <cuda_bf16.h>
@@ -71,13 +64,13 @@ __device__ __forceinline__ bool keep(uint64_t seed, uint64_t index, float p) {
   return uniform(seed, index) >= p;
 }
 
-// Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float
+// Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float (or T)
 // shared-memory tile, zero outside rows < row_end and columns < col_end. Each thread loads 8
 // consecutive columns of one row: one or two 16-byte loads when the row is contiguous and
 // aligned. Dropout keeps (row, col) where keep(seed, row * mask_ld + col), and the kept value is
 // rounded to T, as the reference's dropout(x) is.
-template <typename T, int ROWS, int COLS, int PITCH>
-__device__ __forceinline__ void load_tile(float (*tile)[PITCH], const T* src, int64_t stride_r,
+template <typename T, int ROWS, int COLS, int PITCH, typename S>
+__device__ __forceinline__ void load_tile(S (*tile)[PITCH], const T* src, int64_t stride_r,
                                           int64_t stride_c, int64_t r0, int64_t c0,
                                           int64_t row_end, int64_t col_end, int64_t mask_ld,
                                           uint64_t seed, float p_drop, float keep_scale) {
@@ -113,7 +106,7 @@ __device__ __forceinline__ void load_tile(float (*tile)[PITCH], const T* src, in
     for (int i = 0; i < 8; ++i) v[i] = 0.f;
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) tile[row][col + i] = v[i];
+  for (int i = 0; i < 8; ++i) tile[row][col + i] = from_float<S>(v[i]);
 }
 
 // ---- rank pass: out = s·drop(in)·fᵀ, with the dB and dbias partial sums of the same tiles ----
@@ -205,6 +198,146 @@ __global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
   }
 }
 
+// ---- the rank pass on tensor cores, when in, f (and p) all share a half type ----
+//
+// mma.sync m16n8k16 (fp32 accumulators): at r = 64 the CUDA-core pass above is bound by its
+// shared-memory operand loads at several times x's memory time; on tensor cores it is
+// memory-bound. The operands are exact in T, so results differ from the CUDA-core pass only in
+// summation order.
+
+// d += a·b for one m16n8k16 tile, with the PTX fragment layout (g = lane / 4, t = lane % 4):
+// a[0..3] hold A(g, 2t..2t+1), A(g+8, 2t..), A(g, 2t+8..), A(g+8, 2t+8..); b[0..1] hold
+// B(2t..2t+1, g), B(2t+8.., g); d[0..3] hold D(g, 2t), D(g, 2t+1), D(g+8, 2t), D(g+8, 2t+1).
+// Under emulation, tests/cuda_emulation/emulation.h supplies mma_m16n8k16 with that layout.
+#ifndef LOWRANK_FUSED_EMULATION
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                     const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4],
+                                                            const uint32_t (&a)[4],
+                                                            const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Two consecutive T elements of a shared-memory row as one 32-bit register.
+template <typename T> __device__ __forceinline__ uint32_t pair_at(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Two T elements as one 32-bit register, `low` first (its place in memory order).
+template <typename T> __device__ __forceinline__ uint32_t pack(T low, T high) {
+  const T e[2] = {low, high};
+  uint32_t r;
+  memcpy(&r, e, sizeof r);
+  return r;
+}
+
+constexpr int kMmaPitch = kPassCols + 8;  // halves per tile row: 4-byte pairs, fewer conflicts
+
+// Same blocks and outputs as rank_pass_kernel. out: warp w owns rows 16·(w % 4) and the RB / 16
+// n-tiles of 8 ranks from (RB / 2)·(w / 4). db: per step, the (kPassCols x RB) partial
+// Σ_m in[m, k]·p[m, j] is cut into 16 x 8 tiles taken by the warps in turn, with in_tile read
+// transposed as the A operand and p kept rank-major (pt_tile) as the B operand.
+template <typename T, int RB>
+__global__ void __launch_bounds__(kThreads) rank_pass_mma_kernel(RankPassArgs a) {
+  constexpr int BM = kPassRows, BK = kPassCols, kTiles = RB / 16;
+  constexpr int kDbTiles = (BK / 16) * (RB / 8), kWarps = kThreads / 32;
+  alignas(16) __shared__ T in_tile[BM][kMmaPitch];
+  alignas(16) __shared__ T f_tile[RB][kMmaPitch];
+  alignas(16) __shared__ T pt_tile[RB][BM + 8];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+  const int row0 = 16 * (warp % 4), rank0 = (RB / 2) * (warp / 4);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RB;
+  const bool with_dbias = a.dbias != nullptr && blockIdx.y == 0;
+  const float keep_scale = a.p_drop > 0.f ? 1.f / (1.f - a.p_drop) : 1.f;
+  if (a.db != nullptr) {
+    for (int i = t; i < RB * BM; i += kThreads) {
+      const int jj = i / BM, mm = i % BM;
+      pt_tile[jj][mm] = m0 + mm < a.M && j0 + jj < a.R
+                            ? static_cast<const T*>(a.p)[(m0 + mm) * a.R + j0 + jj]
+                            : from_float<T>(0.f);
+    }
+  }
+  float acc[kTiles][4] = {};
+  for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
+    load_tile<T, BM, BK, kMmaPitch>(in_tile, static_cast<const T*>(a.in), a.in_stride_m,
+                                    a.in_stride_k, m0, k0, a.M, a.K, a.K, a.seed, a.p_drop,
+                                    keep_scale);
+    for (int i = t; i < RB * BK; i += kThreads) {
+      const int jj = i / BK, kk = i % BK;
+      f_tile[jj][kk] = j0 + jj < a.R && k0 + kk < a.K
+                           ? static_cast<const T*>(a.f)[(j0 + jj) * a.f_stride_j +
+                                                        (k0 + kk) * a.f_stride_k]
+                           : from_float<T>(0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK && a.out != nullptr; kk += 16) {
+      const uint32_t frag_a[4] = {pair_at(&in_tile[row0 + g][kk + 2 * q]),
+                                  pair_at(&in_tile[row0 + g + 8][kk + 2 * q]),
+                                  pair_at(&in_tile[row0 + g][kk + 2 * q + 8]),
+                                  pair_at(&in_tile[row0 + g + 8][kk + 2 * q + 8])};
+#pragma unroll
+      for (int n = 0; n < kTiles; ++n) {
+        const T* f_row = f_tile[rank0 + 8 * n + g];
+        const uint32_t frag_b[2] = {pair_at(f_row + kk + 2 * q), pair_at(f_row + kk + 2 * q + 8)};
+        mma_m16n8k16<T>(acc[n], frag_a, frag_b);
+      }
+    }
+    for (int tile = warp; tile < kDbTiles && a.db != nullptr; tile += kWarps) {
+      const int c0 = 16 * (tile % (BK / 16)), n0 = 8 * (tile / (BK / 16));
+      float part[4] = {};
+#pragma unroll
+      for (int mm = 0; mm < BM; mm += 16) {
+        const int r = mm + 2 * q;
+        const uint32_t frag_a[4] = {pack(in_tile[r][c0 + g], in_tile[r + 1][c0 + g]),
+                                    pack(in_tile[r][c0 + g + 8], in_tile[r + 1][c0 + g + 8]),
+                                    pack(in_tile[r + 8][c0 + g], in_tile[r + 9][c0 + g]),
+                                    pack(in_tile[r + 8][c0 + g + 8], in_tile[r + 9][c0 + g + 8])};
+        const uint32_t frag_b[2] = {pair_at(&pt_tile[n0 + g][r]), pair_at(&pt_tile[n0 + g][r + 8])};
+        mma_m16n8k16<T>(part, frag_a, frag_b);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t k = k0 + c0 + g + 8 * (e / 2), j = j0 + n0 + 2 * q + e % 2;
+        if (k < a.K && j < a.R) atomicAdd(a.db + k * a.R + j, a.scale * part[e]);
+      }
+    }
+    if (with_dbias && t < BK && k0 + t < a.K) {
+      float s = 0.f;
+      for (int mm = 0; mm < BM; ++mm) s += to_float(in_tile[mm][t]);
+      atomicAdd(a.dbias + k0 + t, s);
+    }
+    __syncthreads();
+  }
+  if (a.out == nullptr) return;
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = m0 + row0 + g + 8 * (e / 2);
+      const int64_t j = j0 + rank0 + 8 * n + 2 * q + e % 2;
+      if (m < a.M && j < a.R) store_float(a.out, a.out_dtype, m * a.R + j, a.scale * acc[n][e]);
+    }
+  }
+}
+
 // ---- dA = dPᵀ·drop(x) ----
 
 constexpr int kGradARows = 32;  // rows of x per step
@@ -256,15 +389,15 @@ __global__ void __launch_bounds__(kThreads) grad_a_kernel(const float* dp, const
   }
 }
 
-// ---- dx += drop(dP·A) ----
+// ---- out = drop(dP·A): dx's low-rank term, written before the G·W GEMM adds into it ----
 
 constexpr int kAddRows = 32, kAddCols = 64, kAddRanks = 32;
 
-// Block: kAddRows x kAddCols of dx. Thread t owns column t % 64 and rows t / 64 + 4·i; ranks are
+// Block: kAddRows x kAddCols of out. Thread t owns column t % 64 and rows t / 64 + 4·i; ranks are
 // consumed kAddRanks at a time.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) add_dropped_low_rank_kernel(
-    T* dx, const float* dp, const void* a, DType a_dt, int64_t a_sj, int64_t a_sk, int64_t M,
+__global__ void __launch_bounds__(kThreads) dropped_low_rank_kernel(
+    T* out, const float* dp, const void* a, DType a_dt, int64_t a_sj, int64_t a_sk, int64_t M,
     int64_t K, int64_t R, uint64_t seed, float p_drop) {
   constexpr int BM = kAddRows, BK = kAddCols, RB = kAddRanks, kRowsPerThread = BM / 4;
   __shared__ float dp_tile[BM][RB + 1];
@@ -301,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) add_dropped_low_rank_kernel(
     if (m >= M) continue;
     const bool kept = keep(seed, static_cast<uint64_t>(m * K + k), p_drop);
     const float low_rank = kept ? acc[i] * keep_scale : 0.f;
-    dx[m * K + k] = from_float<T>(to_float(dx[m * K + k]) + low_rank);
+    out[m * K + k] = from_float<T>(low_rank);
   }
 }
 
@@ -335,8 +468,19 @@ void launch_rank_pass(const RankPassArgs& args, cudaStream_t stream) {
   if (args.M == 0 || args.R == 0) return;
   const int rb = rank_group(args.R);
   const dim3 grid(blocks_for(args.M, kPassRows), blocks_for(args.R, rb));
+  // Tensor cores when in, f and p share a half type: their values are then exact MMA operands.
+  const bool mma = args.in_dtype != kFloat32 && args.f_dtype == args.in_dtype &&
+                   (args.db == nullptr || args.p_dtype == args.in_dtype);
   with_type(args.in_dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (mma) {
+        if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 16>)(args);
+        else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 32>)(args);
+        else LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 64>)(args);
+        return;
+      }
+    }
     if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 16>)(args);
     else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 32>)(args);
     else LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 64>)(args);
@@ -369,16 +513,16 @@ void launch_grad_a(const float* dp, const void* x, DType x_dtype, int64_t x_stri
   });
 }
 
-void launch_add_dropped_low_rank(void* dx, DType dx_dtype, const float* dp, const void* a,
-                                 DType a_dtype, int64_t a_stride_j, int64_t a_stride_k,
-                                 int64_t M, int64_t K, int64_t R, uint64_t seed, float p_drop,
-                                 cudaStream_t stream) {
-  if (M == 0 || K == 0 || R == 0) return;
+void launch_dropped_low_rank(void* out, DType out_dtype, const float* dp, const void* a,
+                             DType a_dtype, int64_t a_stride_j, int64_t a_stride_k, int64_t M,
+                             int64_t K, int64_t R, uint64_t seed, float p_drop,
+                             cudaStream_t stream) {
+  if (M == 0 || K == 0) return;  // R = 0 still launches: the term is written as zeros
   const dim3 grid(blocks_for(M, kAddRows), blocks_for(K, kAddCols));
-  with_type(dx_dtype, [&](auto tag) {
+  with_type(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    LF_LAUNCH(grid, kThreads, stream, add_dropped_low_rank_kernel<T>)(
-        static_cast<T*>(dx), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
+    LF_LAUNCH(grid, kThreads, stream, dropped_low_rank_kernel<T>)(
+        static_cast<T*>(out), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
   });
 }
 

@@ -40,13 +40,14 @@ void launch_grad_a(const float* dp, const void* x, DType x_dtype, int64_t x_stri
                    int64_t x_stride_k, float* da, int64_t M, int64_t K, int64_t R, int splits,
                    uint64_t seed, float p_drop, cudaStream_t stream);
 
-// dx[m, k] += drop(sum_j dp[m, j] * a[j, k]) for a contiguous M x K dx (the dropout-masked
-// low-rank term of the input gradient, with no M x K temporary). dp fp32 M x R contiguous,
-// a (R x K) through its strides.
-void launch_add_dropped_low_rank(void* dx, DType dx_dtype, const float* dp, const void* a,
-                                 DType a_dtype, int64_t a_stride_j, int64_t a_stride_k,
-                                 int64_t M, int64_t K, int64_t R, uint64_t seed, float p_drop,
-                                 cudaStream_t stream);
+// out[m, k] = drop(sum_j dp[m, j] * a[j, k]) for a contiguous M x K out: the dropout-masked
+// low-rank term of the input gradient, written (not added) so that the G·W GEMM then adds into it
+// with beta = 1 and dx is not read a second time. dp fp32 M x R contiguous, a (R x K) through its
+// strides.
+void launch_dropped_low_rank(void* out, DType out_dtype, const float* dp, const void* a,
+                             DType a_dtype, int64_t a_stride_j, int64_t a_stride_k, int64_t M,
+                             int64_t K, int64_t R, uint64_t seed, float p_drop,
+                             cudaStream_t stream);
 
 // out[m, k] = keep(seed, m * K + k) as 0/1 bytes: the mask every kernel above uses.
 void launch_keep_mask(uint8_t* out, int64_t M, int64_t K, uint64_t seed, float p,

@@ -35,9 +35,16 @@ def lib(tmp_path_factory):
     lib.rank_pass.argtypes = [ptr, c_int, i64, i64, ptr, c_int, i64, i64, ptr, c_int, ptr, c_int,
                               ptr, ptr, i64, i64, i64, f32, u64, f32]
     lib.grad_a.argtypes = [ptr, ptr, c_int, i64, i64, ptr, i64, i64, i64, c_int, u64, f32]
-    lib.add_dropped_low_rank.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64,
-                                         u64, f32]
+    lib.dropped_low_rank.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, u64,
+                                     f32]
     lib.keep_mask.argtypes = [ptr, i64, i64, u64, f32]
+    view = ctypes.POINTER(Matrix)
+    for name, argtypes in [("op_project", [view, view, view, f32, u64, f32]),
+                           ("op_grad_output_pass", [view, view, view, f32, view, view, view]),
+                           ("op_grad_a", [view, view, view, i64, u64, f32]),
+                           ("op_dropped_low_rank", [view, view, view, u64, f32])]:
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_char_p
     return lib
 
 
@@ -84,7 +91,7 @@ PROJECTION_CASES = [
     for m, k in [(1, 100), (37, 100), (130, 64)]
     for r in (1, 12, 25, 64, 80)
     for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16)]
+                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
     for p, layout in [(0.0, "contiguous"), (0.25, "contiguous"), (0.0, "transposed")]
     if (m, r) != (130, 80) or dt == torch.float32  # the widest case once
 ]
@@ -107,7 +114,7 @@ GRAD_OUTPUT_CASES = [
     for m, n in [(37, 80), (130, 96)]
     for r in (1, 12, 25, 64, 80)
     for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16)]
+                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
     for outputs in ("dp+db+dbias", "db only")
 ]
 
@@ -155,17 +162,23 @@ def test_grad_a(lib, dtype, r, p, splits, layout):
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
                                                  (torch.bfloat16, torch.float32),
                                                  (torch.float16, torch.float16)])
-def test_add_dropped_low_rank(lib, dtype, adapter_dtype, r):
+def test_dropped_low_rank(lib, dtype, adapter_dtype, r):
     m, k, p = 37, 100, 0.25
-    dx = _rand(m, k, dtype=dtype, seed=8)
-    dx0 = dx.double()
+    out = torch.full((m, k), float("nan"), dtype=dtype)  # written, never read
     dp = _rand(m, r, dtype=torch.float32, seed=9)
     a = _rand(r, k, dtype=adapter_dtype, seed=10)
-    lib.add_dropped_low_rank(dx.data_ptr(), CODES[dtype], dp.data_ptr(), a.data_ptr(),
-                             CODES[adapter_dtype], a.stride(0), a.stride(1), m, k, r, 13, p)
+    lib.dropped_low_rank(out.data_ptr(), CODES[dtype], dp.data_ptr(), a.data_ptr(),
+                         CODES[adapter_dtype], a.stride(0), a.stride(1), m, k, r, 13, p)
     keep = _keep(lib, m, k, 13, p)
-    want = dx0 + (dp.double() @ a.double()) * keep / (1.0 - p)
-    _assert_close(dx, want, dtype, "dx")
+    want = (dp.double() @ a.double()) * keep / (1.0 - p)
+    _assert_close(out, want, dtype, "drop(dP·A)")
+
+
+def test_dropped_low_rank_of_rank_zero_writes_zeros(lib):
+    out = torch.full((5, 7), float("nan"))
+    lib.dropped_low_rank(out.data_ptr(), 0, torch.empty((5, 0)).data_ptr(),
+                         torch.empty((0, 7)).data_ptr(), 0, 7, 1, 5, 7, 0, 13, 0.25)
+    assert (out == 0).all()
 
 
 def test_keep_mask_statistics_and_determinism(lib):
@@ -205,9 +218,34 @@ def test_empty_inputs_write_nothing(lib):
 # ---- backends/cuda.py on the emulated kernels -------------------------------------------------
 
 
+class Matrix(ctypes.Structure):
+    """csrc/op_arguments.h's Matrix: a strided 2-D view, a 1-D tensor of n elements as n x 1."""
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("stride_r", ctypes.c_int64),
+                ("stride_c", ctypes.c_int64)]
+
+
+def _view(t):
+    """What bindings.cpp's view() makes of a tensor; None for an absent optional."""
+    if t is None:
+        return None
+    assert t.dim() in (1, 2), t.shape
+    matrix = t.dim() == 2
+    return ctypes.byref(Matrix(t.data_ptr(), CODES[t.dtype], t.shape[0],
+                               t.shape[1] if matrix else 1, t.stride(0),
+                               t.stride(1) if matrix else 1))
+
+
+def _raise_on_error(error):
+    if error is not None:
+        raise ValueError(error.decode())
+
+
 class EmulatedOps:
     """torch.ops.lowrank_fused_C (csrc/bindings.cpp) on CPU tensors, over the emulated kernels:
-    the same allocation and arguments as the bindings, so the backend's glue is what is tested."""
+    the same allocation as the bindings, then the same argument handling and launches
+    (csrc/op_arguments.h, compiled into the shim), so the backend's glue and the marshalling are
+    what is tested."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -215,38 +253,26 @@ class EmulatedOps:
 
     def project(self, x, f, scale, seed, p, out_dtype, stream):
         out = torch.empty((x.shape[0], f.shape[0]), dtype=out_dtype)
-        self.lib.rank_pass(x.data_ptr(), CODES[x.dtype], x.stride(0), x.stride(1), f.data_ptr(),
-                           CODES[f.dtype], f.stride(0), f.stride(1), None, 0, out.data_ptr(),
-                           CODES[out_dtype], None, None, x.shape[0], x.shape[1], f.shape[0],
-                           scale, seed, p)
+        _raise_on_error(self.lib.op_project(_view(x), _view(f), _view(out), scale, seed, p))
         return out
 
     def grad_output_pass(self, g, b, p, scale, need_dp, db, dbias, stream):
-        m, n = g.shape
-        r = b.shape[1]
-        dp = torch.empty((m if need_dp else 0, r), dtype=torch.float32)
-        self.lib.rank_pass(g.data_ptr(), CODES[g.dtype], g.stride(0), g.stride(1), b.data_ptr(),
-                           CODES[b.dtype], b.stride(1), b.stride(0),
-                           p.data_ptr() if db is not None else None,
-                           CODES[p.dtype] if db is not None else 0,
-                           dp.data_ptr() if need_dp else None, 0,
-                           db.data_ptr() if db is not None else None,
-                           dbias.data_ptr() if dbias is not None else None, m, n, r, scale, 0,
-                           0.0)
+        dp = torch.empty((g.shape[0] if need_dp else 0, b.shape[1]), dtype=torch.float32)
+        _raise_on_error(self.lib.op_grad_output_pass(
+            _view(g), _view(b), _view(p), scale, _view(dp) if need_dp else None, _view(db),
+            _view(dbias)))
         return dp
 
     def grad_a(self, dp, x, seed, p, splits, stream):
         self.grad_a_splits.append(splits)
         da = torch.zeros((dp.shape[1], x.shape[1]), dtype=torch.float32)
-        self.lib.grad_a(dp.data_ptr(), x.data_ptr(), CODES[x.dtype], x.stride(0), x.stride(1),
-                        da.data_ptr(), x.shape[0], x.shape[1], dp.shape[1], splits, seed, p)
+        _raise_on_error(self.lib.op_grad_a(_view(dp), _view(x), _view(da), splits, seed, p))
         return da
 
-    def add_dropped_low_rank_(self, dx, dp, a, seed, p, stream):
-        assert dx.is_contiguous()
-        self.lib.add_dropped_low_rank(dx.data_ptr(), CODES[dx.dtype], dp.data_ptr(),
-                                      a.data_ptr(), CODES[a.dtype], a.stride(0), a.stride(1),
-                                      dx.shape[0], dx.shape[1], a.shape[0], seed, p)
+    def dropped_low_rank(self, dp, a, seed, p, out_dtype, stream):
+        out = torch.empty((dp.shape[0], a.shape[1]), dtype=out_dtype)
+        _raise_on_error(self.lib.op_dropped_low_rank(_view(out), _view(dp), _view(a), seed, p))
+        return out
 
     def keep_mask(self, like, rows, cols, seed, p, stream):
         return _keep(self.lib, rows, cols, seed, p)
@@ -276,7 +302,8 @@ def cuda_backend(lib, monkeypatch):
                                    (600, 12, 0.0)])  # M = 600: dA split in two
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
                                                  (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float16)])
+                                                 (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.bfloat16)])
 def test_cuda_backend_glue_matches_reference(cuda_backend, monkeypatch, m, r, dtype,
                                              adapter_dtype, p, deterministic):
     from lowrank_fused.backends import reference
@@ -322,3 +349,84 @@ def test_grad_a_splits_fill_the_gpu_without_tiny_ranges(cuda_backend):
     for m, k, r in [(1, 1, 1), (300, 100, 80), (32768, 1024, 8)]:
         got = splits(m, k, r, 132)
         assert 1 <= got and (got == 1 or m // got >= 256)
+
+
+# ---- the ops' argument handling (csrc/op_arguments.h, shared with bindings.cpp) ----------------
+
+
+@pytest.mark.parametrize("b_layout", ["contiguous", "transposed", "every_other_column"])
+@pytest.mark.parametrize("g_layout", ["contiguous", "transposed"])
+def test_op_grad_output_pass_reads_any_layout(lib, g_layout, b_layout):
+    m, n, r, scaling = 37, 48, 12, 0.5
+    g = _strided(_rand(m, n, dtype=torch.float32, seed=3), g_layout)
+    b = _strided(_rand(n, r, dtype=torch.float32, seed=4), b_layout)
+    p = _rand(m, r, dtype=torch.float32, seed=5)
+    db = torch.zeros((n, r))
+    dbias = torch.zeros((n,))
+    dp = EmulatedOps(lib).grad_output_pass(g, b, p, scaling, True, db, dbias, 0)
+    gd = g.double()
+    _assert_close(dp, scaling * gd @ b.double(), torch.float32, "dP")
+    _assert_close(db, scaling * gd.T @ p.double(), torch.float32, "dB")
+    _assert_close(dbias, gd.sum(0), torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_column"])
+def test_op_project_grad_a_and_dropped_low_rank_read_any_layout(lib, layout):
+    m, k, r, seed, p = 37, 40, 12, 5, 0.25
+    ops = EmulatedOps(lib)
+    x = _strided(_rand(m, k, dtype=torch.bfloat16, seed=1), layout)
+    a = _strided(_rand(r, k, dtype=torch.float32, seed=2), layout)
+    dp = _rand(m, r, dtype=torch.float32, seed=3)
+    dropped_x = _dropped(lib, x, seed, p)
+    _assert_close(ops.project(x, a, 0.5, seed, p, torch.float32, 0),
+                  0.5 * dropped_x @ a.double().T, torch.float32, "P")
+    _assert_close(ops.grad_a(dp, x, seed, p, 2, 0), dp.double().T @ dropped_x, torch.float32,
+                  "dA")
+    keep = _keep(lib, m, k, seed, p)
+    _assert_close(ops.dropped_low_rank(dp, a, seed, p, torch.bfloat16, 0),
+                  (dp.double() @ a.double()) * keep / (1 - p), torch.bfloat16, "drop(dP·A)")
+
+
+def test_op_arguments_are_checked(lib):
+    ops = EmulatedOps(lib)
+    x, a = torch.zeros((4, 8)), torch.zeros((3, 8))
+    with pytest.raises(ValueError, match=r"project: input \(M, K\) and f \(R, K\)"):
+        ops.project(x, torch.zeros((3, 9)), 1.0, 0, 0.0, torch.float32, 0)
+    g, b, p = torch.zeros((4, 6)), torch.zeros((6, 3)), torch.zeros((4, 3))
+    with pytest.raises(ValueError, match=r"grad_y \(M, N\) and b_eff \(N, R\)"):
+        ops.grad_output_pass(g, torch.zeros((5, 3)), None, 1.0, True, None, None, 0)
+    with pytest.raises(ValueError, match="db needs p"):
+        ops.grad_output_pass(g, b, None, 1.0, True, torch.zeros((6, 3)), None, 0)
+    with pytest.raises(ValueError, match=r"db must be a contiguous float32 \(6, 3\)"):
+        ops.grad_output_pass(g, b, p, 1.0, True, torch.zeros((3, 6)).T, None, 0)
+    with pytest.raises(ValueError, match=r"dbias must be a contiguous float32 \(6, 1\)"):
+        ops.grad_output_pass(g, b, p, 1.0, True, None, torch.zeros((6,), dtype=torch.float16), 0)
+    with pytest.raises(ValueError, match=r"grad_a: dp must be a contiguous float32 \(4, 3\)"):
+        ops.grad_a(torch.zeros((4, 3), dtype=torch.float16), x, 0, 0.0, 1, 0)
+    with pytest.raises(ValueError, match="splits must be >= 1, got 0"):
+        ops.grad_a(torch.zeros((4, 3)), x, 0, 0.0, 0, 0)
+    with pytest.raises(ValueError, match=r"dropped_low_rank: dp must be .* \(4, 5\)"):
+        ops.dropped_low_rank(torch.zeros((4, 3)), torch.zeros((5, 8)), 0, 0.0, torch.float32, 0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
+    """No bias: y is allocated uninitialised and the low-rank GEMM must not read it (beta = 0)."""
+    from lowrank_fused.backends import reference
+    from lowrank_fused.dropout import DropoutSpec
+
+    monkeypatch.setattr(reference, "dropout_keep_mask", cuda_backend.dropout_keep_mask)
+    m, k, n, r, scaling = 37, 100, 80, 12, 0.5
+    x = _rand(m, k, dtype=dtype, seed=1)
+    weight = _rand(n, k, dtype=dtype, seed=2) * k ** -0.5
+    lora_a = _rand(r, k, dtype=torch.float32, seed=4) * k ** -0.5
+    lora_b = _rand(n, r, dtype=torch.float32, seed=5) * r ** -0.5
+    dropout = DropoutSpec(p=p, seed=17) if p else None
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, shape: torch.full(shape, float("nan"), dtype=self.dtype))
+    got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    want, _ = reference.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol,
+                               atol=tol * want.abs().max().item())

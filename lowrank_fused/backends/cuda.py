@@ -1,10 +1,14 @@
 """CUDA backend: the reference contract (see ``reference``) on the compiled extension
 lowrank_fused._C (csrc/) for the rank-r passes and cuBLAS (through ATen) for the GEMMs.
 
-Forward: P = dropout(x)·Aᵀ (one read of x), y = x·Wᵀ + bias on cuBLAS, then y += s·P·B_effᵀ
-by a second cuBLAS call (beta = 1). Backward: one read of G gives dP = s·G·B_eff and the dB_eff
-and dbias sums (fp32 atomics; cuBLAS and torch.sum instead under deterministic algorithms);
-dx = G·W on cuBLAS plus dropout(dP·A); dA = dPᵀ·dropout(x) with M split across the GPU.
+Forward: P = dropout(x)·Aᵀ (one read of x); y = s·P·B_effᵀ + bias is written first by a small
+cuBLAS GEMM (K = r), then the main GEMM adds x·Wᵀ into it with beta = 1, so y's read happens
+in that compute-bound GEMM's epilogue instead of a separate memory-bound pass over y. In half
+precision the low-rank term plus bias is rounded once before the GEMM adds it, as the reference
+rounds its low-rank term. Backward: one read of G gives dP = s·G·B_eff and the dB_eff and dbias
+sums (fp32 atomics; cuBLAS and torch.sum instead under deterministic algorithms); dx is written
+as dropout(dP·A) first (kernel, or cuBLAS without dropout), then G·W is added into it (beta = 1);
+dA = dPᵀ·dropout(x) with M split across the GPU.
 """
 from __future__ import annotations
 
@@ -52,8 +56,13 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     seed, p_drop = seed_and_p(dropout)
     with _current(x.device):
         p = _ops.project(x, lora_a, 1.0, seed, p_drop, lora_a.dtype, _stream(x.device))
-        y = torch.nn.functional.linear(x, weight, bias)
-        y.addmm_(p.to(x.dtype), lora_b_eff.T.to(x.dtype), alpha=scaling)
+        p_x, b_x = p.to(x.dtype), lora_b_eff.to(x.dtype)
+        if bias is None:
+            y = x.new_empty((x.shape[0], weight.shape[0]))
+            y.addmm_(p_x, b_x.T, beta=0, alpha=scaling)  # beta = 0: y's garbage is not read
+        else:
+            y = torch.addmm(bias, p_x, b_x.T, alpha=scaling)  # bias added once, here
+        y.addmm_(x, weight.T)
     return y, p
 
 
@@ -77,11 +86,11 @@ def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
             dp = _ops.grad_output_pass(grad_y, lora_b_eff, p if db32 is not None else None,
                                        scaling, need_dp, db32, dbias32, stream)
         if need_x:
-            dx = grad_y @ weight
             if dropout is None:
-                dx.addmm_(dp.to(dx.dtype), lora_a.to(dx.dtype))
+                dx = dp.to(grad_y.dtype) @ lora_a.to(grad_y.dtype)
             else:
-                _ops.add_dropped_low_rank_(dx, dp, lora_a, seed, p_drop, stream)
+                dx = _ops.dropped_low_rank(dp, lora_a, seed, p_drop, grad_y.dtype, stream)
+            dx.addmm_(grad_y, weight)
         if need_a:
             m, k = x.shape
             splits = 1 if deterministic else grad_a_splits(

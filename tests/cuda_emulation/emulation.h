@@ -5,7 +5,9 @@
 // __syncthreads() is a std::barrier across them, and __shared__ arrays are function statics (one
 // copy, which the blocks take in turn). This checks indexing, tiling, masking and reductions,
 // and barrier placement as far as real threads racing on the CPU show it; it says nothing about
-// warp-level timing, the memory model of a real GPU, or speed.
+// warp-level timing, the memory model of a real GPU, or speed. Warp-collective instructions
+// (mma_m16n8k16) exchange fragments through a per-warp buffer between two warp barriers, with
+// the PTX fragment layout, so a kernel's fragment indexing is checked as well.
 #pragma once
 
 #include <atomic>
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <vector>
 
@@ -37,9 +40,17 @@ inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 
+// One per warp of the running block: the operands of a warp-collective MMA.
+struct WarpExchange {
+  std::barrier<> barrier{32};
+  float a[16][16], b[16][8];
+};
+inline std::deque<WarpExchange>* warps = nullptr;
+
 template <typename... Params, typename... Args>
 void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
-  if (block.y != 1 || block.z != 1) throw "emulation: 1-D blocks only";
+  if (block.y != 1 || block.z != 1 || block.x % 32 != 0)
+    throw "emulation: 1-D blocks of whole warps only";
   grid_dim = grid;
   block_dim = block;
   for (unsigned int bz = 0; bz < grid.z; ++bz)
@@ -47,6 +58,8 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
       for (unsigned int bx = 0; bx < grid.x; ++bx) {
         std::barrier<> barrier(block.x);
         block_barrier = &barrier;
+        std::deque<WarpExchange> block_warps(block.x / 32);
+        warps = &block_warps;
         std::vector<std::thread> threads;
         for (unsigned int tx = 0; tx < block.x; ++tx)
           threads.emplace_back([&, tx] {
@@ -55,6 +68,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
             kernel(args...);
             // An exited thread no longer counts at the block's barrier, as on the hardware.
             block_barrier->arrive_and_drop();
+            (*warps)[tx / 32].barrier.arrive_and_drop();
           });
         for (auto& t : threads) t.join();
       }
@@ -121,4 +135,45 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
     b.bits = static_cast<uint16_t>(u >> 16);
   }
   return b;
+}
+
+namespace lf_emu {
+inline float to_float(__half h) { return __half2float(h); }
+inline float to_float(__nv_bfloat16 b) { return __bfloat162float(b); }
+
+// The two T elements of a 32-bit fragment register, low half first (as in memory).
+template <typename T> void unpack(uint32_t reg, float (&out)[2]) {
+  T e[2];
+  std::memcpy(e, &reg, 4);
+  out[0] = to_float(e[0]);
+  out[1] = to_float(e[1]);
+}
+}  // namespace lf_emu
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16 x 8) += a (16 x 16) · b (16 x 8),
+// each lane holding its part in the PTX fragment layout (g = lane / 4, t = lane % 4).
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  auto& w = (*lf_emu::warps)[threadIdx.x / 32];
+  float v[2];
+  for (int i = 0; i < 4; ++i) {
+    lf_emu::unpack<T>(a[i], v);
+    const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+    w.a[row][col] = v[0];
+    w.a[row][col + 1] = v[1];
+  }
+  for (int i = 0; i < 2; ++i) {
+    lf_emu::unpack<T>(b[i], v);
+    w.b[2 * t + 8 * i][g] = v[0];
+    w.b[2 * t + 8 * i + 1][g] = v[1];
+  }
+  w.barrier.arrive_and_wait();
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += w.a[row][k] * w.b[k][col];
+    d[e] += sum;
+  }
+  w.barrier.arrive_and_wait();  // every lane has read before the next MMA overwrites
 }
