@@ -1,0 +1,39 @@
+"""LoRA-FA inside a PEFT model: lora_A frozen, so x is never saved for backward.
+
+The frozen state is registered with PEFT itself (``frozen_peft_weight_names``, the list PEFT
+re-applies after ``set_adapter``, ``add_adapter``/``load_adapter`` (which re-mark trainable
+parameters), ``delete_adapter`` and ``enable_adapter_layers``), so no PEFT adapter operation
+turns LoRA-FA back into LoRA.
+
+With PEFT's own LoRA-FA optimizer: ``peft.optimizers.create_lorafa_optimizer`` also freezes
+lora_A and adds LoRA-FA's projected gradient for B; it composes with ``freeze_lora_a`` and
+``enable_fused`` (call ``freeze_lora_a`` first so the freeze outlives PEFT's adapter operations;
+the optimizer only changes B's update, the fused layer only changes how y and dB are computed).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .lora_layers import lora_layers
+
+
+def freeze_lora_a(model: nn.Module, adapters: Optional[Sequence[str]] = None) -> int:
+    """LoRA-FA: freeze lora_A of ``adapters`` (default: every adapter present now), for good.
+
+    Returns how many lora_A weights were frozen."""
+    count = 0
+    for _, module in lora_layers(model):
+        names = [a for a in getattr(module, "lora_A", {}) if adapters is None or a in adapters]
+        if not hasattr(module, "_freeze_non_trainable_peft_weights"):
+            raise RuntimeError("freeze_lora_a needs a PEFT with frozen_peft_weight_names "
+                               f"(0.21 has it); this PEFT's {type(module).__name__} has none")
+        frozen = dict(module.frozen_peft_weight_names)  # the class-level default stays empty
+        for adapter in names:
+            if "lora_A" not in frozen.get(adapter, ()):
+                frozen[adapter] = tuple(frozen.get(adapter, ())) + ("lora_A",)
+            count += 1
+        module.frozen_peft_weight_names = frozen
+        module._freeze_non_trainable_peft_weights(names)
+    return count
