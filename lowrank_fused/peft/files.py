@@ -5,7 +5,8 @@ A ``save_lora_xs`` folder holds
   lora_B = B·Rᵀ (the product) under PEFT's key names, so ``PeftModel.from_pretrained`` alone
   computes what the LoRA-XS model computes;
 - ``lora_xs_latent.safetensors`` (``<layer>.factor`` = B, ``<layer>.latent`` = R) and
-  ``lora_xs_config.json`` (method, adapter name): what LoRA-XS needs to go on training.
+  ``lora_xs_config.json`` (method, adapter name, SHA-256 of both safetensors files): what
+  LoRA-XS needs to go on training, and what tells a corrupt file from a good one.
 
 Saving validates first, writes into a temporary folder beside the target and then swaps the
 folders, so a failure leaves the previous adapter as it was. Loading reads and checks every file
@@ -14,6 +15,7 @@ the base model is touched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -55,12 +57,18 @@ def _collect(model, adapter: str) -> tuple[dict, dict]:
     return peft_tensors, xs_tensors
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _write(folder: Path, model, adapter: str, peft_tensors: dict, xs_tensors: dict) -> None:
     from safetensors.torch import save_file
     model.peft_config[adapter].save_pretrained(str(folder))
     save_file(peft_tensors, str(folder / PEFT_WEIGHTS))
     save_file(xs_tensors, str(folder / LATENT_FILE))
-    (folder / LATENT_CONFIG).write_text(json.dumps({"method": "lora_xs", "adapter": adapter}))
+    digests = {f: _sha256((folder / f).read_bytes()) for f in (PEFT_WEIGHTS, LATENT_FILE)}
+    (folder / LATENT_CONFIG).write_text(json.dumps(
+        {"method": "lora_xs", "adapter": adapter, "sha256": digests}, indent=1))
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -108,10 +116,14 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _read_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
+def _read_tensors(path: Path, digest) -> dict:
+    from safetensors.torch import load
+    data = path.read_bytes()
+    if digest is not None and _sha256(data) != digest:
+        raise ValueError(f"load_lora_xs: {path} changed since save_lora_xs wrote it (its SHA-256 "
+                         f"differs from the one in {LATENT_CONFIG}): corrupt or replaced")
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as err:  # safetensors raises its own SafetensorError for bad headers
         raise ValueError(f"load_lora_xs: {path} is not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from err
@@ -163,8 +175,11 @@ def _read_checked(base_model: nn.Module, folder: Path):
     if xs_config.get("method") != "lora_xs" or not isinstance(adapter, str) or not adapter:
         raise ValueError(f"load_lora_xs: {folder / LATENT_CONFIG} should hold method 'lora_xs' "
                          f"and an adapter name, got {xs_config}")
-    peft_tensors = _read_tensors(folder / PEFT_WEIGHTS)
-    xs_tensors = _read_tensors(folder / LATENT_FILE)
+    digests = xs_config.get("sha256") or {}  # absent in folders saved before digests
+    if not isinstance(digests, dict):
+        raise ValueError(f"load_lora_xs: {folder / LATENT_CONFIG}: 'sha256' should be an object")
+    peft_tensors = _read_tensors(folder / PEFT_WEIGHTS, digests.get(PEFT_WEIGHTS))
+    xs_tensors = _read_tensors(folder / LATENT_FILE, digests.get(LATENT_FILE))
     names = sorted({k.rsplit(".", 2)[0] for k in peft_tensors})
     _key_sets_match(folder / PEFT_WEIGHTS, set(peft_tensors),
                     {f"{n}.{w}.weight" for n in names for w in ("lora_A", "lora_B")})

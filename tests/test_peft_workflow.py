@@ -1,0 +1,198 @@
+"""A PEFT user's whole workflow on a served model (issue 12): every step still reaches the fused
+operator (counted), gives PEFT's own numbers, and keeps LoRA-FA / LoRA-XS what they were."""
+import copy
+import io
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft", reason="the peft package is not installed")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from lowrank_fused import peft as lfp  # noqa: E402
+from peft_helpers import Small, counting_ops, nonzero_b, small_peft  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def plain_peft_output(model, x):
+    """What PEFT's own forward gives for ``model`` as it is now."""
+    twin = copy.deepcopy(model)
+    lfp.disable_fused(twin)
+    with counting_ops() as calls:
+        y = twin(x)
+    assert not calls
+    return y
+
+
+def test_adapter_added_later_on_a_new_module_is_served():  # issue 12, failure 1
+    model = small_peft(target_modules=["q"])
+    x = torch.randn(5, 16)
+    lfp.enable_fused(model)
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["out", "v"]))
+    nonzero_b(model)
+    model.base_model.set_adapter(["default", "second"])
+    with counting_ops() as calls:
+        y = model(x)
+    assert sorted(rank for *_, rank in calls) == [2, 2, 4]  # q (default), v and out (second)
+    torch.testing.assert_close(y, plain_peft_output(model, x))
+
+
+def test_layer_added_later_that_cannot_be_served_is_reported():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 16)
+            self.q = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.q(self.emb(ids))
+
+    model = get_peft_model(WithEmbedding(), LoraConfig(r=2, target_modules=["q"]))
+    lfp.enable_fused(model)
+    model.add_adapter("emb", LoraConfig(r=2, target_modules=["emb"]))
+    model.base_model.set_adapter(["default", "emb"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.tensor([[1, 2, 3]]))
+    assert any("emb runs PEFT's own forward" in str(w.message) and "Embedding" in str(w.message)
+               for w in caught)
+
+
+def _lora_a_grads(model):
+    return {n: p.requires_grad for n, p in model.named_parameters() if "lora_A.default" in n}
+
+
+def test_lora_fa_survives_peft_adapter_operations(tmp_path):  # issue 12, failure 2
+    model = small_peft()
+    assert lfp.freeze_lora_a(model) == 2
+    other = small_peft(adapter_name="saved")
+    other.save_pretrained(str(tmp_path))
+    operations = {
+        "add_adapter": lambda: model.add_adapter("second", LoraConfig(r=2, target_modules=["q"])),
+        "set_adapter": lambda: model.set_adapter("default"),
+        "disable_adapter_layers": lambda: model.base_model.disable_adapter_layers(),
+        "enable_adapter_layers": lambda: model.base_model.enable_adapter_layers(),
+        "load_adapter": lambda: model.load_adapter(str(tmp_path / "saved"), "loaded",
+                                                   is_trainable=True),
+        "set_adapter again": lambda: model.set_adapter("default"),
+        "delete_adapter": lambda: model.delete_adapter("second"),
+    }
+    for what, operation in operations.items():
+        operation()
+        assert not any(_lora_a_grads(model).values()), what
+    model.set_adapter("default")
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_B.default" in n)
+    # and so the fused backward never saves x: lora_A gets no gradient
+    with lfp.enable_fused(model):
+        model(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_served_model_copies_and_unpickles_served(how):  # issue 12, failure 3
+    model = small_peft()
+    x = torch.randn(4, 16)
+    want = model(x)
+    lfp.enable_fused(model)
+    if how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    elif how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    with counting_ops() as calls:
+        got = twin(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want)
+    twin.add_adapter("later", LoraConfig(r=2, target_modules=["out"]))  # still watched
+    twin.set_adapter("later")
+    with counting_ops() as calls:
+        twin(x)
+    assert [rank for *_, rank in calls] == [2]
+    lfp.disable_fused(twin)
+    with counting_ops() as calls:
+        twin(x)
+    assert not calls
+
+
+def _lora_xs_model(adapter_name="default"):
+    model = small_peft(r=3, lora_alpha=16, adapter_name=adapter_name)
+    lfp.convert_to_lora_xs(model, adapter_name, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for latent in lfp.latents(model, adapter_name).values():
+            latent.normal_(0, 0.3)  # a trained R, far from the identity
+    return model.eval()
+
+
+def test_load_lora_xs_any_adapter_name(tmp_path):  # issue 12, failure 4
+    model = _lora_xs_model("other")
+    x = torch.randn(6, 16)
+    lfp.save_lora_xs(model, tmp_path, adapter="other")
+    torch.manual_seed(0)  # the same base weights
+    loaded = lfp.load_lora_xs(Small(), tmp_path).eval()
+    assert set(lfp.latents(loaded, "other")) == set(lfp.latents(model, "other"))
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_plain_peft_reads_save_lora_xs_files(tmp_path):  # issue 12, failure 5
+    model = _lora_xs_model()
+    x = torch.randn(6, 16)
+    lfp.save_lora_xs(model, tmp_path)
+    torch.manual_seed(0)  # the same base weights
+    plain = PeftModel.from_pretrained(Small(), str(tmp_path)).eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_save_pretrained_of_lora_xs_reads_back_in_plain_peft(tmp_path):  # failure 6
+    model = _lora_xs_model()
+    x = torch.randn(6, 16)
+    model.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)  # the same base weights
+    plain = PeftModel.from_pretrained(Small(), str(tmp_path)).eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-6, atol=1e-6)
+    # our own state dict round trip keeps R and does not trip on the added product key
+    twin = _lora_xs_model()
+    with torch.no_grad():
+        for latent in lfp.latents(twin).values():
+            latent.zero_()
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
+def test_dropout_follows_the_dropout_module():  # issue 12, failure 7
+    model = small_peft(lora_dropout=0.4)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()  # PEFT then applies no dropout although the layer is in training
+    x = torch.randn(5, 16)
+    want = model(x)
+    with lfp.enable_fused(model), counting_ops() as calls:
+        got = model(x)
+    assert [p for _, p, _ in calls] == [0.0, 0.0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_of_one_is_accepted_and_zeroes_the_branch():  # issue 12, failure 7
+    model = small_peft(lora_dropout=1.0)
+    model.train()
+    x = torch.randn(5, 16)
+    y_plain = model(x)
+    y_plain.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with lfp.enable_fused(model), counting_ops() as calls:
+        y = model(x)
+        y.sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y_plain)
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
