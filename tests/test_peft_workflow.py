@@ -196,3 +196,92 @@ def test_dropout_of_one_is_accepted_and_zeroes_the_branch():  # issue 12, failur
     torch.testing.assert_close(y, y_plain)
     for name, grad in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_adapter_switching_and_merge_reach_the_operator():
+    model = small_peft()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q", "v"]))
+    nonzero_b(model)
+    x = torch.randn(5, 16)
+    lfp.enable_fused(model)
+    for adapter, rank in (("second", 2), ("default", 4)):
+        model.set_adapter(adapter)
+        with counting_ops() as calls:
+            y = model(x)
+        assert [r for *_, r in calls] == [rank, rank], adapter
+        torch.testing.assert_close(y, plain_peft_output(model, x))
+    model.merge_adapter()
+    with counting_ops() as calls:
+        merged = model(x)
+    assert not calls  # merged weights: PEFT's base-only path is the right one
+    torch.testing.assert_close(merged, y, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    with counting_ops() as calls:
+        torch.testing.assert_close(model(x), y, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_modules_to_save_and_layers_to_transform():
+    torch.manual_seed(0)
+    model = get_peft_model(Stack(), LoraConfig(r=2, target_modules=["0"], layers_pattern="layers",
+                                               layers_to_transform=[1, 2],
+                                               modules_to_save=["head"]))
+    nonzero_b(model)
+    x = torch.randn(4, 8)
+    want = model(x)
+    fused = lfp.enable_fused(model)
+    assert sorted(fused.served) == ["base_model.model.layers.1.0", "base_model.model.layers.2.0"]
+    with counting_ops() as calls:
+        y = model(x)
+        y.square().sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    head = [p for n, p in model.named_parameters() if "modules_to_save" in n]
+    assert head and all(p.grad is not None for p in head)
+
+
+def test_save_pretrained_and_load_adapter_both_ways(tmp_path):
+    model = small_peft()
+    x = torch.randn(5, 16)
+    lfp.enable_fused(model)
+    y = model(x)
+    model.save_pretrained(str(tmp_path / "a"))  # a served model saves PEFT's plain files
+    torch.manual_seed(0)
+    plain = PeftModel.from_pretrained(Small(), str(tmp_path / "a"))
+    torch.testing.assert_close(plain(x), y, rtol=1e-6, atol=1e-6)
+    lfp.enable_fused(plain)  # and a plain PEFT file is served once loaded
+    other = small_peft(r=2, target_modules=["v", "out"])
+    other.save_pretrained(str(tmp_path / "b"))
+    plain.load_adapter(str(tmp_path / "b"), "b")  # a new adapter, one new module
+    plain.set_adapter("b")
+    with counting_ops() as calls:
+        got = plain(x)
+    assert [r for *_, r in calls] == [2, 2]
+    torch.testing.assert_close(got, plain_peft_output(plain, x))
+
+
+def test_convert_to_lora_xs_keeps_modules_to_save_trainable():  # issue 14, item 8
+    torch.manual_seed(0)
+    model = get_peft_model(Stack(), LoraConfig(r=3, target_modules=r".*layers\.\d\.0",
+                                               modules_to_save=["head"]))
+    count = lfp.convert_to_lora_xs(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert count == 3 * 3 * 3
+    assert {n for n in trainable if "latent" in n} == {
+        f"base_model.model.layers.{i}.0.lora_B.default.parametrizations.weight.0.latent"
+        for i in range(3)}
+    assert {n for n in trainable if "latent" not in n} == {
+        "base_model.model.head.modules_to_save.default.weight",
+        "base_model.model.head.modules_to_save.default.bias"}
