@@ -153,6 +153,9 @@ def _check_layer(base_model: nn.Module, folder: Path, name: str, a, b, b_factor,
             raise ValueError(f"load_lora_xs: {what} of {path!r} in {folder} is {tensor.dtype} "
                              f"{tuple(tensor.shape)}, expected a floating-point tensor of shape "
                              f"{shape} (base weight {(n, k)}, rank {r})")
+        if tensor.dtype != a.dtype:
+            raise ValueError(f"load_lora_xs: {what} of {path!r} in {folder} is {tensor.dtype} "
+                             f"{tuple(tensor.shape)}, expected {a.dtype} (lora_A's dtype)")
     product = b_factor.double() @ latent.double().T
     tol = 1e-5 if b.dtype == torch.float32 else 2e-2
     if not torch.allclose(product, b.double(), rtol=tol, atol=tol * float(product.abs().max())):
