@@ -13,12 +13,13 @@ from lowrank_fused.peft import files  # noqa: E402
 from peft_helpers import Small, small_peft  # noqa: E402
 
 
-def lora_xs_model(seed=3):
-    model = small_peft(r=3, lora_alpha=16)
+def lora_xs_model(seed=3, alpha=16):
+    model = small_peft(r=3, lora_alpha=alpha)
     lfp.convert_to_lora_xs(model, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for latent in lfp.latents(model).values():
-            latent.normal_(0, 0.3)
+            latent.copy_(torch.randn(latent.shape, generator=generator) * 0.3)
     return model.eval()
 
 
@@ -66,7 +67,7 @@ def test_a_crash_between_files_keeps_the_previous_adapter(tmp_path, monkeypatch,
 
     monkeypatch.setattr(safetensors.torch, "save_file", crashing)
     with pytest.raises(OSError, match="injected"):
-        lfp.save_lora_xs(lora_xs_model(seed=4), tmp_path / "adapter")
+        lfp.save_lora_xs(lora_xs_model(seed=4, alpha=8), tmp_path / "adapter")
     assert snapshot(tmp_path / "adapter") == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left
     monkeypatch.undo()
