@@ -285,3 +285,35 @@ def test_convert_to_lora_xs_keeps_modules_to_save_trainable():  # issue 14, item
     assert {n for n in trainable if "latent" not in n} == {
         "base_model.model.head.modules_to_save.default.weight",
         "base_model.model.head.modules_to_save.default.bias"}
+
+
+def test_inject_adapter_in_model_later_is_served():
+    from peft import inject_adapter_in_model
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q"]), Small())
+    assert lfp.enable_fused(model).served == ["q"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about a second peft_config
+        model = inject_adapter_in_model(LoraConfig(r=3, target_modules=["v"]), model,
+                                        adapter_name="second")
+    nonzero_b(model)
+    x = torch.randn(4, 16)
+    with counting_ops() as calls:
+        y = model(x)
+    assert type(model.v) is lfp.FusedLoraLinear and [r for *_, r in calls] == [3]
+    torch.testing.assert_close(y, plain_peft_output(model, x))
+
+
+def test_lora_fa_composes_with_peft_lorafa_optimizer():
+    from peft.optimizers import create_lorafa_optimizer
+    model = small_peft()
+    lfp.freeze_lora_a(model)
+    lfp.enable_fused(model)
+    optimizer = create_lorafa_optimizer(model, r=4, lora_alpha=8, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with counting_ops() as calls:
+        model(torch.randn(3, 16)).square().sum().backward()
+    optimizer.step()
+    assert len(calls) == 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"base_model.model.{m}.lora_B.default.weight" for m in "qv"}
