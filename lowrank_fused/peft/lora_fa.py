@@ -12,6 +12,7 @@ the optimizer only changes B's update, the fused layer only changes how y and dB
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 from torch import nn
@@ -26,14 +27,25 @@ def freeze_lora_a(model: nn.Module, adapters: Optional[Sequence[str]] = None) ->
     count = 0
     for _, module in lora_layers(model):
         names = [a for a in getattr(module, "lora_A", {}) if adapters is None or a in adapters]
+        if not names:
+            continue
+        count += len(names)
         if not hasattr(module, "_freeze_non_trainable_peft_weights"):
-            raise RuntimeError("freeze_lora_a needs a PEFT with frozen_peft_weight_names "
-                               f"(0.21 has it); this PEFT's {type(module).__name__} has none")
+            # An older PEFT without the list: freeze now; its adapter operations may undo it.
+            for adapter in names:
+                module.lora_A[adapter].weight.requires_grad_(False)
+            _warn_not_lasting()
+            continue
         frozen = dict(module.frozen_peft_weight_names)  # the class-level default stays empty
         for adapter in names:
             if "lora_A" not in frozen.get(adapter, ()):
                 frozen[adapter] = tuple(frozen.get(adapter, ())) + ("lora_A",)
-            count += 1
         module.frozen_peft_weight_names = frozen
         module._freeze_non_trainable_peft_weights(names)
     return count
+
+
+def _warn_not_lasting() -> None:
+    warnings.warn("lowrank_fused: this PEFT has no frozen_peft_weight_names (PEFT 0.21 has): "
+                  "lora_A is frozen now, but set_adapter/add_adapter may make it trainable again",
+                  stacklevel=3)
