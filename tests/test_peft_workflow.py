@@ -165,6 +165,15 @@ def test_peft_save_pretrained_of_lora_xs_reads_back_in_plain_peft(tmp_path):  # 
             latent.zero_()
     twin.load_state_dict(model.state_dict())
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    # and PEFT's file loaded into a LoRA-XS model brings R back, not the product over B
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    with torch.no_grad():
+        for latent in lfp.latents(twin).values():
+            latent.zero_()
+    result = set_peft_model_state_dict(twin, load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert not result.unexpected_keys
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
 def test_dropout_follows_the_dropout_module():  # issue 12, failure 7

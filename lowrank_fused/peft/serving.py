@@ -13,7 +13,8 @@ Why this and not the alternatives:
   disk) and ``inject_adapter_in_model`` would all build plain layers again. The pre-hook finds
   those at the next forward, whatever created them.
 - State dicts, ``save_pretrained`` and PEFT's own ``isinstance`` checks see a
-  ``peft.tuners.lora.Linear``; ``disable_fused`` swaps the class back.
+  ``peft.tuners.lora.Linear``; ``disable_fused`` swaps the class back (do so before pickling
+  for a model that unpickles without lowrank_fused installed).
 
 What cannot be served (DoRA and other variants, LoRA bias, conv/embedding/quantized layers,
 ``fan_in_fan_out``, mixed-adapter batches, several active adapters with dropout) runs PEFT's own
