@@ -96,7 +96,7 @@ def save_lora_xs(model, directory, adapter: str = "default") -> None:
     """Save LoRA-XS adapter ``adapter`` of ``model`` into ``directory`` (see the module doc);
     the previous content survives any failure."""
     peft_tensors, xs_tensors = _collect(model, adapter)
-    target = Path(directory)
+    target = Path(directory).resolve()  # "." or "dir/" have no name to put a sibling beside
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -112,7 +112,8 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"load_lora_xs: {path} is not a readable JSON file: {err}") from err
     if not isinstance(value, dict):
-        raise ValueError(f"load_lora_xs: {path} should hold a JSON object, got {type(value).__name__}")
+        raise ValueError(f"load_lora_xs: {path} should hold a JSON object, "
+                         f"got {type(value).__name__}")
     return value
 
 
@@ -160,7 +161,8 @@ def _check_layer(base_model: nn.Module, folder: Path, name: str, a, b, b_factor,
     tol = 1e-5 if b.dtype == torch.float32 else 2e-2
     if not torch.allclose(product, b.double(), rtol=tol, atol=tol * float(product.abs().max())):
         raise ValueError(f"load_lora_xs: for {path!r}, lora_B in {PEFT_WEIGHTS} is not factor·"
-                         f"latentᵀ from {LATENT_FILE}: the files are corrupt or from different saves")
+                         f"latentᵀ from {LATENT_FILE}: the files are corrupt or from "
+                         "different saves")
 
 
 def _read_checked(base_model: nn.Module, folder: Path):

@@ -149,7 +149,8 @@ def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) ->
 def _serve_new_layers(root: nn.Module, args) -> None:
     """Forward pre-hook of the enabled model: LoRA layers added since (add_adapter,
     load_adapter, inject_adapter_in_model) are served or reported before they run. The scan
-    only reads types (about 0.6 ms for 400 modules on a busy CPU); the full pass runs when one is new."""
+    only reads types (about 0.6 ms for 400 modules on a busy CPU); the full pass runs only when
+    a layer is new."""
     for module in root.modules():
         if (isinstance(module, LoraLayer) and not isinstance(module, FusedLoraLinear)
                 and _UNSERVABLE not in module.__dict__):
