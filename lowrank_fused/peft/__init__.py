@@ -1,0 +1,15 @@
+"""HuggingFace PEFT glue, one module per job:
+
+- ``serving``: ``enable_fused(model)`` runs PEFT's LoRA Linear layers through the fused operator.
+- ``lora_fa``: ``freeze_lora_a(model)``, LoRA-FA that PEFT's adapter operations cannot undo.
+- ``lora_xs``: ``convert_to_lora_xs(model)``, LoRA-XS inside a PEFT model; ``latents(model)``.
+- ``files``: ``save_lora_xs`` / ``load_lora_xs``, PEFT's files (plain PEFT reads them) plus ours.
+"""
+from .files import LATENT_CONFIG, LATENT_FILE, load_lora_xs, save_lora_xs
+from .lora_fa import freeze_lora_a
+from .lora_xs import convert_to_lora_xs, latents
+from .serving import FusedLoraLinear, FusedPeft, disable_fused, enable_fused
+
+__all__ = ["enable_fused", "disable_fused", "FusedPeft", "FusedLoraLinear", "freeze_lora_a",
+           "convert_to_lora_xs", "latents", "save_lora_xs", "load_lora_xs", "LATENT_FILE",
+           "LATENT_CONFIG"]

@@ -1,0 +1,52 @@
+"""Tiny PEFT models and a counter of fused-operator calls, shared by the PEFT tests."""
+import contextlib
+
+import torch
+from torch import nn
+
+from peft import LoraConfig, get_peft_model
+
+import lowrank_fused.functional as functional
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 24)
+        self.v = nn.Linear(24, 24)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.v(torch.relu(self.q(x)))))
+
+
+def small_peft(dtype=torch.float32, adapter_name="default", **config):
+    torch.manual_seed(0)
+    config = dict(dict(r=4, lora_alpha=8, target_modules=["q", "v"]), **config)
+    model = get_peft_model(Small().to(dtype), LoraConfig(**config), adapter_name=adapter_name)
+    nonzero_b(model)
+    return model
+
+
+def nonzero_b(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+
+
+@contextlib.contextmanager
+def counting_ops():
+    """Record (scaling, dropout_p, rank) of every forward call that reaches the fused operator."""
+    calls = []
+    real = functional.forward_op
+
+    def counted(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+        calls.append((scaling, dropout_p, lora_a.shape[0]))
+        return real(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
+
+    functional.forward_op = counted
+    try:
+        yield calls
+    finally:
+        functional.forward_op = real
