@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_fused import LowRankLinear, available_backends
+from lowrank_fused.saved_activations import SavedActivations
 
 METHODS = ("lora", "lora_fa", "lora_xs")
 
@@ -96,15 +97,6 @@ def build(impl: str, k: int, n: int, rank: int, method: str, dtype, device) -> n
 
 def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward of module(x), parameters excluded (x counts when kept)."""
-    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedActivations(module) as saved:
         module(x)
-    return sum(seen.values())
+    return saved.nbytes
