@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .functional import low_rank_linear
-from .init import lora_xs_factors, lora_xs_latent
+from .initialization import lora_xs_factors, lora_xs_latent
 
 LATENT_FILE = "lora_xs_latent.safetensors"
 LATENT_CONFIG = "lora_xs_config.json"
