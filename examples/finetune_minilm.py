@@ -82,11 +82,9 @@ def main():
         return nn.functional.cross_entropy(head(pooled), torch.tensor([r[1] for r in rows]))
 
     encoder.train()
-    first_rows = None
     bar = tqdm(range(args.steps), desc=args.method)
     for _ in bar:
         rows = dataset(args.batch, rng)
-        first_rows = first_rows or rows
         opt.zero_grad()
         with SavedActivations(encoder, head) as saved:
             loss = loss_of(encoder, rows)
@@ -105,19 +103,21 @@ def main():
     accuracy = (logits.argmax(-1) == torch.tensor([r[1] for r in test])).float().mean().item()
     print(f"held-out accuracy: {accuracy:.3f}")
 
-    # The same first batch through plain PEFT LoRA (its own forward, A and B trainable) and
-    # through the fine-tuned fused model, both in training mode (the forward alone saves them).
+    # One batch through plain PEFT LoRA (its own forward, A and B trainable) and through the
+    # fine-tuned fused model, both in training mode (the forward alone saves them).
+    rows = dataset(args.batch, random.Random(args.seed + 2))
     plain = peft_model()
     sizes = {}
     for name, model in [("plain PEFT LoRA", plain), (f"{args.method}, fused", encoder)]:
         model.train()
         with SavedActivations(model, head) as saved:
-            loss_of(model, first_rows)
+            loss_of(model, rows)
         sizes[name] = saved.nbytes
     (plain_name, plain_bytes), (ours_name, ours_bytes) = sizes.items()
-    print(f"saved activations, one batch of {len(first_rows)}: {plain_name} "
+    print(f"saved activations, one batch of {len(rows)}: {plain_name} "
           f"{plain_bytes / 2**20:.2f} MiB, {ours_name} {ours_bytes / 2**20:.2f} MiB "
           f"({ours_bytes / plain_bytes:.2f}x, {(plain_bytes - ours_bytes) / 2**20:.2f} MiB less)")
+
 
 if __name__ == "__main__":
     main()
