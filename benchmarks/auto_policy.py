@@ -3,7 +3,7 @@ the throughput suite:
 
     python -m benchmarks.auto_policy RESULTS.json [--out lowrank_fused/auto_policy.json]
 
-Every case timed for both "ours-triton" and "ours-cuda" becomes one entry naming the faster,
+Every case timed for both the "triton" and the "cuda" backend becomes one entry naming the faster,
 with both median times, so the file says what each choice rests on.
 """
 from __future__ import annotations
@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 
 from benchmarks.report import load
+from lowrank_fused.policy import BACKENDS
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lowrank_fused" / "auto_policy.json"
+# The one text of the file's "about" (the packaged file's is checked against it in the tests).
 ABOUT = ("Measured per-shape choice of 'auto' between the triton and cuda backends on CUDA "
          "tensors. Written by: python -m benchmarks.auto_policy RESULTS.json. With no entry for "
          "a call's GPU generation, dtype and mode, 'auto' uses triton.")
@@ -23,11 +25,11 @@ ABOUT = ("Measured per-shape choice of 'auto' between the triton and cuda backen
 def entries_from(infos: list[dict]) -> list[dict]:
     timed = {}
     for i in infos:
-        if i.get("impl") not in ("ours-triton", "ours-cuda") or "generation" not in i:
+        if i.get("impl") not in BACKENDS or "generation" not in i:
             continue
         key = (i["generation"], i["dtype"].replace("torch.", ""), i["method"], i["mode"], i["M"],
                i["N"], i["K"], i["rank"])
-        timed.setdefault(key, {})[i["impl"][len("ours-"):]] = i["median_ms"]
+        timed.setdefault(key, {})[i["impl"]] = i["median_ms"]
     entries = []
     for key, times in sorted(timed.items()):
         if len(times) < 2:
@@ -39,6 +41,12 @@ def entries_from(infos: list[dict]) -> list[dict]:
     return entries
 
 
+def policy_text(entries: list[dict], source, devices: list[str]) -> str:
+    """The policy file's text: entries, the results file they came from and its devices."""
+    return json.dumps({"about": ABOUT, "source": source, "devices": devices, "entries": entries},
+                      indent=1) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results")
@@ -46,11 +54,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     _, infos = load(args.results)
     entries = entries_from(infos)
-    devices = sorted({i["device"] for i in infos if i.get("impl", "").startswith("ours-")})
-    Path(args.out).write_text(json.dumps(
-        {"about": ABOUT, "source": str(args.results), "devices": devices, "entries": entries},
-        indent=1) + "\n")
-    wins = {b: sum(e["winner"] == b for e in entries) for b in ("triton", "cuda")}
+    devices = sorted({i["device"] for i in infos if i.get("impl") in BACKENDS})
+    Path(args.out).write_text(policy_text(entries, str(args.results), devices))
+    wins = {b: sum(e["winner"] == b for e in entries) for b in BACKENDS}
     print(f"{len(entries)} measured cases ({wins['triton']} triton, {wins['cuda']} cuda) "
           f"-> {args.out}")
 

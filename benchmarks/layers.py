@@ -3,7 +3,10 @@
 - "linear": the bare frozen nn.Linear (the floor every ratio is taken against);
 - "naive": an unfused PyTorch composition, x·Wᵀ + b + s·(x·Aᵀ)·R·Bᵀ as separate ops;
 - "peft": PEFT's LoRA layer (lora_A/lora_B as nn.Linear), when the peft package is installed;
-- "ours-<backend>": LowRankLinear on one of our backends.
+- "reference", "triton", "cuda": LowRankLinear on that backend of ours (named as ``backend=``
+  names it; "reference" is our plain-PyTorch backend, not the unfused "naive" composition).
+The LLaMA-style stack in test_memory.py names its contenders "ours-<method>" instead: there the
+method varies and the backend is "auto".
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from lowrank_fused import LowRankLinear, available_backends
+from lowrank_fused.saved_activations import SavedActivations
 
 METHODS = ("lora", "lora_fa", "lora_xs")
 
@@ -30,7 +34,7 @@ def our_backends(device: torch.device) -> list[str]:
 
 def implementations(device: torch.device) -> list[str]:
     names = ["linear", "naive"] + (["peft"] if peft_available() else [])
-    return names + [f"ours-{b}" for b in our_backends(device)]
+    return names + our_backends(device)
 
 
 class NaiveLowRank(nn.Module):
@@ -87,8 +91,10 @@ def build(impl: str, k: int, n: int, rank: int, method: str, dtype, device) -> n
         return NaiveLowRank(base, rank, method)
     if impl == "peft":
         return peft_layer(copy.deepcopy(base), rank, method)
-    backend = impl.split("-", 1)[1]
-    layer = LowRankLinear.from_linear(base, rank, method, backend=backend)
+    if impl not in our_backends(device):
+        raise ValueError(f"unknown implementation {impl!r}: expected one of "
+                         f"{implementations(device)}")
+    layer = LowRankLinear.from_linear(base, rank, method, backend=impl)
     with torch.no_grad():
         layer.lora_b.normal_(0, 0.01)
     return layer
@@ -96,15 +102,6 @@ def build(impl: str, k: int, n: int, rank: int, method: str, dtype, device) -> n
 
 def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward of module(x), parameters excluded (x counts when kept)."""
-    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedActivations(module) as saved:
         module(x)
-    return sum(seen.values())
+    return saved.nbytes

@@ -6,7 +6,7 @@ activations the trainable tensors need.
 from .dispatch import available_backends
 from .errors import BackendUnavailableError
 from .functional import low_rank_linear
-from .init import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent, truncated_svd
+from .initialization import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent, truncated_svd
 from .layer import METHODS, LowRankLinear, scaling_for
 from .surgery import LowRankSummary, apply_low_rank, count_parameters
 

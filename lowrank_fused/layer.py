@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .ops import effective_lora_b
 from .functional import low_rank_linear
-from .init import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent
+from .initialization import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent
 from .validation import check_dropout_p, check_rank
 
 METHODS = ("lora", "lora_fa", "lora_xs")
@@ -42,7 +42,7 @@ class LowRankLinear(nn.Module):
             PEFT keeps adapters), else the base's dtype.
         backend: "auto", "reference", "triton" or "cuda" (see ``low_rank_linear``).
         xs_source, xs_triplets, xs_fold_sigma: LoRA-XS init ablations, see
-            ``lowrank_fused.init.lora_xs_factors``.
+            ``lowrank_fused.initialization.lora_xs_factors``.
         generator: RNG for the adapters' initialisation.
     """
 

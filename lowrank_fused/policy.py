@@ -2,8 +2,8 @@
 CUDA tensors.
 
 The policy is a JSON file of measured cases, written by ``python -m benchmarks.auto_policy`` from
-a GPU run of the throughput suite (the figures themselves are committed under
-benchmarks/results/). Each entry says which backend was faster for one GPU generation, dtype,
+a GPU run of the throughput suite (the file's "source" names that run's results file; no GPU run
+is measured yet, so the packaged file has no entries). Each entry says which backend was faster for one GPU generation, dtype,
 method, mode and shape (M, N, K, r). A call takes the winner of the nearest measured shape
 (distance in log2 of each dimension) among the entries of its generation, dtype and mode,
 preferring its own method. With no such entry there is no measured choice and ``choose``

@@ -1,6 +1,7 @@
 """csrc/: every CUDA source compiles for sm_80 and sm_90a (no GPU needed), the bindings parse
 against torch's headers, and on a GPU with the extension built the "cuda" backend matches the
 reference backend."""
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -14,8 +15,29 @@ CU_FILES = sorted(CSRC.glob("*.cu"))
 ARCHS = ["80", "90a"]
 
 
-def test_there_are_cuda_sources():
-    assert CU_FILES, "csrc/ has no .cu file"
+def _with_local_includes(path: Path, seen=None) -> str:
+    """A source's text followed by the csrc/ headers it includes (recursively)."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    text = path.read_text()
+    for name in re.findall(r'#include\s+"([^"]+)"', text):
+        header = CSRC / name
+        if header.exists() and header not in seen:
+            text += "\n" + _with_local_includes(header, seen)
+    return text
+
+
+def test_compiled_sources_define_every_launcher_the_bindings_call():
+    """The .cu files CI compiles (and setup.py builds) are the ones the extension needs: each
+    launch_* function bindings.cpp calls has a definition in them."""
+    called = set(re.findall(r"\b(launch_\w+)\s*\(", (CSRC / "bindings.cpp").read_text()))
+    defined = set()
+    for source in CU_FILES:
+        defined |= set(re.findall(r"\bvoid\s+(launch_\w+)\s*\([^;{]*\)\s*\{",
+                                  _with_local_includes(source)))
+    assert called, "bindings.cpp calls no launch_* function: has its interface changed?"
+    assert called <= defined, f"no definition in {[p.name for p in CU_FILES]} for " \
+                              f"{sorted(called - defined)}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

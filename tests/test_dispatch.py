@@ -1,4 +1,7 @@
 """Backend choice: auto, explicit names, the environment override."""
+import sys
+import types
+
 import pytest
 import torch
 
@@ -26,10 +29,19 @@ def test_env_replaces_auto_only(monkeypatch):
     assert dispatch.resolved_name("reference", torch.device("cpu")) == "reference"
 
 
-def test_available_backends_lists_reference_and_triton():
-    names = available_backends()
-    assert names[0] == "reference"
-    assert ("triton" in names) == (dispatch.triton_available())
+def test_available_backends_follow_what_is_installed(monkeypatch):
+    """Listed means usable: each listed backend loads here; hiding the triton package or the
+    built extension (a None in sys.modules makes their import fail) removes it from the list."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: interpreter
+    monkeypatch.setitem(sys.modules, "lowrank_fused._C", None)  # not built
+    assert available_backends() == ["reference", "triton"]
+    for name in available_backends():
+        dispatch.resolve(name, device)
+    monkeypatch.setitem(sys.modules, "triton", None)  # not installed
+    assert available_backends() == ["reference"]
+    monkeypatch.setitem(sys.modules, "lowrank_fused._C", types.ModuleType("lowrank_fused._C"))
+    assert available_backends() == ["reference", "cuda"]  # built
 
 
 def test_missing_triton_package(monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowrank_fused import kaiming_uniform_a_, lora_xs_factors, truncated_svd
-from lowrank_fused.init import EXACT_SVD_MAX_DIM
+from lowrank_fused.initialization import EXACT_SVD_MAX_DIM
 
 
 def low_rank_matrix(n, k, decay=0.7, seed=0):

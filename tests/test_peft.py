@@ -11,6 +11,7 @@ peft = pytest.importorskip("peft", reason="the peft package is not installed")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lowrank_fused import peft as lfp  # noqa: E402
+from lowrank_fused.saved_activations import SavedActivations  # noqa: E402
 from peft_helpers import Small, counting_ops, nonzero_b, small_peft  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,18 +135,11 @@ def test_lora_fa_keeps_no_full_width_activation():
                            LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
     assert lfp.freeze_lora_a(model) == 1
     x = torch.randn(10, 64, requires_grad=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved.append(t.numel())
-        return t
-
     with lfp.enable_fused(model):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum().backward()
-    assert saved == [10 * 4]
+        with SavedActivations(model) as saved:
+            loss = model(x).sum()
+        loss.backward()
+    assert saved.shapes() == [(10, 4)]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == \
         ["base_model.model.0.lora_B.default.weight"]
 

@@ -26,10 +26,24 @@ def use_policy(tmp_path, monkeypatch):
     policy._load.cache_clear()
 
 
-def test_packaged_policy_is_valid():
+def test_packaged_policy_is_what_the_builder_writes(monkeypatch):
+    """The shipped file is the builder's output (its `about` has one source,
+    benchmarks/auto_policy.py), is the policy in force by default, and each entry wins at its own
+    shape; while it is empty, no call has a measured choice ("auto" keeps Triton)."""
+    from benchmarks import auto_policy
+
+    monkeypatch.delenv(policy.ENV_VAR, raising=False)
+    policy._load.cache_clear()
     data = json.loads(policy.DEFAULT_PATH.read_text())
-    for entry in data["entries"]:
-        policy._check_entry(entry, "packaged policy")
+    assert policy.DEFAULT_PATH.read_text() == auto_policy.policy_text(
+        data["entries"], data["source"], data["devices"])
+    assert list(policy.entries()) == data["entries"]
+    for e in data["entries"]:
+        at = (e["generation"], e["dtype"], e["method"], e["mode"], e["m"], e["n"], e["k"], e["r"])
+        assert policy.choose(*at) == e["winner"], e
+    if not data["entries"]:
+        assert policy.choose("sm90", "bfloat16", "lora", "forward+backward", 8192, 4096, 4096,
+                             16) is None
 
 
 def test_nearest_measured_shape_wins(use_policy):
@@ -173,9 +187,9 @@ def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy
                                    median_ms=ms, device="NVIDIA H100", generation="sm90")}
     results = tmp_path / "run.json"
     results.write_text(json.dumps({"machine_info": {}, "benchmarks": [
-        case("ours-triton", 1.0, 16), case("ours-cuda", 0.9, 16),
-        case("ours-triton", 1.0, 64), case("ours-cuda", 1.2, 64),
-        case("ours-triton", 1.0, 8),  # no cuda timing: no entry
+        case("triton", 1.0, 16), case("cuda", 0.9, 16),
+        case("triton", 1.0, 64), case("cuda", 1.2, 64),
+        case("triton", 1.0, 8),  # no cuda timing: no entry
         case("peft", 0.5, 16), case("linear", 0.8, 16),  # not contenders for the policy
     ]}))
     out = tmp_path / "policy.json"

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lowrank_fused import LowRankLinear
+from lowrank_fused.saved_activations import SavedActivations
 
 M_SHAPE, K, N, R = (4, 9), 48, 40, 6
 M = M_SHAPE[0] * M_SHAPE[1]
@@ -10,17 +11,10 @@ M = M_SHAPE[0] * M_SHAPE[1]
 
 def saved_activations(layer, x):
     """Tensors autograd keeps for backward of layer(x), parameters excluded."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in param_ptrs:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x).sum().backward()
-    return saved
+    with SavedActivations(layer) as saved:
+        loss = layer(x).sum()
+    loss.backward()
+    return saved.tensors
 
 
 @pytest.mark.parametrize("method", ["lora_fa", "lora_xs"])
@@ -45,3 +39,14 @@ def test_frozen_everything_but_x_keeps_nothing():
     layer.lora_b.requires_grad_(False)
     x = torch.randn(*M_SHAPE, K, requires_grad=True)
     assert saved_activations(layer, x) == []
+
+
+def test_counter_skips_parameters_and_counts_each_storage_once():
+    linear = torch.nn.Linear(K, N)
+    x = torch.randn(M, K, requires_grad=True)
+    with SavedActivations(linear) as saved:
+        y = linear(x)  # saves x and the weight (a parameter: not counted)
+        loss = (y * y).sum()  # saves y twice: one storage
+    loss.backward()
+    assert saved.shapes() == [(M, K), (M, N), (M, N)]
+    assert saved.nbytes == (M * K + M * N) * x.element_size()

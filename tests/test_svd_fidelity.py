@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowrank_fused import truncated_svd
-from lowrank_fused.init import EXACT_SVD_MAX_DIM
+from lowrank_fused.initialization import EXACT_SVD_MAX_DIM
 
 SIZE, RANK = 1100, 32  # above EXACT_SVD_MAX_DIM: the randomized path
 

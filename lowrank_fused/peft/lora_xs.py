@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..init import lora_xs_factors, lora_xs_latent
+from ..initialization import lora_xs_factors, lora_xs_latent
 from .lora_layers import LoraLinear, lora_layers, lora_linear_layers
 
 

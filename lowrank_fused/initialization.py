@@ -1,4 +1,5 @@
-"""Initialisation of the low-rank factors (DESIGN.md, "Initialisation")."""
+"""Initialisation of the low-rank factors: PEFT's kaiming-uniform A for LoRA and LoRA-FA, the
+truncated SVD of W for LoRA-XS (README, "API": Initialisation)."""
 from __future__ import annotations
 
 import math
