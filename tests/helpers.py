@@ -71,6 +71,16 @@ def naive_forward(case: Case, keep_mask=None, p: float = 0.0) -> torch.Tensor:
     return y
 
 
+def as_float64(case: Case) -> Case:
+    """The same case with every tensor's values in float64 (same trainable flags, strides of
+    x kept only as far as ``double()`` keeps them)."""
+    def up(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+    return Case(x=up(case.x), weight=up(case.weight), lora_a=up(case.lora_a),
+                lora_b=up(case.lora_b), bias=up(case.bias), latent=up(case.latent),
+                scaling=case.scaling)
+
+
 def reference_keep_mask(p: float, seed: int, shape, device="cpu"):
     return reference.dropout_keep_mask(DropoutSpec(p, seed), shape, torch.device(device))
 
