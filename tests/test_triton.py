@@ -39,7 +39,7 @@ def check(case, dtype, p=0.0):
     assert set(got) == set(want64)
     for name in want64:
         assert got[name].dtype == torch_low[name].dtype, name
-        assert_kernel_close(got[name], want64[name], torch_low[name], name)
+        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
