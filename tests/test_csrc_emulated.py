@@ -175,6 +175,18 @@ def test_keep_mask_is_the_reference_mask(lib, seed, p):
         assert torch.equal(_keep(lib, m, k, seed, quantised_p(p)), want), (m, k)
 
 
+def test_dropped_nan_gives_nan_like_the_reference(lib):
+    m, k, r, seed, p = 32, 64, 3, 8, 0.5
+    x = _rand(m, k, dtype=torch.float32, seed=1)
+    x[:, 5] = float("nan")
+    a = _rand(r, k, dtype=torch.float32, seed=2)
+    assert not keep_mask(seed, p, torch.arange(m), torch.arange(k))[:, 5].all()
+    out = torch.zeros((m, r))
+    lib.rank_pass(x.data_ptr(), 0, k, 1, a.data_ptr(), 0, k, 1, None, 0, out.data_ptr(), 0, None,
+                  None, m, k, r, 1.0, seed, quantised_p(p))
+    assert out.isnan().all() and (_dropped(x, seed, p) @ a.T).isnan().all()
+
+
 def test_keep_mask_statistics_and_determinism(lib):
     m, k, p = 300, 500, 0.3
     mask = _keep(lib, m, k, 21, p)

@@ -197,3 +197,17 @@ def test_peft_dropout_follows_torch_manual_seed():
     assert not torch.equal(first, second)
     again = outputs(1)
     assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+
+
+@needs_triton
+def test_triton_dropped_nan_gives_nan_like_the_reference():
+    from lowrank_fused.triton_kernels import project
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] = float("nan")
+    a = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    spec = DropoutSpec(0.5, 8)
+    keep = reference.dropout_keep_mask(spec, x.shape, x.device)
+    assert (~keep[:, 5]).any(), "no row drops the NaN column; pick another seed"
+    _, want = reference.forward(x, torch.zeros(4, 64), None, a, torch.zeros(4, 3), 1.0, spec)
+    got = project(x.to(DEVICE), a.to(DEVICE), spec.seed, spec.quantised_p).cpu()
+    assert want.isnan().all() and got.isnan().all()
