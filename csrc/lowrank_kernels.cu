@@ -6,6 +6,7 @@
 // and are thus exact MMA inputs; fp32 operands (fp32 adapters, and dP in the dA and dx kernels)
 // stay on CUDA cores, where they keep fp32 accuracy.
 #include "lowrank_kernels.cuh"
+#include "keep_mask.cuh"
 
 #include <cstring>
 #include <type_traits>
@@ -51,24 +52,12 @@ __device__ __forceinline__ void store_float(void* base, DType dt, int64_t i, flo
   }
 }
 
-// Counter-based uniform in [0, 1) from (seed, index): splitmix64 finaliser.
-__device__ __forceinline__ float uniform(uint64_t seed, uint64_t index) {
-  uint64_t z = seed * 0x9E3779B97F4A7C15ull + index + 0x632BE59BD9B4E019ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 random bits
-}
-
-__device__ __forceinline__ bool keep(uint64_t seed, uint64_t index, float p) {
-  return uniform(seed, index) >= p;
-}
-
 // Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float (or T)
 // shared-memory tile, zero outside rows < row_end and columns < col_end. Each thread loads 8
 // consecutive columns of one row: one or two 16-byte loads when the row is contiguous and
-// aligned. Dropout keeps (row, col) where keep(seed, row * mask_ld + col), and the kept value is
-// rounded to T, as the reference's dropout(x) is.
+// aligned. Dropout keeps (row, col) where keep(seed, row, col, p) (keep_mask.cuh; mask_ld is
+// unused since the mask takes (row, col)), and the kept value is rounded to T, as the
+// reference's dropout(x) is.
 template <typename T, int ROWS, int COLS, int PITCH, typename S>
 __device__ __forceinline__ void load_tile(S (*tile)[PITCH], const T* src, int64_t stride_r,
                                           int64_t stride_c, int64_t r0, int64_t c0,
@@ -97,8 +86,8 @@ __device__ __forceinline__ void load_tile(S (*tile)[PITCH], const T* src, int64_
     if (p_drop > 0.f) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const bool kept = keep(seed, static_cast<uint64_t>(gr * mask_ld + gc + i), p_drop);
-        v[i] = kept ? to_float(from_float<T>(v[i] * keep_scale)) : 0.f;
+        const bool kept = keep(seed, gr, gc + i, p_drop);
+        v[i] = to_float(from_float<T>(v[i] * (kept ? keep_scale : 0.f)));  // NaN·0 = NaN
       }
     }
   } else {
@@ -432,16 +421,16 @@ __global__ void __launch_bounds__(kThreads) dropped_low_rank_kernel(
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int64_t m = m0 + my + 4 * i;
     if (m >= M) continue;
-    const bool kept = keep(seed, static_cast<uint64_t>(m * K + k), p_drop);
-    const float low_rank = kept ? acc[i] * keep_scale : 0.f;
+    const bool kept = keep(seed, m, k, p_drop);
+    const float low_rank = acc[i] * (kept ? keep_scale : 0.f);  // NaN·0 = NaN
     out[m * K + k] = from_float<T>(low_rank);
   }
 }
 
-__global__ void keep_mask_kernel(uint8_t* out, int64_t total, uint64_t seed, float p) {
+__global__ void keep_mask_kernel(uint8_t* out, int64_t total, int64_t K, uint64_t seed, float p) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = keep(seed, static_cast<uint64_t>(i), p) ? 1 : 0;
+    out[i] = keep(seed, i / K, i % K, p) ? 1 : 0;
   }
 }
 
@@ -532,7 +521,7 @@ void launch_keep_mask(uint8_t* out, int64_t M, int64_t K, uint64_t seed, float p
   if (total == 0) return;
   const int64_t blocks = blocks_for(total, kThreads);
   const dim3 grid(static_cast<unsigned int>(blocks < 65535 * 8 ? blocks : 65535 * 8));
-  LF_LAUNCH(grid, kThreads, stream, keep_mask_kernel)(out, total, seed, p);
+  LF_LAUNCH(grid, kThreads, stream, keep_mask_kernel)(out, total, K, seed, p);
 }
 
 }  // namespace lowrank_fused

@@ -18,7 +18,8 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   dbias[k]  += sum_m in[m, k]                                    (K fp32, atomic; optional)
 // f (R x K) is addressed through its strides: f = A gives P = x·Aᵀ; in = G with f = B_effᵀ gives
 // dP = s·G·B_eff, and with p = P the partial sums of dB_eff = s·Gᵀ·P and dbias in the same read.
-// Dropout (p_drop > 0) keeps in[m, k] where keep(seed, m * K + k) and scales it by 1 / (1 - p).
+// Dropout (p_drop > 0) keeps in[m, k] where keep(seed, m, k, p) (keep_mask.cuh) and scales it
+// by 1 / (1 - p), p quantised to a multiple of 2^-24 by the caller.
 struct RankPassArgs {
   const void* in; DType in_dtype; int64_t in_stride_m, in_stride_k;
   const void* f; DType f_dtype; int64_t f_stride_j, f_stride_k;
@@ -49,7 +50,7 @@ void launch_dropped_low_rank(void* out, DType out_dtype, const float* dp, const 
                              int64_t K, int64_t R, uint64_t seed, float p_drop,
                              cudaStream_t stream);
 
-// out[m, k] = keep(seed, m * K + k) as 0/1 bytes: the mask every kernel above uses.
+// out[m, k] = keep(seed, m, k, p) as 0/1 bytes: the mask every kernel above uses.
 void launch_keep_mask(uint8_t* out, int64_t M, int64_t K, uint64_t seed, float p,
                       cudaStream_t stream);
 

@@ -2,6 +2,29 @@
 
 The forward pass draws one integer seed; every backend derives its keep-mask from that seed
 alone, so backward regenerates the mask instead of keeping an M x K tensor alive.
+
+The mask (the same bits on every backend: this module, triton_kernels/dropout.py and
+csrc/keep_mask.cuh implement it in uint32 arithmetic, wrapping mod 2^32)::
+
+    mix(x)      = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+    s           = seed mod 2^32
+    row_key(r)  = mix(r ^ mix(s))                 # once per row of a tile
+    col_key(c)  = mix(c ^ mix(s ^ 0x9E3779B9))    # once per column of a tile
+    h(r, c)     = tail(row_key(r) ^ col_key(c))   # per element
+    tail(x)     = x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+    keep(r, c)  = h(r, c) >= t << 8,   t = round(p * 2^24) clamped to [0, 2^24 - 1]
+
+Rows and columns enter separately, so no M x K element offset is formed: masks do not repeat
+however many elements the input has (below 2^32 rows and columns). Per element the cost is an
+xor, the 7-instruction tail and a compare, the row and column keys being amortised over a tile.
+
+p is quantised to a multiple of 2^-24 (``quantised_p``; an absolute change of at most 3e-8),
+exactly representable in float32, so every backend derives the same threshold from it; the
+kept values are scaled by 1 / (1 - quantised p), so E[dropout(x)] = x exactly for the
+quantised rate.
+
+NaN and Inf: every backend multiplies by the (scaled) mask, as ``F.dropout`` does, so a NaN or
+Inf in a dropped element gives NaN (0 * NaN, 0 * Inf), never a silent 0.
 """
 from __future__ import annotations
 
@@ -12,6 +35,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+P_BITS = 24  # p is quantised to a multiple of 2**-P_BITS
+_U32 = 0xFFFFFFFF
+_MUL_1, _MUL_2 = 0x7FEB352D, 0x846CA68B
+_COL_SALT = 0x9E3779B9
+
+
+def keep_threshold(p: float) -> int:
+    """The integer t with quantised p = t / 2**24, for a drop probability ``p`` in [0, 1)."""
+    return min(max(round(p * 2 ** P_BITS), 0), 2 ** P_BITS - 1)
+
+
+def quantised_p(p: float) -> float:
+    """The drop probability the mask realises for ``p``: the nearest multiple of 2**-24."""
+    return keep_threshold(p) / 2 ** P_BITS
+
 
 @dataclass(frozen=True)
 class DropoutSpec:
@@ -21,8 +59,13 @@ class DropoutSpec:
     seed: int
 
     @property
+    def quantised_p(self) -> float:
+        """The rate the mask realises (see the module docstring); the kernels receive this."""
+        return quantised_p(self.p)
+
+    @property
     def keep_scale(self) -> float:
-        return 1.0 / (1.0 - self.p)
+        return 1.0 / (1.0 - self.quantised_p)
 
 
 def seed_tensor(seed: Optional[int] = None) -> Tensor:
@@ -31,3 +74,37 @@ def seed_tensor(seed: Optional[int] = None) -> Tensor:
     if seed is not None:
         return torch.tensor([int(seed)], dtype=torch.int64)
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+# ---- the mask in plain torch: int64 tensors holding uint32 values (torch has no uint32 ops) ----
+
+def _mul32(x, c: int):
+    # Low 32 bits of x * c without overflowing int64: split c into 16-bit halves.
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _U32
+
+
+def _tail(x):
+    x = _mul32(x, _MUL_1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL_2)
+    return x ^ (x >> 16)
+
+
+def _mix(x):
+    return _tail(x ^ (x >> 16))
+
+
+def _mix_int(x: int) -> int:
+    return int(_mix(torch.tensor(x & _U32, dtype=torch.int64)))
+
+
+def keep_mask(seed: int, p: float, rows: Tensor, cols: Tensor) -> Tensor:
+    """Boolean keep-mask of shape (len(rows), len(cols)) for global row and column indices
+    (int64 tensors), drop probability ``p`` and ``seed``: the definition above."""
+    s = int(seed) & _U32
+    row_key = _mix(rows.to(torch.int64) ^ _mix_int(s))
+    col_key = _mix(cols.to(torch.int64) ^ _mix_int(s ^ _COL_SALT))
+    h = _tail(row_key[:, None] ^ col_key[None, :])
+    return h >= keep_threshold(p) << 8

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from lowrank_fused.backends import reference
-from lowrank_fused.dropout import DropoutSpec
+from lowrank_fused.dropout import DropoutSpec, quantised_p
 
 # Which operator inputs train, per case; x's own flag is set separately.
 TRAINABLE = {
@@ -61,7 +61,7 @@ def make_case(m_shape, k, n, r, *, trainable=TRAINABLE["lora"], bias=True, laten
 def naive_forward(case: Case, keep_mask=None, p: float = 0.0) -> torch.Tensor:
     """Plain torch composition: y = x Wᵀ + b + s·dropout(x) Aᵀ R Bᵀ."""
     x = case.x
-    x_lr = x if keep_mask is None else x * keep_mask / (1.0 - p)
+    x_lr = x if keep_mask is None else x * keep_mask / (1.0 - quantised_p(p))
     p_act = x_lr.to(case.lora_a.dtype) @ case.lora_a.T
     if case.latent is not None:
         p_act = p_act @ case.latent
@@ -69,6 +69,16 @@ def naive_forward(case: Case, keep_mask=None, p: float = 0.0) -> torch.Tensor:
     if case.bias is not None:
         y = y + case.bias
     return y
+
+
+def as_float64(case: Case) -> Case:
+    """The same case with every tensor's values in float64 (same trainable flags, strides of
+    x kept only as far as ``double()`` keeps them)."""
+    def up(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+    return Case(x=up(case.x), weight=up(case.weight), lora_a=up(case.lora_a),
+                lora_b=up(case.lora_b), bias=up(case.bias), latent=up(case.latent),
+                scaling=case.scaling)
 
 
 def reference_keep_mask(p: float, seed: int, shape, device="cpu"):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lowrank_fused.dropout import DropoutSpec, keep_mask, quantised_p
+from tolerance import assert_kernel_close
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Relative to the largest reference value: fp32 sums differ in order only; half outputs round.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 
@@ -59,19 +59,20 @@ def _keep(lib, m, k, seed, p):
     return mask.bool()
 
 
-def _dropped(lib, x, seed, p):
-    """dropout(x) with the kernels' mask, rounded to x's dtype like the reference, in float64."""
+def _dropped(x, seed, p):
+    """dropout(x) as the reference backend computes it (its own mask), in x's dtype."""
     if p == 0.0:
-        return x.double()
-    keep = _keep(lib, x.shape[0], x.shape[1], seed, p)
-    return (x.float() * (1.0 / (1.0 - p))).to(x.dtype).double() * keep
+        return x
+    spec = DropoutSpec(p, seed)
+    keep = keep_mask(seed, p, torch.arange(x.shape[0]), torch.arange(x.shape[1]))
+    return x * keep * spec.keep_scale
 
 
-def _assert_close(got, want, dtype, what):
-    scale = want.abs().max().item() or 1.0
-    tol = TOL[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale,
-                               msg=lambda msg: f"{what}: {msg}")
+def _check(got, formula, inputs, dtype, what):
+    """The kernel's ``got`` against ``formula`` of ``inputs`` in float64, within the tolerance
+    rule (tests/tolerance.py): PyTorch's error is ``formula`` run on the inputs as they are."""
+    want64 = formula(*(t.double() for t in inputs))
+    assert_kernel_close(got, want64, formula(*inputs), what, dtype)
 
 
 def _strided(x, layout):
@@ -104,9 +105,8 @@ def test_projection(lib, m, k, r, dtype, adapter_dtype, p, layout):
     out = torch.full((m, r), float("nan"), dtype=adapter_dtype)
     lib.rank_pass(x.data_ptr(), CODES[dtype], x.stride(0), x.stride(1), a.data_ptr(),
                   CODES[adapter_dtype], a.stride(0), a.stride(1), None, 0, out.data_ptr(),
-                  CODES[adapter_dtype], None, None, m, k, r, 1.0, 7, p)
-    want = _dropped(lib, x, 7, p) @ a.double().T
-    _assert_close(out, want, adapter_dtype, "P")
+                  CODES[adapter_dtype], None, None, m, k, r, 1.0, 7, quantised_p(p))
+    _check(out, lambda x, a: _dropped(x, 7, p).to(a.dtype) @ a.T, (x, a), dtype, "P")
 
 
 GRAD_OUTPUT_CASES = [
@@ -134,13 +134,12 @@ def test_grad_output_pass(lib, m, n, r, dtype, adapter_dtype, outputs):
                   CODES[adapter_dtype], b.stride(1), b.stride(0), p.data_ptr(),
                   CODES[adapter_dtype], dp.data_ptr() if with_dp else None, 0, db.data_ptr(),
                   dbias.data_ptr() if with_dp else None, m, n, r, scaling, 0, 0.0)
-    gd = g.double()
     if with_dp:
-        _assert_close(dp, scaling * gd @ b.double(), torch.float32, "dP")
-        _assert_close(dbias, gd.sum(0), torch.float32, "dbias")
+        _check(dp, lambda g, b: scaling * (g.to(b.dtype) @ b), (g, b), dtype, "dP")
+        _check(dbias, lambda g: g.sum(0), (g,), dtype, "dbias")
     else:
         assert torch.isnan(dp).all(), "dP was written although not asked for"
-    _assert_close(db, scaling * gd.T @ p.double(), torch.float32, "dB")
+    _check(db, lambda g, p: scaling * (g.to(p.dtype).T @ p), (g, p), dtype, "dB")
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -154,8 +153,8 @@ def test_grad_a(lib, dtype, r, p, splits, layout):
     dp = _rand(m, r, dtype=torch.float32, seed=7)
     da = torch.zeros((r, k), dtype=torch.float32)
     lib.grad_a(dp.data_ptr(), x.data_ptr(), CODES[dtype], x.stride(0), x.stride(1),
-               da.data_ptr(), m, k, r, splits, 11, p)
-    _assert_close(da, dp.double().T @ _dropped(lib, x, 11, p), torch.float32, "dA")
+               da.data_ptr(), m, k, r, splits, 11, quantised_p(p))
+    _check(da, lambda dp, x: dp.T @ _dropped(x, 11, p).to(dp.dtype), (dp, x), dtype, "dA")
 
 
 @pytest.mark.parametrize("r", [1, 12, 25, 64, 80])
@@ -169,9 +168,7 @@ def test_dropped_low_rank(lib, dtype, adapter_dtype, r):
     a = _rand(r, k, dtype=adapter_dtype, seed=10)
     lib.dropped_low_rank(out.data_ptr(), CODES[dtype], dp.data_ptr(), a.data_ptr(),
                          CODES[adapter_dtype], a.stride(0), a.stride(1), m, k, r, 13, p)
-    keep = _keep(lib, m, k, 13, p)
-    want = (dp.double() @ a.double()) * keep / (1.0 - p)
-    _assert_close(out, want, dtype, "drop(dP·A)")
+    _check(out, lambda dp, a: _dropped(dp.to(a.dtype) @ a, 13, p), (dp, a), dtype, "drop(dP·A)")
 
 
 def test_dropped_low_rank_of_rank_zero_writes_zeros(lib):
@@ -179,6 +176,26 @@ def test_dropped_low_rank_of_rank_zero_writes_zeros(lib):
     lib.dropped_low_rank(out.data_ptr(), 0, torch.empty((5, 0)).data_ptr(),
                          torch.empty((0, 7)).data_ptr(), 0, 7, 1, 5, 7, 0, 13, 0.25)
     assert (out == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 21, 2 ** 31 - 2, 2 ** 33 + 5])
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_mask_is_the_reference_mask(lib, seed, p):
+    for m, k in [(1, 1), (37, 100), (130, 257)]:
+        want = keep_mask(seed, p, torch.arange(m), torch.arange(k))
+        assert torch.equal(_keep(lib, m, k, seed, quantised_p(p)), want), (m, k)
+
+
+def test_dropped_nan_gives_nan_like_the_reference(lib):
+    m, k, r, seed, p = 32, 64, 3, 8, 0.5
+    x = _rand(m, k, dtype=torch.float32, seed=1)
+    x[:, 5] = float("nan")
+    a = _rand(r, k, dtype=torch.float32, seed=2)
+    assert not keep_mask(seed, p, torch.arange(m), torch.arange(k))[:, 5].all()
+    out = torch.zeros((m, r))
+    lib.rank_pass(x.data_ptr(), 0, k, 1, a.data_ptr(), 0, k, 1, None, 0, out.data_ptr(), 0, None,
+                  None, m, k, r, 1.0, seed, quantised_p(p))
+    assert out.isnan().all() and (_dropped(x, seed, p) @ a.T).isnan().all()
 
 
 def test_keep_mask_statistics_and_determinism(lib):
@@ -304,12 +321,13 @@ def cuda_backend(lib, monkeypatch):
                                                  (torch.bfloat16, torch.float32),
                                                  (torch.float16, torch.float16),
                                                  (torch.bfloat16, torch.bfloat16)])
-def test_cuda_backend_glue_matches_reference(cuda_backend, monkeypatch, m, r, dtype,
-                                             adapter_dtype, p, deterministic):
+def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_dtype, p,
+                                             deterministic):
+    """The cuda backend against the float64 reference backend, within the tolerance rule; the
+    reference draws its own mask, which is the kernels' mask bit for bit."""
     from lowrank_fused.backends import reference
     from lowrank_fused.dropout import DropoutSpec
 
-    monkeypatch.setattr(reference, "dropout_keep_mask", cuda_backend.dropout_keep_mask)
     k, n, scaling = 100, 80, 0.5
     x = _rand(m, k, dtype=dtype, seed=1)
     weight = _rand(n, k, dtype=dtype, seed=2) * k ** -0.5
@@ -318,24 +336,24 @@ def test_cuda_backend_glue_matches_reference(cuda_backend, monkeypatch, m, r, dt
     lora_b = _rand(n, r, dtype=adapter_dtype, seed=5) * r ** -0.5
     grad_y = _rand(m, n, dtype=dtype, seed=6)
     dropout = DropoutSpec(p=p, seed=17) if p else None
+    inputs = (x, weight, bias, lora_a, lora_b, grad_y)
     results = {}
-    for name, backend in (("reference", reference), ("cuda", cuda_backend)):
+    runs = (("reference", reference, lambda t: t), ("float64", reference, torch.Tensor.double),
+            ("cuda", cuda_backend, lambda t: t))
+    for name, backend, cast in runs:
+        x_, w_, bias_, a_, b_, g_ = map(cast, inputs)
         torch.use_deterministic_algorithms(deterministic)
         try:
-            y, saved_p = backend.forward(x, weight, bias, lora_a, lora_b, scaling, dropout)
-            grads = backend.backward(grad_y, x, saved_p, weight, lora_a, lora_b, scaling,
-                                     dropout, need_x=True, need_a=True, need_b=True,
-                                     need_bias=True)
+            y, saved_p = backend.forward(x_, w_, bias_, a_, b_, scaling, dropout)
+            grads = backend.backward(g_, x_, saved_p, w_, a_, b_, scaling, dropout, need_x=True,
+                                     need_a=True, need_b=True, need_bias=True)
         finally:
             torch.use_deterministic_algorithms(False)
         results[name] = dict(zip(("y", "p", "dx", "da", "db", "dbias"), (y, saved_p) + grads))
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
-    for what, want in results["reference"].items():
+    for what, torch_low in results["reference"].items():
         got = results["cuda"][what]
-        assert got.dtype == want.dtype and got.shape == want.shape, what
-        torch.testing.assert_close(got.double(), want.double(), rtol=tol,
-                                   atol=tol * (want.abs().max().item() or 1.0),
-                                   msg=lambda msg: f"{what}: {msg}")
+        assert got.dtype == torch_low.dtype, what
+        assert_kernel_close(got, results["float64"][what], torch_low, what, dtype)
     if m == 600:
         expected = 1 if deterministic else 2
         assert cuda_backend._ops.grad_a_splits == [expected]
@@ -364,10 +382,9 @@ def test_op_grad_output_pass_reads_any_layout(lib, g_layout, b_layout):
     db = torch.zeros((n, r))
     dbias = torch.zeros((n,))
     dp = EmulatedOps(lib).grad_output_pass(g, b, p, scaling, True, db, dbias, 0)
-    gd = g.double()
-    _assert_close(dp, scaling * gd @ b.double(), torch.float32, "dP")
-    _assert_close(db, scaling * gd.T @ p.double(), torch.float32, "dB")
-    _assert_close(dbias, gd.sum(0), torch.float32, "dbias")
+    _check(dp, lambda g, b: scaling * g @ b, (g, b), torch.float32, "dP")
+    _check(db, lambda g, p: scaling * g.T @ p, (g, p), torch.float32, "dB")
+    _check(dbias, lambda g: g.sum(0), (g,), torch.float32, "dbias")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_column"])
@@ -377,14 +394,12 @@ def test_op_project_grad_a_and_dropped_low_rank_read_any_layout(lib, layout):
     x = _strided(_rand(m, k, dtype=torch.bfloat16, seed=1), layout)
     a = _strided(_rand(r, k, dtype=torch.float32, seed=2), layout)
     dp = _rand(m, r, dtype=torch.float32, seed=3)
-    dropped_x = _dropped(lib, x, seed, p)
-    _assert_close(ops.project(x, a, 0.5, seed, p, torch.float32, 0),
-                  0.5 * dropped_x @ a.double().T, torch.float32, "P")
-    _assert_close(ops.grad_a(dp, x, seed, p, 2, 0), dp.double().T @ dropped_x, torch.float32,
-                  "dA")
-    keep = _keep(lib, m, k, seed, p)
-    _assert_close(ops.dropped_low_rank(dp, a, seed, p, torch.bfloat16, 0),
-                  (dp.double() @ a.double()) * keep / (1 - p), torch.bfloat16, "drop(dP·A)")
+    _check(ops.project(x, a, 0.5, seed, p, torch.float32, 0),
+           lambda x, a: 0.5 * _dropped(x, seed, p).to(a.dtype) @ a.T, (x, a), torch.bfloat16, "P")
+    _check(ops.grad_a(dp, x, seed, p, 2, 0),
+           lambda dp, x: dp.T @ _dropped(x, seed, p).to(dp.dtype), (dp, x), torch.bfloat16, "dA")
+    _check(ops.dropped_low_rank(dp, a, seed, p, torch.bfloat16, 0),
+           lambda dp, a: _dropped(dp @ a, seed, p), (dp, a), torch.bfloat16, "drop(dP·A)")
 
 
 def test_op_arguments_are_checked(lib):
@@ -416,17 +431,17 @@ def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
     from lowrank_fused.backends import reference
     from lowrank_fused.dropout import DropoutSpec
 
-    monkeypatch.setattr(reference, "dropout_keep_mask", cuda_backend.dropout_keep_mask)
     m, k, n, r, scaling = 37, 100, 80, 12, 0.5
     x = _rand(m, k, dtype=dtype, seed=1)
     weight = _rand(n, k, dtype=dtype, seed=2) * k ** -0.5
     lora_a = _rand(r, k, dtype=torch.float32, seed=4) * k ** -0.5
     lora_b = _rand(n, r, dtype=torch.float32, seed=5) * r ** -0.5
     dropout = DropoutSpec(p=p, seed=17) if p else None
-    monkeypatch.setattr(torch.Tensor, "new_empty",
+    with monkeypatch.context() as patched:  # uninitialised memory, made visible
+        patched.setattr(torch.Tensor, "new_empty",
                         lambda self, shape: torch.full(shape, float("nan"), dtype=self.dtype))
-    got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
-    want, _ = reference.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
-    torch.testing.assert_close(got.double(), want.double(), rtol=tol,
-                               atol=tol * want.abs().max().item())
+        got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    torch_low, _ = reference.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    want64, _ = reference.forward(*(t.double() for t in (x, weight)), None,
+                                  *(t.double() for t in (lora_a, lora_b)), scaling, dropout)
+    assert_kernel_close(got, want64, torch_low, "y", dtype)

@@ -107,7 +107,7 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     if HAS_DROPOUT:
         low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
         keep = keep_mask(seed, rows, cols, K, p_drop)
-        acc += tl.where(keep, low_rank * keep_scale, 0.0)
+        acc += low_rank * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
     else:
         acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -132,7 +132,7 @@ def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = tl.where(keep, x * keep_scale, 0.0)
+            x = x * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
         acc = mma(tl.trans(dp), x.to(da_ptr.dtype.element_ty).to(tl.float32), acc, PRECISION)
     tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc.to(da_ptr.dtype.element_ty),
              mask=(ranks < R)[:, None] & col_ok[None, :])

@@ -30,7 +30,7 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
         x = x.to(a_t.dtype)  # the low-rank branch computes in the adapters' dtype, as PEFT
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(a_t.dtype)
+            x = (x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)).to(a_t.dtype)  # NaN·0 = NaN
         acc = mma(x, a_t, acc, PRECISION)
     tl.store(p_ptr + rows[:, None] * R + ranks[None, :], acc.to(p_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (ranks < R)[None, :])

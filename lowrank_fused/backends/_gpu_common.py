@@ -12,5 +12,5 @@ def check_dtypes(backend: str, x, lora_a) -> None:
 
 
 def seed_and_p(dropout):
-    """(seed, p) of a DropoutSpec, (0, 0.0) without dropout."""
-    return (0, 0.0) if dropout is None else (dropout.seed, dropout.p)
+    """(seed, quantised p) of a DropoutSpec, (0, 0.0) without dropout."""
+    return (0, 0.0) if dropout is None else (dropout.seed, dropout.quantised_p)

@@ -48,7 +48,7 @@ def grad_a_splits(m: int, k: int, r: int, multiprocessors: int) -> int:
 def dropout_keep_mask(dropout, shape, device):
     with _current(device):
         return _ops.keep_mask(torch.empty(0, device=device), shape[0], shape[1], dropout.seed,
-                              dropout.p, _stream(device))
+                              dropout.quantised_p, _stream(device))
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):

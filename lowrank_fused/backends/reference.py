@@ -21,19 +21,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dropout import DropoutSpec
+from ..dropout import DropoutSpec, keep_mask
 
 
 def dropout_keep_mask(dropout: DropoutSpec, shape, device) -> Tensor:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(dropout.seed)
-    return torch.rand(shape, generator=generator, device=device) >= dropout.p
+    rows, cols = shape
+    return keep_mask(dropout.seed, dropout.p, torch.arange(rows, device=device),
+                     torch.arange(cols, device=device))
 
 
 def _apply_dropout(t: Tensor, dropout: Optional[DropoutSpec]) -> Tensor:
     if dropout is None:
         return t
     keep = dropout_keep_mask(dropout, t.shape, t.device)
+    # A multiply, not a select: NaN/Inf in dropped elements give NaN, as F.dropout does.
     return t * keep * dropout.keep_scale
 
 

@@ -9,7 +9,7 @@ from ._gpu_common import check_dtypes, seed_and_p
 
 
 def dropout_keep_mask(dropout, shape, device):
-    return kernels.dropout_keep_mask(dropout.seed, dropout.p, shape, device)
+    return kernels.dropout_keep_mask(dropout.seed, dropout.quantised_p, shape, device)
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):

@@ -1,0 +1,213 @@
+"""The dropout keep-mask: one definition (lowrank_fused/dropout.py), the same bits on every
+backend, and the statistics of a fair coin per element."""
+import math
+
+import pytest
+import torch
+
+from lowrank_fused.backends import reference
+from lowrank_fused.dropout import DropoutSpec, keep_mask, keep_threshold, quantised_p
+
+try:
+    import triton
+    import triton.language as tl
+    from lowrank_fused.triton_kernels import dropout_keep_mask
+    from lowrank_fused.triton_kernels.dropout import keep_mask as triton_keep_mask
+except ImportError:  # the reference tests still run
+    triton = None
+needs_triton = pytest.mark.skipif(triton is None, reason="the triton package is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _mask(seed, p, m, k, row0=0, col0=0):
+    return keep_mask(seed, p, torch.arange(row0, row0 + m), torch.arange(col0, col0 + k))
+
+
+def _scalar_keep(seed, p, row, col):
+    """The docstring's definition for one element, in Python integers."""
+    def tail(x):
+        x = x * 0x7FEB352D & 0xFFFFFFFF
+        x ^= x >> 15
+        x = x * 0x846CA68B & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    def mix(x):
+        return tail(x ^ (x >> 16))
+
+    s = seed & 0xFFFFFFFF
+    h = tail(mix(row ^ mix(s)) ^ mix(col ^ mix(s ^ 0x9E3779B9)))
+    return h >= round(p * 2 ** 24) << 8
+
+
+def test_torch_mask_is_the_written_definition():
+    assert _mask(7, 0.5, 2, 8).tolist() == [[True, False, False, True, False, False, False, True],
+                                             [True, False, True, False, True, False, False, False]]
+    for seed, p in [(7, 0.5), (2 ** 40 + 3, 0.1), (123456, 0.05)]:
+        got = _mask(seed, p, 5, 9, row0=2 ** 20)
+        want = [[_scalar_keep(seed, p, 2 ** 20 + r, c) for c in range(9)] for r in range(5)]
+        assert got.tolist() == want
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_rate_within_a_few_standard_errors(p):
+    m, k = 512, 1000
+    keep = _mask(3, p, m, k)
+    q = quantised_p(p)
+    se = math.sqrt(q * (1 - q) / (m * k))
+    assert abs((1 - keep.float().mean().item()) - q) < 4 * se
+    # every row and every column drops about p, too (no row or column stuck)
+    rows = 1 - keep.float().mean(1)
+    assert (rows - q).abs().max() < 6 * math.sqrt(q * (1 - q) / k)
+
+
+def _corr(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_rows_columns_and_seeds_uncorrelated():
+    m, k = 400, 400
+    keep = _mask(11, 0.5, m, k)
+    bound = 5 / math.sqrt(m * k)  # about 5 standard errors of a correlation of m·k pairs
+    assert abs(_corr(keep[1:], keep[:-1])) < bound * 1.01, "neighbouring rows correlate"
+    assert abs(_corr(keep[:, 1:], keep[:, :-1])) < bound * 1.01, "neighbouring columns correlate"
+    assert abs(_corr(keep, keep.T)) < bound, "mask correlates with its transpose"
+    other = _mask(12, 0.5, m, k)
+    assert abs(_corr(keep, other)) < bound, "seeds 11 and 12 correlate"
+    # a seed is not a shift of another seed's rows or columns
+    assert abs(_corr(keep[1:], other[:-1])) < bound * 1.01
+    assert abs(_corr(keep[:, 1:], other[:, :-1])) < bound * 1.01
+
+
+def test_no_repetition_past_2_to_the_31_elements():
+    """Rows and columns enter the hash separately, so rows far apart (element offsets past
+    2^31 and 2^32 for K = 4096) give masks of their own, never a copy of row 0's."""
+    k = 4096
+    first = _mask(5, 0.5, 1, k)[0]
+    for row in (2 ** 31 // k, 2 ** 32 // k, 2 ** 20 + 1, 2 ** 31 - 1):
+        far = _mask(5, 0.5, 1, k, row0=row)[0]
+        assert not torch.equal(far, first), row
+        assert abs(_corr(far, first)) < 5 / math.sqrt(k)
+    # a view at a row offset is the same as the corresponding rows of a larger mask
+    assert torch.equal(_mask(5, 0.5, 3, 70, row0=100, col0=30), _mask(5, 0.5, 103, 100)[100:, 30:])
+
+
+def test_p_is_quantised_to_24_bits_and_the_scale_uses_it():
+    assert keep_threshold(0.5) == 2 ** 23
+    assert quantised_p(0.1) == round(0.1 * 2 ** 24) / 2 ** 24
+    assert abs(quantised_p(0.1) - 0.1) <= 2 ** -25
+    spec = DropoutSpec(0.1, 1)
+    assert spec.keep_scale == 1 / (1 - quantised_p(0.1))
+    assert quantised_p(1 - 1e-12) < 1  # never drops everything
+    # the quantised p is exact in float32, so every backend derives the same threshold
+    assert float(torch.tensor(quantised_p(0.3), dtype=torch.float32)) == quantised_p(0.3)
+
+
+def test_reference_backend_uses_the_definition():
+    got = reference.dropout_keep_mask(DropoutSpec(0.3, 9), (17, 33), torch.device("cpu"))
+    assert torch.equal(got, _mask(9, 0.3, 17, 33))
+
+
+def test_dropped_nan_and_inf_give_nan_as_f_dropout():
+    x = torch.tensor([[float("nan"), float("inf"), 1.0, -float("inf")]]).repeat(64, 1)
+    spec = DropoutSpec(0.5, 4)
+    out = reference._apply_dropout(x, spec)
+    keep = reference.dropout_keep_mask(spec, x.shape, x.device)
+    assert (~keep[:, 0]).any() and (~keep[:, 1]).any()
+    assert out[:, 0].isnan().all()
+    assert out[~keep[:, 1], 1].isnan().all() and out[keep[:, 1], 1].isinf().all()
+    assert (out[~keep[:, 2], 2] == 0).all()
+
+
+# ---- the other backends: bit for bit ----
+
+SHAPES = [(1, 1), (37, 100), (64, 64), (130, 257)]
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [0, 17, 2 ** 31 - 2, 2 ** 33 + 5])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_triton_mask_is_the_reference_mask(seed, p):
+    for m, k in SHAPES:
+        got = dropout_keep_mask(seed, quantised_p(p), (m, k), DEVICE).cpu()
+        assert torch.equal(got, _mask(seed, p, m, k)), (m, k)
+
+
+if triton is not None:
+    @triton.jit
+    def _tile_kernel(out_ptr, row0, seed, p_drop, BLOCK: tl.constexpr):
+        rows = row0 + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK)
+        keep = triton_keep_mask(seed, rows, cols, 4096, p_drop)
+        tl.store(out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + cols[None, :], keep.to(tl.int8))
+
+
+@needs_triton
+def test_triton_mask_tile_at_row_offsets():
+    """The kernels' keep_mask on rows starting past 2^31 / K, as a late tile of a tall input."""
+    row0 = 2 ** 31 // 4096 + 3
+    out = torch.empty((32, 32), dtype=torch.int8, device=DEVICE)
+    _tile_kernel[(1,)](out, row0, 5, quantised_p(0.3), BLOCK=32)
+    assert torch.equal(out.bool().cpu(), _mask(5, 0.3, 32, 32, row0=row0))
+
+
+# ---- the seed comes from torch's RNG, so torch.manual_seed reproduces a run ----
+
+def _layer_outputs(seed):
+    from lowrank_fused import LowRankLinear
+    torch.manual_seed(0)
+    layer = LowRankLinear(16, 8, 4, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(32, 16)
+    torch.manual_seed(seed)
+    return layer(x), layer(x)
+
+
+def test_low_rank_linear_dropout_follows_torch_manual_seed():
+    first, second = _layer_outputs(1)
+    assert not torch.equal(first, second), "two calls drew the same seed"
+    again = _layer_outputs(1)
+    assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+    assert not torch.equal(first, _layer_outputs(2)[0])
+
+
+def test_peft_dropout_follows_torch_manual_seed():
+    peft = pytest.importorskip("peft")
+    import lowrank_fused.peft as lfp
+    from torch import nn
+
+    def outputs(seed):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(nn.Sequential(nn.Linear(16, 24)),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                    lora_dropout=0.5))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        x = torch.randn(32, 16)
+        model.train()
+        torch.manual_seed(seed)
+        with lfp.enable_fused(model):
+            return model(x), model(x)
+
+    first, second = outputs(1)
+    assert not torch.equal(first, second)
+    again = outputs(1)
+    assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+
+
+@needs_triton
+def test_triton_dropped_nan_gives_nan_like_the_reference():
+    from lowrank_fused.triton_kernels import project
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] = float("nan")
+    a = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    spec = DropoutSpec(0.5, 8)
+    keep = reference.dropout_keep_mask(spec, x.shape, x.device)
+    assert (~keep[:, 5]).any(), "no row drops the NaN column; pick another seed"
+    _, want = reference.forward(x, torch.zeros(4, 64), None, a, torch.zeros(4, 3), 1.0, spec)
+    got = project(x.to(DEVICE), a.to(DEVICE), spec.seed, spec.quantised_p).cpu()
+    assert want.isnan().all() and got.isnan().all()
