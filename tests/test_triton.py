@@ -4,10 +4,14 @@ import torch
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from helpers import make_case  # noqa: E402
 from lowrank_fused import low_rank_linear  # noqa: E402
 from lowrank_fused.backends import reference  # noqa: E402
+from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.triton_kernels import dropout_keep_mask  # noqa: E402
+from lowrank_fused.triton_kernels.tiling import offsets_2d  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative to the largest reference value: one or two roundings of the output dtype.
@@ -127,3 +131,54 @@ def test_large_rank_is_padded(same_mask_as_triton):
     case = make_case((37,), 230, 210, 200, trainable={"lora_a", "lora_b", "bias"},
                      dtype=torch.bfloat16, adapter_dtype=torch.float32, device=DEVICE)
     check(case, torch.bfloat16, 0.1)
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous view: every row and element spaced out."""
+    wide = torch.zeros(*(2 * s for s in t.shape), dtype=t.dtype, device=t.device)
+    view = wide[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("operand", ["x", "weight", "bias", "lora_a", "lora_b_eff", "grad_y"])
+def test_backend_reads_strided_operands(operand):
+    # Issue 14 item 1: every caller pointer is addressed through its strides.
+    g = torch.Generator().manual_seed(7)
+    m, r = 37, 12
+    args = dict(x=torch.randn(m, K, generator=g), weight=torch.randn(N, K, generator=g) / 10,
+                bias=torch.randn(N, generator=g), lora_a=torch.randn(r, K, generator=g) / 10,
+                lora_b_eff=torch.randn(N, r, generator=g) / 4, grad_y=torch.randn(m, N, generator=g))
+    args = {name: t.to(DEVICE) for name, t in args.items()}
+    strided = dict(args, **{operand: strided_copy(args[operand])})
+    results = {}
+    for name, backend, given in (("want", reference, args), ("got", triton_backend, strided)):
+        y, p = backend.forward(given["x"], given["weight"], given["bias"], given["lora_a"],
+                               given["lora_b_eff"], 0.5, None)
+        grads = backend.backward(given["grad_y"], given["x"], p, given["weight"],
+                                 given["lora_a"], given["lora_b_eff"], 0.5, None, need_x=True,
+                                 need_a=True, need_b=True, need_bias=True)
+        results[name] = (y, *grads)
+    for label, got, want in zip(["y", "dx", "dA", "dB", "dbias"], results["got"], results["want"]):
+        assert_close_scaled(got, want, torch.float32, f"{label} with a strided {operand}")
+
+
+@triton.jit
+def offsets_kernel(out_ptr, first_row, stride_rows, stride_cols):
+    rows = first_row + tl.arange(0, 2)
+    cols = tl.arange(0, 2)
+    offsets = offsets_2d(rows, cols, stride_rows, stride_cols)
+    tl.store(out_ptr + tl.arange(0, 2)[:, None] * 2 + tl.arange(0, 2)[None, :], offsets)
+
+
+def test_tile_offsets_are_64_bit():
+    # Issue 16 item 8: row·stride passes 2^31 on large inputs; checked on the offsets themselves,
+    # since a tensor that large does not fit a test (and a huge-stride view over a small storage
+    # would make the kernels read outside it).
+    out = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
+    first_row, stride_rows, stride_cols = 70_000, 40_000, 3  # rows·stride ≈ 2.8e9 > 2^31
+    offsets_kernel[(1,)](out, first_row, stride_rows, stride_cols)
+    rows = torch.arange(first_row, first_row + 2, dtype=torch.int64)[:, None]
+    cols = torch.arange(2, dtype=torch.int64)[None, :]
+    assert torch.equal(out.cpu(), rows * stride_rows + cols * stride_cols)

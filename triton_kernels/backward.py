@@ -13,12 +13,12 @@ import triton.language as tl
 from .configs import dot_precision, launcher, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile, matmul_tile
+from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
 @triton.jit
 def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
-                             stride_bn, stride_br,
+                             stride_gm, stride_gn, stride_bn, stride_br,
                              NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
                              NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
                              RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -29,32 +29,37 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
     rank_ok = ranks < R
     gb = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
     if NEED_DB:
-        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+        p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         p = (p.to(tl.float32) * scaling).to(p_ptr.dtype.element_ty)
+    ns = tl.arange(0, BLOCK_N)
+    g_ptrs = g_ptr + offsets_2d(rows, ns, stride_gm, stride_gn)
+    b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
+    g_step = tl.full((), BLOCK_N, tl.int64) * stride_gn
+    b_step = tl.full((), BLOCK_N, tl.int64) * stride_bn
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + ns
         col_ok = cols < N
-        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
             tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
         g = g.to(b_ptr.dtype.element_ty)
         if NEED_DP:
-            b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
             gb = mma(g, b, gb, PRECISION)
         if NEED_DB:
             db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
-            tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
+            tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
                           mask=col_ok[:, None] & rank_ok[None, :])
+        g_ptrs += g_step
+        b_ptrs += b_step
     if NEED_DP:
-        tl.store(dp_ptr + rows[:, None] * R + ranks[None, :], gb * scaling,
+        tl.store(dp_ptr + offsets_2d(rows, ranks, R, 1), gb * scaling,
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
+def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling, stride_gm, stride_gn,
                    NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Deterministic dB_eff and dbias: each program owns BLOCK_N rows of dB and walks all of M.
@@ -64,19 +69,23 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
     rank_ok = ranks < R
     db = tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    g_ptrs = g_ptr + offsets_2d(ms, cols, stride_gm, stride_gn)
+    p_ptrs = p_ptr + offsets_2d(ms, ranks, R, 1)
+    g_step = tl.full((), BLOCK_M, tl.int64) * stride_gm
+    p_step = tl.full((), BLOCK_M, tl.int64) * R
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        row_ok = (m0 + ms) < M
+        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
         if NEED_DB:
-            p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            p = tl.load(p_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             db = mma(tl.trans(g.to(p.dtype)), p, db, PRECISION)
+        g_ptrs += g_step
+        p_ptrs += p_step
     if NEED_DB:
-        tl.store(db_ptr + cols[:, None] * R + ranks[None, :], db * scaling,
+        tl.store(db_ptr + offsets_2d(cols, ranks, R, 1), db * scaling,
                  mask=col_ok[:, None] & rank_ok[None, :])
     if NEED_DBIAS:
         tl.store(dbias_ptr + cols, dbias, mask=col_ok)
@@ -84,7 +93,7 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
-                       stride_wn, stride_wk, stride_ar, stride_ak, seed, p_drop, keep_scale,
+                       stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, seed, p_drop, keep_scale,
                        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                        LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -97,12 +106,13 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
-    acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, N, 1, stride_wn, stride_wk,
+    acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
+                      stride_wn, stride_wk,
                       PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ranks = tl.arange(0, RANK_BLOCK)
-    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+    a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
                 mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)
-    dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
+    dp = tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
                  mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(a.dtype)
     if HAS_DROPOUT:
         low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
@@ -110,7 +120,7 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
         acc += tl.where(keep, low_rank * keep_scale, 0.0)
     else:
         acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -123,18 +133,23 @@ def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p
     col_ok = cols < K
     ranks = tl.arange(0, RANK_BLOCK)
     acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    dp_ptrs = dp_ptr + offsets_2d(ms, ranks, R, 1)
+    x_ptrs = x_ptr + offsets_2d(ms, cols, stride_xm, stride_xk)
+    dp_step = tl.full((), BLOCK_M, tl.int64) * R
+    x_step = tl.full((), BLOCK_M, tl.int64) * stride_xm
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = m0 + ms
         row_ok = rows < M
-        dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
-                     mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        dp = tl.load(dp_ptrs, mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
             x = tl.where(keep, x * keep_scale, 0.0)
         acc = mma(tl.trans(dp), x.to(da_ptr.dtype.element_ty).to(tl.float32), acc, PRECISION)
-    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc.to(da_ptr.dtype.element_ty),
+        dp_ptrs += dp_step
+        x_ptrs += x_step
+    tl.store(da_ptr + offsets_2d(ranks, cols, K, 1), acc.to(da_ptr.dtype.element_ty),
              mask=(ranks < R)[:, None] & col_ok[None, :])
 
 
@@ -159,7 +174,8 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
                      dp if need_dp else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch,
-                     m, n, r, float(scaling), lora_b_eff.stride(0), lora_b_eff.stride(1),
+                     m, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
+                     lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
                      NEED_DBIAS=need_dbias and fused_reductions,
                      PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
@@ -168,7 +184,7 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch, m, n, r, float(scaling),
-                     NEED_DB=need_db, NEED_DBIAS=need_dbias,
+                     grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db, NEED_DBIAS=need_dbias,
                      PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
     if db is not None:
         db = db.to(lora_b_eff.dtype)
@@ -187,7 +203,8 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
         return dx
     kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, weight.stride(0), weight.stride(1),
+    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, grad_y.stride(0), grad_y.stride(1),
+                 weight.stride(0), weight.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
                  HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
                  LR_PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
