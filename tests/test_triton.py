@@ -182,3 +182,21 @@ def test_tile_offsets_are_64_bit():
     rows = torch.arange(first_row, first_row + 2, dtype=torch.int64)[:, None]
     cols = torch.arange(2, dtype=torch.int64)[None, :]
     assert torch.equal(out.cpu(), rows * stride_rows + cols * stride_cols)
+
+
+def test_low_rank_dots_run_in_the_bases_16_bit_dtype():
+    # Issue 16 item 2: fp32 adapters over a half base are rounded at load (16-bit tensor cores);
+    # over an fp32 base the dots keep the adapters' dtype, TF32 only where torch allows it.
+    from lowrank_fused.triton_kernels.configs import dot_precision, low_rank_dot_dtype
+    assert low_rank_dot_dtype(torch.bfloat16, torch.float32) == tl.bfloat16
+    assert low_rank_dot_dtype(torch.float16, torch.float32) == tl.float16
+    assert low_rank_dot_dtype(torch.float32, torch.float32) == tl.float32
+    assert low_rank_dot_dtype(torch.float32, torch.bfloat16) == tl.bfloat16
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(tl.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(tl.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, rank_block
+from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
 from .dropout import keep_mask
 from .mma import mma
 from .tiling import grouped_tile, matmul_tile, offsets_2d
@@ -20,8 +20,9 @@ from .tiling import grouped_tile, matmul_tile, offsets_2d
 def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
                              stride_gm, stride_gn, stride_bn, stride_br,
                              NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
-                             NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-                             RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                             NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                             PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                             BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -31,7 +32,7 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
     if NEED_DB:
         p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        p = (p.to(tl.float32) * scaling).to(p_ptr.dtype.element_ty)
+        p = (p.to(tl.float32) * scaling).to(DOT_DTYPE)
     ns = tl.arange(0, BLOCK_N)
     g_ptrs = g_ptr + offsets_2d(rows, ns, stride_gm, stride_gn)
     b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
@@ -43,10 +44,10 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
         g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
             tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
-        g = g.to(b_ptr.dtype.element_ty)
+        g = g.to(DOT_DTYPE)
         if NEED_DP:
             b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            gb = mma(g, b, gb, PRECISION)
+            gb = mma(g, b.to(DOT_DTYPE), gb, PRECISION)
         if NEED_DB:
             db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
             tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
@@ -60,7 +61,8 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
 
 @triton.jit
 def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling, stride_gm, stride_gn,
-                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Deterministic dB_eff and dbias: each program owns BLOCK_N rows of dB and walks all of M.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,7 +83,7 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling, stride_gm,
             dbias += tl.sum(g.to(tl.float32), axis=0)
         if NEED_DB:
             p = tl.load(p_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = mma(tl.trans(g.to(p.dtype)), p, db, PRECISION)
+            db = mma(tl.trans(g.to(DOT_DTYPE)), p.to(DOT_DTYPE), db, PRECISION)
         g_ptrs += g_step
         p_ptrs += p_step
     if NEED_DB:
@@ -93,9 +95,11 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling, stride_gm,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
-                       stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, seed, p_drop, keep_scale,
+                       stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
+                       seed, p_drop, keep_scale,
                        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                       LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
+                       RANK_BLOCK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
     # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N in
@@ -111,9 +115,9 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
                       PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ranks = tl.arange(0, RANK_BLOCK)
     a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)
+                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     dp = tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
-                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(a.dtype)
+                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(DOT_DTYPE)
     if HAS_DROPOUT:
         low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
         keep = keep_mask(seed, rows, cols, K, p_drop)
@@ -126,7 +130,8 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
 
 @triton.jit
 def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p_drop,
-                   keep_scale, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each program owns BLOCK_N columns of dA (r x K) and walks all of M: deterministic.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,7 +151,7 @@ def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
             x = tl.where(keep, x * keep_scale, 0.0)
-        acc = mma(tl.trans(dp), x.to(da_ptr.dtype.element_ty).to(tl.float32), acc, PRECISION)
+        acc = mma(tl.trans(dp.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, PRECISION)
         dp_ptrs += dp_step
         x_ptrs += x_step
     tl.store(da_ptr + offsets_2d(ranks, cols, K, 1), acc.to(da_ptr.dtype.element_ty),
@@ -164,6 +169,7 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     db = torch.zeros((n, r), dtype=torch.float32, device=device) if need_db else None
     dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
     fused_reductions = not deterministic
+    dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_b_eff.dtype)
     # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
     # db_ptr and dbias_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
@@ -177,15 +183,16 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
                      m, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
                      lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
-                     NEED_DBIAS=need_dbias and fused_reductions,
-                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+                     NEED_DBIAS=need_dbias and fused_reductions, DOT_DTYPE=dot_dtype,
+                     PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     if m and deterministic and (need_db or need_dbias):
         kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M", "N", "R"])
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch, m, n, r, float(scaling),
                      grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db, NEED_DBIAS=need_dbias,
-                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+                     DOT_DTYPE=dot_dtype, PRECISION=dot_precision(dot_dtype),
+                     RANK_BLOCK=rank_block(r), **meta)
     if db is not None:
         db = db.to(lora_b_eff.dtype)
     if dbias is not None:
@@ -201,13 +208,15 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
     dx = torch.empty((m, k), dtype=weight.dtype, device=grad_y.device)
     if m == 0:
         return dx
+    dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
     kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, grad_y.stride(0), grad_y.stride(1),
                  weight.stride(0), weight.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
                  HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
-                 LR_PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
+                 DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
+                 RANK_BLOCK=rank_block(r), **meta)
     return dx
 
 
@@ -218,9 +227,10 @@ def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
     da = torch.empty((r, k), dtype=lora_a_dtype, device=x.device)
     if m == 0:
         return da.zero_()
+    dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
     kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R"])
     grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](dp, x, da, m, k, r, x.stride(0), x.stride(1), seed, p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
-                 PRECISION=dot_precision(torch.float32), RANK_BLOCK=rank_block(r), **meta)
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
+                 PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     return da

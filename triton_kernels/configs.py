@@ -4,6 +4,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -15,9 +16,25 @@ def rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 only where torch's own matmuls would."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def low_rank_dot_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype):
+    """The Triton dtype the low-rank dots multiply in (accumulation is always fp32).
+
+    Over a 16-bit base it is the base's dtype: fp32 adapters, activations and gradients are rounded
+    at load, so every dot runs on 16-bit tensor cores. Over an fp32 base it is the adapters' dtype
+    (PEFT rounds x to it), with TF32 or IEEE per ``dot_precision``. Results keep their own dtype."""
+    if base_dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[base_dtype]
+    return _TL_DTYPE[adapter_dtype]
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs use TF32 only where torch's own matmuls would (torch's allow_tf32, which
+    ``torch.set_float32_matmul_precision("high")`` turns on): a caller who kept fp32 everywhere
+    and left TF32 off asked for fp32 products."""
+    if dtype in (torch.float32, tl.float32) and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
