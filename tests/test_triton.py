@@ -200,3 +200,20 @@ def test_low_rank_dots_run_in_the_bases_16_bit_dtype():
         assert dot_precision(tl.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_grad_a_split_over_rows_matches(p):
+    # Issue 16 item 3: dA is reduced over M in several splits (here 3 of 128 rows on CPU); the
+    # partials must add up to dPᵀ·dropout(x) exactly once per row, the ragged last split included.
+    from lowrank_fused.triton_kernels import grad_a
+    from lowrank_fused.triton_kernels.backward import _row_splits
+    m, r = 300, 12
+    assert _row_splits(m, K, torch.device(DEVICE))[0] > 1 or DEVICE == "cuda"
+    g = torch.Generator().manual_seed(5)
+    dp = torch.randn(m, r, generator=g).to(DEVICE)
+    x = torch.randn(m, K, generator=g).to(DEVICE)
+    keep = dropout_keep_mask(9, p, (m, K), DEVICE).float() / (1.0 - p)
+    want = dp.double().T @ (x.double() * keep.double())
+    got = grad_a(dp, x, torch.float32, seed=9, p_drop=p)
+    assert_close_scaled(got, want, torch.float32, "dA")

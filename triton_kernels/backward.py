@@ -129,32 +129,37 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
 
 
 @triton.jit
-def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p_drop,
-                   keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr,
-                   RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Each program owns BLOCK_N columns of dA (r x K) and walks all of M: deterministic.
+def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, K, R, rows_per_split, stride_xm, stride_xk,
+                   seed, p_drop, keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    # Program (column block, split) sums dPᵀ·dropout(x) over its split's rows_per_split rows
+    # into its own fp32 partial; the launcher adds the partials (no atomics: deterministic).
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
+    split = tl.program_id(1)
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, M)
     ranks = tl.arange(0, RANK_BLOCK)
     acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
-    ms = tl.arange(0, BLOCK_M)
+    ms = first_row + tl.arange(0, BLOCK_M)
     dp_ptrs = dp_ptr + offsets_2d(ms, ranks, R, 1)
     x_ptrs = x_ptr + offsets_2d(ms, cols, stride_xm, stride_xk)
     dp_step = tl.full((), BLOCK_M, tl.int64) * R
     x_step = tl.full((), BLOCK_M, tl.int64) * stride_xm
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + ms
-        row_ok = rows < M
+    for m0 in range(first_row, end_row, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end_row
         dp = tl.load(dp_ptrs, mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = tl.where(keep, x * keep_scale, 0.0)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
         acc = mma(tl.trans(dp.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, PRECISION)
         dp_ptrs += dp_step
         x_ptrs += x_step
-    tl.store(da_ptr + offsets_2d(ranks, cols, K, 1), acc.to(da_ptr.dtype.element_ty),
+    partial = partial_ptr + split.to(tl.int64) * R * K
+    tl.store(partial + offsets_2d(ranks, cols, K, 1), acc,
              mask=(ranks < R)[:, None] & col_ok[None, :])
 
 
@@ -220,17 +225,30 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
     return dx
 
 
+def _row_splits(m: int, k: int, device: torch.device):
+    """(splits, rows_per_split) of dA's reduction over M: enough programs for two per SM even
+    when K has few column blocks, in 128-row steps (a multiple of every BLOCK_M)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 4
+    column_blocks = triton.cdiv(k, 128)
+    splits = max(1, min(triton.cdiv(2 * sms, column_blocks), triton.cdiv(m, 128)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
+    return triton.cdiv(m, rows_per_split), rows_per_split
+
+
 def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
-    """dA = dPᵀ·dropout(x), shape (r, K), in ``lora_a_dtype``."""
+    """dA = dPᵀ·dropout(x), shape (r, K), in ``lora_a_dtype``; split over M so a few columns
+    still fill the GPU, the splits' fp32 partials added in a fixed order (deterministic)."""
     m, k = x.shape
     r = dp.shape[1]
-    da = torch.empty((r, k), dtype=lora_a_dtype, device=x.device)
     if m == 0:
-        return da.zero_()
+        return torch.zeros((r, k), dtype=lora_a_dtype, device=x.device)
+    splits, rows_per_split = _row_splits(m, k, x.device)
+    partials = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
-    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R"])
-    grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](dp, x, da, m, k, r, x.stride(0), x.stride(1), seed, p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
+    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R", "rows_per_split"])
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]), splits)  # noqa: E731
+    kernel[grid](dp, x, partials, m, k, r, rows_per_split, x.stride(0), x.stride(1), seed,
+                 p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
-    return da
+    return partials.sum(0, dtype=torch.float32).to(lora_a_dtype)
