@@ -13,7 +13,7 @@ import triton.language as tl
 from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile, matmul_tile, offsets_2d
+from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
 
 
 @triton.jit
@@ -107,23 +107,50 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
-    col_ok = cols < K
-    acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
-                      stride_wn, stride_wk,
-                      PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ranks = tl.arange(0, RANK_BLOCK)
-    a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     dp = tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
                  mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(DOT_DTYPE)
     if HAS_DROPOUT:
-        low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
-        keep = keep_mask(seed, rows, cols, K, p_drop)
-        acc += tl.where(keep, low_rank * keep_scale, 0.0)
+        # The mask and a second BLOCK_M x BLOCK_N term beside the accumulator spill on sm_90:
+        # the tile is accumulated as two column halves and each is finished on its own.
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        cols_lo = pid_k * BLOCK_N + tl.arange(0, HALF_N)
+        cols_hi = cols_lo + HALF_N
+        acc_lo, acc_hi = matmul_tile_halves(g_ptr, w_ptr, rows, cols_lo, cols_hi, row_ok,
+                                            cols_lo < K, cols_hi < K, N, stride_gm, stride_gn,
+                                            stride_wn, stride_wk, PRECISION, BLOCK_M, HALF_N,
+                                            BLOCK_K)
+        _store_with_dropout_term(acc_lo, dp, a_ptr, dx_ptr, rows, cols_lo, row_ok, K, R,
+                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
+                                 LR_PRECISION, RANK_BLOCK)
+        _store_with_dropout_term(acc_hi, dp, a_ptr, dx_ptr, rows, cols_hi, row_ok, K, R,
+                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
+                                 LR_PRECISION, RANK_BLOCK)
     else:
+        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
+                          stride_wn, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
+                    mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
+        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _store_with_dropout_term(acc, dp, a_ptr, dx_ptr, rows, cols, row_ok, K, R, stride_ar,
+                             stride_ak, seed, p_drop, keep_scale, DOT_DTYPE: tl.constexpr,
+                             LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    """dx[rows, cols] = acc + dropout(dP·A[:, cols])."""
+    col_ok = cols < K
+    ranks = tl.arange(0, RANK_BLOCK)
+    a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
+                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+    low_rank = mma(dp, a, tl.zeros(acc.shape, dtype=tl.float32), LR_PRECISION)
+    keep = keep_mask(seed, rows, cols, K, p_drop)
+    acc += tl.where(keep, low_rank * keep_scale, 0.0)
     tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 

@@ -47,3 +47,30 @@ def matmul_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_am, stri
         a_ptrs += a_step
         b_ptrs += b_step
     return acc
+
+
+@triton.jit
+def matmul_tile_halves(a_ptr, b_ptr, rows, cols_lo, cols_hi, row_ok, lo_ok, hi_ok, depth,
+                       stride_am, stride_ak, stride_bk, stride_bn, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``matmul_tile`` as two column halves (one read of a per step): an epilogue that needs
+    room can then finish one half while only the other's accumulator waits."""
+    acc_lo = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
+    b_lo_ptrs = b_ptr + offsets_2d(ks, cols_lo, stride_bk, stride_bn)
+    b_hi_ptrs = b_ptr + offsets_2d(ks, cols_hi, stride_bk, stride_bn)
+    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    b_step = tl.full((), BLOCK_K, tl.int64) * stride_bk
+    for k0 in range(0, depth, BLOCK_K):
+        k_ok = (k0 + ks) < depth
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_lo = tl.load(b_lo_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0)
+        b_hi = tl.load(b_hi_ptrs, mask=k_ok[:, None] & hi_ok[None, :], other=0.0)
+        acc_lo = mma(a, b_lo, acc_lo, PRECISION)
+        acc_hi = mma(a, b_hi, acc_hi, PRECISION)
+        a_ptrs += a_step
+        b_lo_ptrs += b_step
+        b_hi_ptrs += b_step
+    return acc_lo, acc_hi
