@@ -217,3 +217,22 @@ def test_grad_a_split_over_rows_matches(p):
     want = dp.double().T @ (x.double() * keep.double())
     got = grad_a(dp, x, torch.float32, seed=9, p_drop=p)
     assert_close_scaled(got, want, torch.float32, "dA")
+
+
+def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
+    # Issue 16: configs are pruned before the autotuner compiles them.
+    from lowrank_fused.triton_kernels import configs
+    hopper_gemm = configs.GEMM_CONFIGS["sm90"][0]  # 128x256x64, 3 stages
+    # the AOT compile of the bf16 GEMM at this config reports 147456 bytes
+    assert configs.shared_memory_estimate(hopper_gemm, "gemm", 2, 16) == 147456
+    x = torch.empty(4, 4, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    prune = configs._pruner("gemm")
+    assert prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x}) == configs.GEMM_CONFIGS["sm90"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    kept = prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x})  # 99 KB: Hopper's big tiles go
+    assert hopper_gemm not in kept and kept
+    assert all(configs.shared_memory_estimate(c, "gemm", 2, 16) <= 99 * 1024 for c in kept)
+    skinny = configs._pruner("skinny")(configs.SKINNY_CONFIGS["sm80"], {"g_ptr": x},
+                                       RANK_BLOCK=256)
+    assert len(skinny) >= 1  # never empty: the smallest config stays
