@@ -149,7 +149,8 @@ def test_backend_reads_strided_operands(operand):
     m, r = 37, 12
     args = dict(x=torch.randn(m, K, generator=g), weight=torch.randn(N, K, generator=g) / 10,
                 bias=torch.randn(N, generator=g), lora_a=torch.randn(r, K, generator=g) / 10,
-                lora_b_eff=torch.randn(N, r, generator=g) / 4, grad_y=torch.randn(m, N, generator=g))
+                lora_b_eff=torch.randn(N, r, generator=g) / 4,
+                grad_y=torch.randn(m, N, generator=g))
     args = {name: t.to(DEVICE) for name, t in args.items()}
     strided = dict(args, **{operand: strided_copy(args[operand])})
     results = {}
@@ -205,7 +206,8 @@ def test_low_rank_dots_run_in_the_bases_16_bit_dtype():
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 def test_grad_a_split_over_rows_matches(p):
     # Issue 16 item 3: dA is reduced over M in several splits (here 3 of 128 rows on CPU); the
-    # partials must add up to dPᵀ·dropout(x) exactly once per row, the ragged last split included.
+    # partials must add up to dPᵀ·dropout(x) exactly once per row, the ragged last split
+    # included.
     from lowrank_fused.triton_kernels import grad_a
     from lowrank_fused.triton_kernels.backward import _row_splits
     m, r = 300, 12

@@ -17,7 +17,8 @@ from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
 
 
 @triton.jit
-def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
+def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R,
+                             scaling,
                              stride_gm, stride_gn, stride_bn, stride_br,
                              NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
                              NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -43,7 +44,9 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
         col_ok = cols < N
         g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
-            tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
+            # relaxed: only the sums matter, nothing is ordered against them in this kernel
+            tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok,
+                          sem="relaxed")
         g = g.to(DOT_DTYPE)
         if NEED_DP:
             b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
@@ -51,7 +54,7 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
         if NEED_DB:
             db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
             tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
-                          mask=col_ok[:, None] & rank_ok[None, :])
+                          mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
         g_ptrs += g_step
         b_ptrs += b_step
     if NEED_DP:
@@ -60,7 +63,8 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
 
 
 @triton.jit
-def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling, stride_gm, stride_gn,
+def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, stride_gm,
+                   stride_gn,
                    NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -202,26 +206,28 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
     fused_reductions = not deterministic
     dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_b_eff.dtype)
+    # tuned once per power of two of M: token counts vary from step to step
+    m_bucket = triton.next_power_of_2(m)
     # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
     # db_ptr and dbias_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
-        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M", "N", "R"],
+        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M_BUCKET", "N", "R"],
                                 reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
                      dp if need_dp else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch,
-                     m, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
+                     m, m_bucket, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
                      lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
                      NEED_DBIAS=need_dbias and fused_reductions, DOT_DTYPE=dot_dtype,
                      PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     if m and deterministic and (need_db or need_dbias):
-        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M", "N", "R"])
+        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M_BUCKET", "N", "R"])
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
-                     dbias if dbias is not None else scratch, m, n, r, float(scaling),
+                     dbias if dbias is not None else scratch, m, m_bucket, n, r, float(scaling),
                      grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db, NEED_DBIAS=need_dbias,
                      DOT_DTYPE=dot_dtype, PRECISION=dot_precision(dot_dtype),
                      RANK_BLOCK=rank_block(r), **meta)
