@@ -4,9 +4,14 @@ import torch
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from helpers import as_float64, make_case  # noqa: E402
 from lowrank_fused import low_rank_linear  # noqa: E402
+from lowrank_fused.backends import reference  # noqa: E402
+from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.triton_kernels import dropout_keep_mask  # noqa: E402
+from lowrank_fused.triton_kernels.tiling import offsets_2d  # noqa: E402
 from tolerance import assert_kernel_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,3 +122,113 @@ def test_large_rank_is_padded():
     case = make_case((37,), 230, 210, 200, trainable={"lora_a", "lora_b", "bias"},
                      dtype=torch.bfloat16, adapter_dtype=torch.float32, device=DEVICE)
     check(case, torch.bfloat16, 0.1)
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous view: every row and element spaced out."""
+    wide = torch.zeros(*(2 * s for s in t.shape), dtype=t.dtype, device=t.device)
+    view = wide[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("operand", ["x", "weight", "bias", "lora_a", "lora_b_eff", "grad_y"])
+def test_backend_reads_strided_operands(operand):
+    # Issue 14 item 1: every caller pointer is addressed through its strides.
+    g = torch.Generator().manual_seed(7)
+    m, r = 37, 12
+    args = dict(x=torch.randn(m, K, generator=g), weight=torch.randn(N, K, generator=g) / 10,
+                bias=torch.randn(N, generator=g), lora_a=torch.randn(r, K, generator=g) / 10,
+                lora_b_eff=torch.randn(N, r, generator=g) / 4,
+                grad_y=torch.randn(m, N, generator=g))
+    args = {name: t.to(DEVICE) for name, t in args.items()}
+    strided = dict(args, **{operand: strided_copy(args[operand])})
+    results = {}
+    as64 = {name: t.double() for name, t in args.items()}
+    for name, backend, given in (("torch_low", reference, args), ("want64", reference, as64),
+                                 ("got", triton_backend, strided)):
+        y, p = backend.forward(given["x"], given["weight"], given["bias"], given["lora_a"],
+                               given["lora_b_eff"], 0.5, None)
+        grads = backend.backward(given["grad_y"], given["x"], p, given["weight"],
+                                 given["lora_a"], given["lora_b_eff"], 0.5, None, need_x=True,
+                                 need_a=True, need_b=True, need_bias=True)
+        results[name] = (y, *grads)
+    for label, got, want64, torch_low in zip(["y", "dx", "dA", "dB", "dbias"], results["got"],
+                                             results["want64"], results["torch_low"]):
+        assert_kernel_close(got, want64, torch_low, f"{label} with a strided {operand}")
+
+
+@triton.jit
+def offsets_kernel(out_ptr, first_row, stride_rows, stride_cols):
+    rows = first_row + tl.arange(0, 2)
+    cols = tl.arange(0, 2)
+    offsets = offsets_2d(rows, cols, stride_rows, stride_cols)
+    tl.store(out_ptr + tl.arange(0, 2)[:, None] * 2 + tl.arange(0, 2)[None, :], offsets)
+
+
+def test_tile_offsets_are_64_bit():
+    # Issue 16 item 8: row·stride passes 2^31 on large inputs; checked on the offsets themselves,
+    # since a tensor that large does not fit a test (and a huge-stride view over a small storage
+    # would make the kernels read outside it).
+    out = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
+    first_row, stride_rows, stride_cols = 70_000, 40_000, 3  # rows·stride ≈ 2.8e9 > 2^31
+    offsets_kernel[(1,)](out, first_row, stride_rows, stride_cols)
+    rows = torch.arange(first_row, first_row + 2, dtype=torch.int64)[:, None]
+    cols = torch.arange(2, dtype=torch.int64)[None, :]
+    assert torch.equal(out.cpu(), rows * stride_rows + cols * stride_cols)
+
+
+def test_low_rank_dots_run_in_the_bases_16_bit_dtype():
+    # Issue 16 item 2: fp32 adapters over a half base are rounded at load (16-bit tensor cores);
+    # over an fp32 base the dots keep the adapters' dtype, TF32 only where torch allows it.
+    from lowrank_fused.triton_kernels.configs import dot_precision, low_rank_dot_dtype
+    assert low_rank_dot_dtype(torch.bfloat16, torch.float32) == tl.bfloat16
+    assert low_rank_dot_dtype(torch.float16, torch.float32) == tl.float16
+    assert low_rank_dot_dtype(torch.float32, torch.float32) == tl.float32
+    assert low_rank_dot_dtype(torch.float32, torch.bfloat16) == tl.bfloat16
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(tl.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(tl.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_grad_a_split_over_rows_matches(p):
+    # Issue 16 item 3: dA is reduced over M in several splits (here 3 of 128 rows on CPU); the
+    # partials must add up to dPᵀ·dropout(x) exactly once per row, the ragged last split
+    # included.
+    from lowrank_fused.triton_kernels import grad_a
+    from lowrank_fused.triton_kernels.backward import _row_splits
+    m, r = 300, 12
+    assert _row_splits(m, K, torch.device(DEVICE))[0] > 1 or DEVICE == "cuda"
+    g = torch.Generator().manual_seed(5)
+    dp = torch.randn(m, r, generator=g).to(DEVICE)
+    x = torch.randn(m, K, generator=g).to(DEVICE)
+    keep = dropout_keep_mask(9, p, (m, K), DEVICE).float() / (1.0 - p)
+    want64 = dp.double().T @ (x.double() * keep.double())
+    got = grad_a(dp, x, torch.float32, seed=9, p_drop=p)
+    assert_kernel_close(got, want64, dp.T @ (x * keep), "dA")
+
+
+def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
+    # Issue 16: configs are pruned before the autotuner compiles them.
+    from lowrank_fused.triton_kernels import configs
+    hopper_gemm = configs.GEMM_CONFIGS["sm90"][0]  # 128x256x64, 3 stages
+    # the AOT compile of the bf16 GEMM at this config reports 147456 bytes
+    assert configs.shared_memory_estimate(hopper_gemm, "gemm", 2, 16) == 147456
+    x = torch.empty(4, 4, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    prune = configs._pruner("gemm")
+    assert prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x}) == configs.GEMM_CONFIGS["sm90"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    kept = prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x})  # 99 KB: Hopper's big tiles go
+    assert hopper_gemm not in kept and kept
+    assert all(configs.shared_memory_estimate(c, "gemm", 2, 16) <= 99 * 1024 for c in kept)
+    skinny = configs._pruner("skinny")(configs.SKINNY_CONFIGS["sm80"], {"g_ptr": x},
+                                       RANK_BLOCK=256)
+    assert len(skinny) >= 1  # never empty: the smallest config stays

@@ -10,18 +10,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, rank_block
+from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile, matmul_tile
+from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
 
 
 @triton.jit
-def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
-                             stride_bn, stride_br,
+def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R,
+                             scaling,
+                             stride_gm, stride_gn, stride_bn, stride_br,
                              NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
-                             NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-                             RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                             NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                             PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                             BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -29,33 +31,42 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
     rank_ok = ranks < R
     gb = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
     if NEED_DB:
-        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+        p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        p = (p.to(tl.float32) * scaling).to(p_ptr.dtype.element_ty)
+        p = (p.to(tl.float32) * scaling).to(DOT_DTYPE)
+    ns = tl.arange(0, BLOCK_N)
+    g_ptrs = g_ptr + offsets_2d(rows, ns, stride_gm, stride_gn)
+    b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
+    g_step = tl.full((), BLOCK_N, tl.int64) * stride_gn
+    b_step = tl.full((), BLOCK_N, tl.int64) * stride_bn
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + ns
         col_ok = cols < N
-        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
-            tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
-        g = g.to(b_ptr.dtype.element_ty)
+            # relaxed: only the sums matter, nothing is ordered against them in this kernel
+            tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok,
+                          sem="relaxed")
+        g = g.to(DOT_DTYPE)
         if NEED_DP:
-            b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            gb = mma(g, b, gb, PRECISION)
+            b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            gb = mma(g, b.to(DOT_DTYPE), gb, PRECISION)
         if NEED_DB:
             db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
-            tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
-                          mask=col_ok[:, None] & rank_ok[None, :])
+            tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
+                          mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
+        g_ptrs += g_step
+        b_ptrs += b_step
     if NEED_DP:
-        tl.store(dp_ptr + rows[:, None] * R + ranks[None, :], gb * scaling,
+        tl.store(dp_ptr + offsets_2d(rows, ranks, R, 1), gb * scaling,
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
-                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, stride_gm,
+                   stride_gn,
+                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Deterministic dB_eff and dbias: each program owns BLOCK_N rows of dB and walks all of M.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,19 +75,23 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
     rank_ok = ranks < R
     db = tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    g_ptrs = g_ptr + offsets_2d(ms, cols, stride_gm, stride_gn)
+    p_ptrs = p_ptr + offsets_2d(ms, ranks, R, 1)
+    g_step = tl.full((), BLOCK_M, tl.int64) * stride_gm
+    p_step = tl.full((), BLOCK_M, tl.int64) * R
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        row_ok = (m0 + ms) < M
+        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if NEED_DBIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
         if NEED_DB:
-            p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = mma(tl.trans(g.to(p.dtype)), p, db, PRECISION)
+            p = tl.load(p_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            db = mma(tl.trans(g.to(DOT_DTYPE)), p.to(DOT_DTYPE), db, PRECISION)
+        g_ptrs += g_step
+        p_ptrs += p_step
     if NEED_DB:
-        tl.store(db_ptr + cols[:, None] * R + ranks[None, :], db * scaling,
+        tl.store(db_ptr + offsets_2d(cols, ranks, R, 1), db * scaling,
                  mask=col_ok[:, None] & rank_ok[None, :])
     if NEED_DBIAS:
         tl.store(dbias_ptr + cols, dbias, mask=col_ok)
@@ -84,9 +99,11 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, N, R, scaling,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
-                       stride_wn, stride_wk, stride_ar, stride_ak, seed, p_drop, keep_scale,
+                       stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
+                       seed, p_drop, keep_scale,
                        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                       LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
+                       RANK_BLOCK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
     # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N in
@@ -94,47 +111,86 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
-    col_ok = cols < K
-    acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, N, 1, stride_wn, stride_wk,
-                      PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ranks = tl.arange(0, RANK_BLOCK)
-    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)
-    dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
-                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(a.dtype)
+    dp = tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
+                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(DOT_DTYPE)
     if HAS_DROPOUT:
-        low_rank = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
-        keep = keep_mask(seed, rows, cols, K, p_drop)
-        acc += low_rank * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
+        # The mask and a second BLOCK_M x BLOCK_N term beside the accumulator spill on sm_90:
+        # the tile is accumulated as two column halves and each is finished on its own.
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        cols_lo = pid_k * BLOCK_N + tl.arange(0, HALF_N)
+        cols_hi = cols_lo + HALF_N
+        acc_lo, acc_hi = matmul_tile_halves(g_ptr, w_ptr, rows, cols_lo, cols_hi, row_ok,
+                                            cols_lo < K, cols_hi < K, N, stride_gm, stride_gn,
+                                            stride_wn, stride_wk, PRECISION, BLOCK_M, HALF_N,
+                                            BLOCK_K)
+        _store_with_dropout_term(acc_lo, dp, a_ptr, dx_ptr, rows, cols_lo, row_ok, K, R,
+                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
+                                 LR_PRECISION, RANK_BLOCK)
+        _store_with_dropout_term(acc_hi, dp, a_ptr, dx_ptr, rows, cols_hi, row_ok, K, R,
+                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
+                                 LR_PRECISION, RANK_BLOCK)
     else:
+        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
+                          stride_wn, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
+                    mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _store_with_dropout_term(acc, dp, a_ptr, dx_ptr, rows, cols, row_ok, K, R, stride_ar,
+                             stride_ak, seed, p_drop, keep_scale, DOT_DTYPE: tl.constexpr,
+                             LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    """dx[rows, cols] = acc + dropout(dP·A[:, cols])."""
+    col_ok = cols < K
+    ranks = tl.arange(0, RANK_BLOCK)
+    a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
+                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+    low_rank = mma(dp, a, tl.zeros(acc.shape, dtype=tl.float32), LR_PRECISION)
+    keep = keep_mask(seed, rows, cols, K, p_drop)
+    acc += low_rank * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
+    tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _grad_a_kernel(dp_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, p_drop,
-                   keep_scale, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                   RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Each program owns BLOCK_N columns of dA (r x K) and walks all of M: deterministic.
+def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, K, R, rows_per_split, stride_xm, stride_xk,
+                   seed, p_drop, keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    # Program (column block, split) sums dPᵀ·dropout(x) over its split's rows_per_split rows
+    # into its own fp32 partial; the launcher adds the partials (no atomics: deterministic).
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
+    split = tl.program_id(1)
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, M)
     ranks = tl.arange(0, RANK_BLOCK)
     acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    ms = first_row + tl.arange(0, BLOCK_M)
+    dp_ptrs = dp_ptr + offsets_2d(ms, ranks, R, 1)
+    x_ptrs = x_ptr + offsets_2d(ms, cols, stride_xm, stride_xk)
+    dp_step = tl.full((), BLOCK_M, tl.int64) * R
+    x_step = tl.full((), BLOCK_M, tl.int64) * stride_xm
+    for m0 in range(first_row, end_row, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        dp = tl.load(dp_ptr + rows[:, None] * R + ranks[None, :],
-                     mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        row_ok = rows < end_row
+        dp = tl.load(dp_ptrs, mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = x * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
-        acc = mma(tl.trans(dp), x.to(da_ptr.dtype.element_ty).to(tl.float32), acc, PRECISION)
-    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc.to(da_ptr.dtype.element_ty),
+            x = x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
+        acc = mma(tl.trans(dp.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, PRECISION)
+        dp_ptrs += dp_step
+        x_ptrs += x_step
+    partial = partial_ptr + split.to(tl.int64) * R * K
+    tl.store(partial + offsets_2d(ranks, cols, K, 1), acc,
              mask=(ranks < R)[:, None] & col_ok[None, :])
 
 
@@ -149,27 +205,32 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     db = torch.zeros((n, r), dtype=torch.float32, device=device) if need_db else None
     dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
     fused_reductions = not deterministic
+    dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_b_eff.dtype)
+    # tuned once per power of two of M: token counts vary from step to step
+    m_bucket = triton.next_power_of_2(m)
     # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
     # db_ptr and dbias_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
-        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M", "N", "R"],
+        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M_BUCKET", "N", "R"],
                                 reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
                      dp if need_dp else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch,
-                     m, n, r, float(scaling), lora_b_eff.stride(0), lora_b_eff.stride(1),
+                     m, m_bucket, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
+                     lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
-                     NEED_DBIAS=need_dbias and fused_reductions,
-                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+                     NEED_DBIAS=need_dbias and fused_reductions, DOT_DTYPE=dot_dtype,
+                     PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     if m and deterministic and (need_db or need_dbias):
-        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M", "N", "R"])
+        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M_BUCKET", "N", "R"])
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
-                     dbias if dbias is not None else scratch, m, n, r, float(scaling),
-                     NEED_DB=need_db, NEED_DBIAS=need_dbias,
-                     PRECISION=dot_precision(lora_b_eff.dtype), RANK_BLOCK=rank_block(r), **meta)
+                     dbias if dbias is not None else scratch, m, m_bucket, n, r, float(scaling),
+                     grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db, NEED_DBIAS=need_dbias,
+                     DOT_DTYPE=dot_dtype, PRECISION=dot_precision(dot_dtype),
+                     RANK_BLOCK=rank_block(r), **meta)
     if db is not None:
         db = db.to(lora_b_eff.dtype)
     if dbias is not None:
@@ -185,25 +246,42 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
     dx = torch.empty((m, k), dtype=weight.dtype, device=grad_y.device)
     if m == 0:
         return dx
+    dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
     kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, weight.stride(0), weight.stride(1),
+    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, grad_y.stride(0), grad_y.stride(1),
+                 weight.stride(0), weight.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
                  HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
-                 LR_PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
+                 DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
+                 RANK_BLOCK=rank_block(r), **meta)
     return dx
 
 
+def _row_splits(m: int, k: int, device: torch.device):
+    """(splits, rows_per_split) of dA's reduction over M: enough programs for two per SM even
+    when K has few column blocks, in 128-row steps (a multiple of every BLOCK_M)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 4
+    column_blocks = triton.cdiv(k, 128)
+    splits = max(1, min(triton.cdiv(2 * sms, column_blocks), triton.cdiv(m, 128)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
+    return triton.cdiv(m, rows_per_split), rows_per_split
+
+
 def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
-    """dA = dPᵀ·dropout(x), shape (r, K), in ``lora_a_dtype``."""
+    """dA = dPᵀ·dropout(x), shape (r, K), in ``lora_a_dtype``; split over M so a few columns
+    still fill the GPU, the splits' fp32 partials added in a fixed order (deterministic)."""
     m, k = x.shape
     r = dp.shape[1]
-    da = torch.empty((r, k), dtype=lora_a_dtype, device=x.device)
     if m == 0:
-        return da.zero_()
-    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R"])
-    grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](dp, x, da, m, k, r, x.stride(0), x.stride(1), seed, p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
-                 PRECISION=dot_precision(torch.float32), RANK_BLOCK=rank_block(r), **meta)
-    return da
+        return torch.zeros((r, k), dtype=lora_a_dtype, device=x.device)
+    splits, rows_per_split = _row_splits(m, k, x.device)
+    partials = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
+    dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
+    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R", "rows_per_split"])
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]), splits)  # noqa: E731
+    kernel[grid](dp, x, partials, m, k, r, rows_per_split, x.stride(0), x.stride(1), seed,
+                 p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
+                 PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
+    return partials.sum(0, dtype=torch.float32).to(lora_a_dtype)

@@ -1,9 +1,11 @@
-"""Launch configurations: autotuned per GPU generation and shape, one fixed set under the
-interpreter (where autotuning would only multiply CPU time)."""
+"""Launch configurations: autotuned per GPU config family and shape (configs that overflow shared
+memory pruned first), one fixed set under the interpreter (where autotuning would only multiply
+CPU time)."""
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -15,9 +17,25 @@ def rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 only where torch's own matmuls would."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def low_rank_dot_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype):
+    """The Triton dtype the low-rank dots multiply in (accumulation is always fp32).
+
+    Over a 16-bit base it is the base's dtype: fp32 adapters, activations and gradients are rounded
+    at load, so every dot runs on 16-bit tensor cores. Over an fp32 base it is the adapters' dtype
+    (PEFT rounds x to it), with TF32 or IEEE per ``dot_precision``. Results keep their own dtype."""
+    if base_dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[base_dtype]
+    return _TL_DTYPE[adapter_dtype]
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs use TF32 only where torch's own matmuls would (torch's allow_tf32, which
+    ``torch.set_float32_matmul_precision("high")`` turns on): a caller who kept fp32 everywhere
+    and left TF32 off asked for fp32 products."""
+    if dtype in (torch.float32, tl.float32) and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
@@ -55,9 +73,45 @@ INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 
 
-def generation() -> str:
+def config_family() -> str:
+    """Which config list suits this GPU: "sm90" (Hopper and later) or "sm80". Not dispatch's
+    "generation", which names the exact architecture."""
     major, _ = torch.cuda.get_device_capability()
     return "sm90" if major >= 9 else "sm80"
+
+
+# Opt-in shared memory per block, bytes; sm_86/sm_89/sm_120 (consumer parts) have 99 KB.
+_SHARED_MEMORY = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024,
+                  (10, 0): 227 * 1024, (10, 3): 227 * 1024}
+_CONSUMER_SHARED_MEMORY = 99 * 1024
+
+
+def shared_memory_limit(capability) -> int:
+    """Bytes of shared memory one program may use on a GPU of this (major, minor) capability."""
+    return _SHARED_MEMORY.get(tuple(capability), _CONSUMER_SHARED_MEMORY)
+
+
+def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: int) -> int:
+    """Bytes of the pipelined tiles a config keeps in shared memory: num_stages copies of the
+    streamed operand tiles (base-dtype tiles, and for skinny passes one fp32-sized rank tile)."""
+    meta, stages = config.kwargs, config.num_stages
+    if family == "gemm":
+        return stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * base_bytes
+    rank_tile = max(meta["BLOCK_M"], meta["BLOCK_N"]) * rank_block_ * 4
+    return stages * (meta["BLOCK_M"] * meta["BLOCK_N"] * base_bytes + rank_tile)
+
+
+def _pruner(family: str):
+    """early_config_prune for triton.autotune: drops configs over the shared-memory limit before
+    any is compiled (the autotuner would only skip them after a failed compile)."""
+    def prune(configs, named_args, **kwargs):
+        base = named_args.get("x_ptr", named_args.get("g_ptr"))
+        limit = shared_memory_limit(torch.cuda.get_device_capability(base.device))
+        fitting = [c for c in configs if shared_memory_estimate(
+            c, family, base.element_size(), kwargs.get("RANK_BLOCK", 16)) <= limit]
+        return fitting or [min(configs, key=lambda c: shared_memory_estimate(
+            c, family, base.element_size(), kwargs.get("RANK_BLOCK", 16)))]
+    return prune
 
 
 _tuned = {}
@@ -65,13 +119,15 @@ _tuned = {}
 
 def launcher(kernel, family: str, key, reset_to_zero=None):
     """(callable kernel, fixed meta-parameters) for this machine: under the interpreter the raw
-    kernel and one small config; on a GPU an autotuner over the generation's configs, keyed by
-    shape, with nothing fixed."""
+    kernel and one small config; on a GPU an autotuner over the config family's configs that fit
+    its shared memory, keyed by shape, with nothing fixed."""
     if interpreting():
         return kernel, dict(INTERPRETER_GEMM if family == "gemm" else INTERPRETER_SKINNY)
-    gen = generation()
-    cache_key = (kernel, gen)
+    configs_of = config_family()
+    cache_key = (kernel, configs_of)
     if cache_key not in _tuned:
-        configs = (GEMM_CONFIGS if family == "gemm" else SKINNY_CONFIGS)[gen]
-        _tuned[cache_key] = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+        configs = (GEMM_CONFIGS if family == "gemm" else SKINNY_CONFIGS)[configs_of]
+        _tuned[cache_key] = triton.autotune(
+            configs, key=key, reset_to_zero=reset_to_zero,
+            prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
     return _tuned[cache_key], {}

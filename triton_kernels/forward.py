@@ -5,42 +5,51 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, rank_block
+from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
 from .dropout import keep_mask
 from .mma import mma
-from .tiling import grouped_tile, matmul_tile
+from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
 @triton.jit
 def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
                     stride_xm, stride_xk, stride_ar, stride_ak,
                     seed, p_drop, keep_scale,
-                    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # BLOCK_N is the width of the streamed K tile.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
     ranks = tl.arange(0, RANK_BLOCK)
+    rank_ok = ranks < R
+    ks = tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + offsets_2d(rows, ks, stride_xm, stride_xk)
+    a_ptrs = a_ptr + offsets_2d(ks, ranks, stride_ak, stride_ar)
+    x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
+    a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
     acc = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_N):
-        cols = k0 + tl.arange(0, BLOCK_N)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
-                      mask=(ranks < R)[None, :] & (cols < K)[:, None], other=0.0)
-        x = x.to(a_t.dtype)  # the low-rank branch computes in the adapters' dtype, as PEFT
+        cols = k0 + ks
+        col_ok = cols < K
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = (x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)).to(a_t.dtype)  # NaN·0 = NaN
-        acc = mma(x, a_t, acc, PRECISION)
-    tl.store(p_ptr + rows[:, None] * R + ranks[None, :], acc.to(p_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (ranks < R)[None, :])
+            x = x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
+        acc = mma(x.to(DOT_DTYPE), a_t.to(DOT_DTYPE), acc, PRECISION)
+        x_ptrs += x_step
+        a_ptrs += a_step
+    tl.store(p_ptr + offsets_2d(rows, ranks, R, 1), acc.to(p_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R, scaling,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+                         stride_bias,
                          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                         LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
+                         RANK_BLOCK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -53,15 +62,16 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R
                       stride_wk, stride_wn, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # K-extension: r more steps of the same accumulation, [x | s·P]·[W | B_eff]ᵀ.
     ranks = tl.arange(0, RANK_BLOCK)
-    p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+    p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-    b_t = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+    b_t = tl.load(b_ptr + offsets_2d(ranks, cols, stride_br, stride_bn),
                   mask=col_ok[None, :] & (ranks < R)[:, None], other=0.0)
-    p = (p.to(tl.float32) * scaling).to(b_t.dtype)
-    acc = mma(p, b_t, acc, LR_PRECISION)
+    p = (p.to(tl.float32) * scaling).to(DOT_DTYPE)
+    acc = mma(p, b_t.to(DOT_DTYPE), acc, LR_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + offsets_2d(rows, cols, N, 1), acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -73,12 +83,13 @@ def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float 
     p = torch.empty((m, r), dtype=lora_a.dtype, device=x.device)
     if m == 0:
         return p
+    dot_dtype = low_rank_dot_dtype(x.dtype, lora_a.dtype)
     kernel, meta = launcher(_project_kernel, "skinny", key=["M", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     kernel[grid](x, lora_a, p, m, k, r, x.stride(0), x.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
-                 PRECISION=dot_precision(lora_a.dtype), RANK_BLOCK=rank_block(r), **meta)
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
+                 PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     return p
 
 
@@ -91,11 +102,14 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
     kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, n, k, r,
                  float(scaling), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                 lora_b_eff.stride(0), lora_b_eff.stride(1), HAS_BIAS=bias is not None,
-                 PRECISION=dot_precision(x.dtype), LR_PRECISION=dot_precision(p.dtype),
+                 lora_b_eff.stride(0), lora_b_eff.stride(1),
+                 bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None,
+                 PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype,
+                 LR_PRECISION=dot_precision(dot_dtype),
                  RANK_BLOCK=rank_block(r), **meta)
     return y

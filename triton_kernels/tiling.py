@@ -1,4 +1,4 @@
-"""Tile order and the main-GEMM loop shared by the forward and dx kernels."""
+"""Tile order, tile addressing and the main-GEMM loop shared by the forward and dx kernels."""
 import triton
 import triton.language as tl
 
@@ -19,17 +19,58 @@ def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.const
 
 
 @triton.jit
+def offsets_2d(rows, cols, stride_rows, stride_cols):
+    """Element offsets (int64) of the tile rows x cols: row·stride passes 2^31 on large inputs,
+    and 64-bit offsets cost little since the pointers they feed are 64-bit anyway."""
+    return (rows.to(tl.int64)[:, None] * stride_rows
+            + cols.to(tl.int64)[None, :] * stride_cols)
+
+
+@triton.jit
 def matmul_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_am, stride_ak,
                 stride_bk, stride_bn, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 (BLOCK_M, BLOCK_N) tile of a·b over the reduction dimension ``depth``, both operands
     addressed through strides (so b may be a transposed view)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
+    b_ptrs = b_ptr + offsets_2d(ks, cols, stride_bk, stride_bn)
+    # the pointers advance by a 64-bit step, so the loop adds no index arithmetic
+    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    b_step = tl.full((), BLOCK_K, tl.int64) * stride_bk
     for k0 in range(0, depth, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_ok[:, None] & (ks < depth)[None, :], other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=(ks < depth)[:, None] & col_ok[None, :], other=0.0)
+        k_ok = (k0 + ks) < depth
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(a, b, acc, PRECISION)
+        a_ptrs += a_step
+        b_ptrs += b_step
     return acc
+
+
+@triton.jit
+def matmul_tile_halves(a_ptr, b_ptr, rows, cols_lo, cols_hi, row_ok, lo_ok, hi_ok, depth,
+                       stride_am, stride_ak, stride_bk, stride_bn, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``matmul_tile`` as two column halves (one read of a per step): an epilogue that needs
+    room can then finish one half while only the other's accumulator waits."""
+    acc_lo = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
+    b_lo_ptrs = b_ptr + offsets_2d(ks, cols_lo, stride_bk, stride_bn)
+    b_hi_ptrs = b_ptr + offsets_2d(ks, cols_hi, stride_bk, stride_bn)
+    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    b_step = tl.full((), BLOCK_K, tl.int64) * stride_bk
+    for k0 in range(0, depth, BLOCK_K):
+        k_ok = (k0 + ks) < depth
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_lo = tl.load(b_lo_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0)
+        b_hi = tl.load(b_hi_ptrs, mask=k_ok[:, None] & hi_ok[None, :], other=0.0)
+        acc_lo = mma(a, b_lo, acc_lo, PRECISION)
+        acc_hi = mma(a, b_hi, acc_hi, PRECISION)
+        a_ptrs += a_step
+        b_lo_ptrs += b_step
+        b_hi_ptrs += b_step
+    return acc_lo, acc_hi

@@ -16,7 +16,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     check_dtypes("triton", x, lora_a)
     seed, p_drop = seed_and_p(dropout)
     p = kernels.project(x, lora_a, seed, p_drop)
-    y = kernels.fused_linear(x, weight, bias, p, lora_b_eff.contiguous(), scaling)
+    y = kernels.fused_linear(x, weight, bias, p, lora_b_eff, scaling)  # strides honoured
     return y, p
 
 
