@@ -7,6 +7,7 @@ names, else Triton, else the CUDA extension; and the reference backend for anyth
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -26,10 +27,12 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)  # a package lookup on disk: once per process
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_extension_available() -> bool:
     try:
         importlib.import_module("lowrank_fused._C")
@@ -95,6 +98,7 @@ def gpu_generation(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+DEFAULT_KIND = "lora:forward+backward"
 POLICY_TAG = "auto:"  # "auto:<method>:<mode>": chosen per shape by the ops, see resolve()
 
 
@@ -110,7 +114,7 @@ def _auto_on_cuda(kind: str) -> str:
 # Under torch.compile the choice is made once, at trace time, and baked into the graph; it takes
 # strings only, so dynamic shapes add no guard (the per-shape part runs inside the ops).
 @torch.compiler.assume_constant_result
-def resolved_name(backend: str, device: torch.device, kind: str = "lora:forward+backward") -> str:
+def resolved_name(backend: str, device: torch.device, kind: str = DEFAULT_KIND) -> str:
     """What ``backend`` (after the env override) means on ``device``: "reference", "triton",
     "cuda", or, for "auto" on CUDA tensors with both GPU backends built, the tag
     "auto:<method>:<mode>" that the ops resolve per shape with the measured policy (``kind`` is
@@ -150,4 +154,9 @@ def resolve(name: str, device: torch.device, shape: Optional[tuple] = None) -> M
         return _load_triton(device)
     if name == "cuda":
         return _load_cuda(device)
+    return _reference_module()
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_module() -> ModuleType:
     return importlib.import_module(".backends.reference", __package__)
