@@ -64,9 +64,10 @@ def low_rank_linear(
     else:
         _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     # The call's kind only steers the measured policy, which exists for CUDA tensors only.
-    kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if x.device.type == "cuda"
+    device = x.device
+    kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if device.type == "cuda"
             else dispatch.DEFAULT_KIND)
-    backend_name = dispatch.resolved_name(backend, x.device, kind)
+    backend_name = dispatch.resolved_name(backend, device, kind)
 
     dropout_p = float(dropout_p) if training else 0.0
     n, k = weight.shape
@@ -131,7 +132,7 @@ def _autocast_base(x, weight, bias):
     adapters keep their own dtype. The casts are differentiable, so gradients come back in each
     tensor's own dtype."""
     device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    if device_type != "cuda" and device_type != "cpu" or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731

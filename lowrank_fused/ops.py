@@ -8,7 +8,6 @@ N x r product is kept. Dropout keeps its seed, never its mask.
 """
 from __future__ import annotations
 
-import contextlib
 
 from typing import Optional
 
@@ -24,13 +23,23 @@ def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
     return lora_b if latent is None else lora_b @ latent.T
 
 
-def _no_autocast(t: Tensor):
-    """Inside the ops every tensor keeps its dtype: the caller already applied autocast.
-    Entering autocast costs microseconds, so only when it is on."""
-    device_type = t.device.type if t.device.type in ("cuda", "cpu") else "cpu"
-    if not torch.is_autocast_enabled(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
+def _autocast_type(t: Tensor) -> Optional[str]:
+    """The device type whose autocast is on for t, or None (the common case: checked first,
+    because entering a context costs about a microsecond a call)."""
+    device_type = t.device.type
+    if device_type != "cuda":
+        device_type = "cpu"
+    return device_type if torch.is_autocast_enabled(device_type) else None
+
+
+def _without_autocast(t: Tensor, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every tensor keeping its dtype: the caller already applied
+    autocast."""
+    device_type = _autocast_type(t)
+    if device_type is None:
+        return fn(*args, **kwargs)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args, **kwargs)
 
 
 def _dropout(dropout_p: float, seed) -> Optional[DropoutSpec]:
@@ -50,9 +59,8 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, see
     """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
     tagged = backend.startswith(dispatch.POLICY_TAG)  # only a policy tag needs the shape
     impl = dispatch.resolve(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
-    with _no_autocast(x):
-        return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
-                            _dropout(dropout_p, seed))
+    return _without_autocast(x, impl.forward, x, weight, bias, lora_a,
+                             effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed))
 
 
 @torch.library.custom_op("lowrank_fused::forward", mutates_args=())
@@ -75,11 +83,10 @@ def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_
     """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
     op, shared with the eager path."""
     impl = dispatch.resolve(backend, grad_y.device, _shape(grad_y, weight, lora_a))
-    with _no_autocast(grad_y):
-        dx, da, db_eff, dbias = impl.backward(
-            grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,
-            _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
-            need_b=need_b or need_latent, need_bias=need_bias)
+    dx, da, db_eff, dbias = _without_autocast(
+        grad_y, impl.backward, grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent),
+        scaling, _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
+        need_b=need_b or need_latent, need_bias=need_bias)
     db = dr = None
     if latent is None:
         db = db_eff
