@@ -46,7 +46,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     _, infos = load(args.results)
     entries = entries_from(infos)
-    devices = sorted({i["device"] for i in infos if i.get("impl", "").startswith("ours-")})
+    devices = sorted({i["device"] for i in infos
+                      if i.get("impl", "").startswith("ours-") and "device" in i})
     Path(args.out).write_text(json.dumps(
         {"about": ABOUT, "source": str(args.results), "devices": devices, "entries": entries},
         indent=1) + "\n")
