@@ -33,12 +33,34 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_extension_available() -> bool:
+def _extension_load_error() -> Optional[str]:
+    """Why lowrank_fused._C cannot be imported, or None when it can (tried once per process)."""
     try:
         importlib.import_module("lowrank_fused._C")
-    except ImportError:
-        return False
-    return True
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def cuda_extension_available() -> bool:
+    return _extension_load_error() is None
+
+
+def _extension_unavailable_reason() -> str:
+    """The cause, kept: "not built", or built but failing to load (with both torch versions,
+    since a torch upgrade after the build is the usual cause)."""
+    cause = _extension_load_error()
+    if importlib.util.find_spec("lowrank_fused._C") is None:
+        return ("needs the compiled extension lowrank_fused._C, which is not built: on a machine "
+                "with nvcc and a CUDA build of torch run "
+                "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation")
+    try:
+        built_with = importlib.import_module("._build_info", __package__).TORCH_VERSION
+    except (ImportError, AttributeError):
+        built_with = "unknown (no lowrank_fused/_build_info.py)"
+    return (f"found lowrank_fused._C but could not load it ({cause}); it was built against "
+            f"torch {built_with}, this process runs torch {torch.__version__}: rebuild with "
+            "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation")
 
 
 def available_backends() -> list[str]:
@@ -80,11 +102,7 @@ def _load_triton(device: torch.device) -> ModuleType:
 
 def _load_cuda(device: torch.device) -> ModuleType:
     if not cuda_extension_available():
-        raise BackendUnavailableError(
-            "backend 'cuda' needs the compiled extension lowrank_fused._C, which is not built: "
-            "on a machine with nvcc and a CUDA build of torch run "
-            "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation"
-        )
+        raise BackendUnavailableError("backend 'cuda' " + _extension_unavailable_reason())
     if device.type != "cuda":
         raise BackendUnavailableError(
             f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"

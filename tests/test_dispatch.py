@@ -36,3 +36,31 @@ def test_missing_triton_package(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(dispatch.BackendUnavailableError, match="pip install triton"):
         dispatch.resolved_name("triton", torch.device("cpu"))
+
+
+def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypatch):
+    """A built extension that fails to load (e.g. an ABI mismatch after a torch upgrade) must
+    not read as "not built": the error keeps the ImportError and names both torch versions."""
+    import importlib.util
+    import sys
+    import types
+
+    cause = "ImportError: undefined symbol: _ZN3c104cuda9SetDevice"
+    monkeypatch.setattr(dispatch, "_extension_load_error", lambda: cause)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if name == "lowrank_fused._C" else real_find_spec(name, *a)))
+    monkeypatch.setitem(sys.modules, "lowrank_fused._build_info",
+                        types.SimpleNamespace(TORCH_VERSION="2.9.0+cu128"))
+    assert not dispatch.cuda_extension_available()
+    with pytest.raises(dispatch.BackendUnavailableError) as info:
+        dispatch.resolved_name("cuda", torch.device("cuda"))
+    message = str(info.value)
+    assert cause in message and "2.9.0+cu128" in message and torch.__version__ in message
+    assert "not built" not in message
+
+
+def test_missing_extension_says_not_built(monkeypatch):
+    monkeypatch.setattr(dispatch, "_extension_load_error", lambda: "ModuleNotFoundError: _C")
+    with pytest.raises(dispatch.BackendUnavailableError, match="not built"):
+        dispatch.resolved_name("cuda", torch.device("cuda"))
