@@ -17,23 +17,23 @@ from benchmarks.report import load
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lowrank_fused" / "auto_policy.json"
 ABOUT = ("Measured per-shape choice of 'auto' between the triton and cuda backends on CUDA "
          "tensors. Written by: python -m benchmarks.auto_policy RESULTS.json. With no entry for "
-         "a call's GPU generation, dtype and mode, 'auto' uses triton.")
+         "a call's GPU architecture, dtype and mode, 'auto' uses triton.")
 
 
 def entries_from(infos: list[dict]) -> list[dict]:
     timed = {}
     for i in infos:
-        if i.get("impl") not in ("ours-triton", "ours-cuda") or "generation" not in i:
+        if i.get("impl") not in ("ours-triton", "ours-cuda") or "arch" not in i:
             continue
-        key = (i["generation"], i["dtype"].replace("torch.", ""), i["method"], i["mode"], i["M"],
+        key = (i["arch"], i["dtype"].replace("torch.", ""), i["method"], i["mode"], i["M"],
                i["N"], i["K"], i["rank"])
         timed.setdefault(key, {})[i["impl"][len("ours-"):]] = i["median_ms"]
     entries = []
     for key, times in sorted(timed.items()):
         if len(times) < 2:
             continue
-        generation, dtype, method, mode, m, n, k, r = key
-        entries.append(dict(generation=generation, dtype=dtype, method=method, mode=mode, m=m,
+        arch, dtype, method, mode, m, n, k, r = key
+        entries.append(dict(arch=arch, dtype=dtype, method=method, mode=mode, m=m,
                             n=n, k=k, r=r, winner=min(times, key=times.get),
                             median_ms={b: round(t, 5) for b, t in sorted(times.items())}))
     return entries

@@ -1,5 +1,10 @@
 """Choose the backend that computes the operator: "auto" | "reference" | "triton" | "cuda".
 
+One choice, in stages, each named for it: ``requested_choice`` (the name asked for, after the
+environment override), ``call_choice`` (what it means for one call on its device: a backend
+name, or a policy tag), ``shape_choice`` (a policy tag made concrete for one shape), and
+``backend_module`` (the module that runs it).
+
 An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a GPU backend for CUDA
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
@@ -73,7 +78,7 @@ def available_backends() -> list[str]:
     return names
 
 
-def requested_backend(backend: str) -> str:
+def requested_choice(backend: str) -> str:
     """Apply the environment override to the default and check the name."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
@@ -110,20 +115,41 @@ def _load_cuda(device: torch.device) -> ModuleType:
     return importlib.import_module(".backends.cuda", __package__)
 
 
-def gpu_generation(device: torch.device) -> str:
+def gpu_arch(device: torch.device) -> str:
     """"sm90" for H100/H200, "sm80" for A100, ...: the key of the measured policy."""
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm{major}{minor}"
 
 
 DEFAULT_KIND = "lora:forward+backward"
-POLICY_TAG = "auto:"  # "auto:<method>:<mode>": chosen per shape by the ops, see resolve()
+
+# The policy tag "auto:<method>:<mode>": a call choice that leaves the backend to the measured
+# policy, per shape, inside the ops. It stays a string (torch.compile bakes strings into the
+# graph and custom ops take them); it is built and parsed only here.
+POLICY_TAG = "auto:"
+
+
+def policy_tag(kind: str) -> str:
+    """The tag for a call of ``kind`` = "<method>:<mode>" (see ``call_kind``)."""
+    return POLICY_TAG + kind
+
+
+def is_policy_tag(choice: str) -> bool:
+    return choice.startswith(POLICY_TAG)
+
+
+def parse_policy_tag(tag: str) -> tuple[str, str]:
+    """(method, mode) of a policy tag; ValueError for anything else."""
+    parts = tag.split(":")
+    if len(parts) != 3 or parts[0] + ":" != POLICY_TAG:
+        raise ValueError(f"expected a policy tag 'auto:<method>:<mode>', got {tag!r}")
+    return parts[1], parts[2]
 
 
 def _auto_on_cuda(kind: str) -> str:
     have_triton, have_cuda = triton_available(), cuda_extension_available()
     if have_triton and have_cuda:
-        return POLICY_TAG + kind  # both built: the measured policy decides, per shape
+        return policy_tag(kind)  # both built: the measured policy decides, per shape
     if have_triton:
         return "triton"
     return "cuda" if have_cuda else "reference"
@@ -132,15 +158,16 @@ def _auto_on_cuda(kind: str) -> str:
 # Under torch.compile the choice is made once, at trace time, and baked into the graph; it takes
 # strings only, so dynamic shapes add no guard (the per-shape part runs inside the ops).
 @torch.compiler.assume_constant_result
-def resolved_name(backend: str, device: torch.device, kind: str = DEFAULT_KIND) -> str:
+def call_choice(backend: str, device: torch.device, kind: str = DEFAULT_KIND) -> str:
     """What ``backend`` (after the env override) means on ``device``: "reference", "triton",
     "cuda", or, for "auto" on CUDA tensors with both GPU backends built, the tag
-    "auto:<method>:<mode>" that the ops resolve per shape with the measured policy (``kind`` is
-    "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it cannot run."""
-    name = requested_backend(backend)
+    "auto:<method>:<mode>" that the ops turn into a backend per shape with the measured policy
+    (``kind`` is "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it
+    cannot run."""
+    name = requested_choice(backend)
     if name == "auto":
         name = _auto_on_cuda(kind) if device.type == "cuda" else "reference"
-    resolve(name, device)  # fail now, with the reason, rather than inside the op
+    backend_module(name, device)  # fail now, with the reason, rather than inside the op
     return name
 
 
@@ -154,20 +181,20 @@ def call_kind(x, weight, lora_a, lora_b, latent) -> str:
     return f"{method}:{'forward+backward' if grads else 'forward'}"
 
 
-def measured_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
-                    r: int) -> str:
+def shape_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                 r: int) -> str:
     """The backend a policy tag means for one shape: the measured winner, else "triton"."""
-    method, mode = tag[len(POLICY_TAG):].split(":")
+    method, mode = parse_policy_tag(tag)
     dtype_name = str(dtype).replace("torch.", "")
-    choice = policy.choose(gpu_generation(device), dtype_name, method, mode, m, n, k, r)
+    choice = policy.choose(gpu_arch(device), dtype_name, method, mode, m, n, k, r)
     return choice or "triton"
 
 
-def resolve(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
-    """The backend module for a name from ``resolved_name`` on ``device``; a policy tag needs
+def backend_module(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
+    """The backend module for a name from ``call_choice`` on ``device``; a policy tag needs
     ``shape`` = (dtype, M, N, K, r) and checks only the fallback without it."""
-    if name.startswith(POLICY_TAG):
-        name = measured_choice(name, device, *shape) if shape is not None else "triton"
+    if is_policy_tag(name):
+        name = shape_choice(name, device, *shape) if shape is not None else "triton"
     if name == "triton":
         return _load_triton(device)
     if name == "cuda":

@@ -67,7 +67,7 @@ def low_rank_linear(
     device = x.device
     kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if device.type == "cuda"
             else dispatch.DEFAULT_KIND)
-    backend_name = dispatch.resolved_name(backend, device, kind)
+    choice = dispatch.call_choice(backend, device, kind)
 
     dropout_p = float(dropout_p) if training else 0.0
     n, k = weight.shape
@@ -76,15 +76,15 @@ def low_rank_linear(
     if compiling:
         # The custom ops: torch.compile traces them without graph breaks.
         seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
-        y2d, _ = forward_op(rows, *args, seed, backend_name)
+        y2d, _ = forward_op(rows, *args, seed, choice)
     else:
         # Eager: the same code through an autograd.Function, without the dispatcher's cost;
         # with nothing to differentiate, the forward alone.
         seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
         if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, latent):
-            y2d, _ = EagerLowRank.apply(rows, *args, seed, backend_name)
+            y2d, _ = EagerLowRank.apply(rows, *args, seed, choice)
         else:
-            y2d, _ = run_forward(rows, *args, seed, backend_name)
+            y2d, _ = run_forward(rows, *args, seed, choice)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
 
 

@@ -51,14 +51,14 @@ def _dropout(dropout_p: float, seed) -> Optional[DropoutSpec]:
 
 
 def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
-    """(dtype, M, N, K, r) of a call, for a backend chosen per shape (dispatch.resolve)."""
+    """(dtype, M, N, K, r) of a call, for a policy tag made concrete per shape (dispatch.shape_choice)."""
     return (weight.dtype, rows.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
 
 
 def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
     """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
-    tagged = backend.startswith(dispatch.POLICY_TAG)  # only a policy tag needs the shape
-    impl = dispatch.resolve(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
+    tagged = dispatch.is_policy_tag(backend)  # only a policy tag needs the shape
+    impl = dispatch.backend_module(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
     return _without_autocast(x, impl.forward, x, weight, bias, lora_a,
                              effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed))
 
@@ -67,7 +67,7 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, see
 def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
                seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """(y, P) for 2-D x; ``backend`` comes from dispatch.resolved_name, ``seed`` is a 1-element
+    """(y, P) for 2-D x; ``backend`` comes from dispatch.call_choice, ``seed`` is a 1-element
     int64 tensor, or None without dropout."""
     return run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
 
@@ -82,7 +82,7 @@ def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_
                  need_x, need_a, need_b, need_latent, need_bias) -> tuple:
     """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
     op, shared with the eager path."""
-    impl = dispatch.resolve(backend, grad_y.device, _shape(grad_y, weight, lora_a))
+    impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
     dx, da, db_eff, dbias = _without_autocast(
         grad_y, impl.backward, grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent),
         scaling, _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,

@@ -6,24 +6,24 @@ from lowrank_fused import available_backends, dispatch
 
 
 def test_auto_on_cpu_is_reference():
-    assert dispatch.resolved_name("auto", torch.device("cpu")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cpu")) == "reference"
 
 
 def test_auto_on_cuda_prefers_gpu_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "triton"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "reference"
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
     monkeypatch.setattr(dispatch, "_load_cuda", lambda device: None)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "cuda"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "cuda"
 
 
 def test_env_replaces_auto_only(monkeypatch):
     monkeypatch.setenv("LOWRANK_FUSED_BACKEND", "triton")
-    assert dispatch.resolved_name("auto", torch.device("cpu")) == "triton"  # interpreter is on
-    assert dispatch.resolved_name("reference", torch.device("cpu")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cpu")) == "triton"  # interpreter is on
+    assert dispatch.call_choice("reference", torch.device("cpu")) == "reference"
 
 
 def test_available_backends_lists_reference_and_triton():
@@ -35,7 +35,7 @@ def test_available_backends_lists_reference_and_triton():
 def test_missing_triton_package(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(dispatch.BackendUnavailableError, match="pip install triton"):
-        dispatch.resolved_name("triton", torch.device("cpu"))
+        dispatch.call_choice("triton", torch.device("cpu"))
 
 
 def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypatch):
@@ -54,7 +54,7 @@ def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypa
                         types.SimpleNamespace(TORCH_VERSION="2.9.0+cu128"))
     assert not dispatch.cuda_extension_available()
     with pytest.raises(dispatch.BackendUnavailableError) as info:
-        dispatch.resolved_name("cuda", torch.device("cuda"))
+        dispatch.call_choice("cuda", torch.device("cuda"))
     message = str(info.value)
     assert cause in message and "2.9.0+cu128" in message and torch.__version__ in message
     assert "not built" not in message
@@ -63,4 +63,4 @@ def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypa
 def test_missing_extension_says_not_built(monkeypatch):
     monkeypatch.setattr(dispatch, "_extension_load_error", lambda: "ModuleNotFoundError: _C")
     with pytest.raises(dispatch.BackendUnavailableError, match="not built"):
-        dispatch.resolved_name("cuda", torch.device("cuda"))
+        dispatch.call_choice("cuda", torch.device("cuda"))
