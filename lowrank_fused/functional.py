@@ -57,8 +57,9 @@ def low_rank_linear(
         TypeError: non-floating dtypes, x and weight of different dtypes, adapters of mixed dtypes.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
-    x, weight, bias = _autocast_base(x, weight, bias)
     compiling = torch.compiler.is_compiling()
+    if compiling or _any_autocast_enabled():
+        x, weight, bias = _autocast_base(x, weight, bias)
     if compiling:
         check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     else:
@@ -86,6 +87,11 @@ def low_rank_linear(
         else:
             y2d, _ = run_forward(rows, *args, seed, choice)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
+
+
+# One C call that says whether any autocast is on (eager only: compile keeps the public checks);
+# absent from a torch, it answers "maybe" and the full check runs.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _draw_seed(seed: Optional[int]) -> int:

@@ -23,9 +23,15 @@ def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
     return lora_b if latent is None else lora_b @ latent.T
 
 
+# One C call that says whether any autocast is on; absent from a torch, it answers "maybe".
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_type(t: Tensor) -> Optional[str]:
     """The device type whose autocast is on for t, or None (the common case: checked first,
     because entering a context costs about a microsecond a call)."""
+    if not _any_autocast_enabled():
+        return None
     device_type = t.device.type
     if device_type != "cuda":
         device_type = "cpu"
