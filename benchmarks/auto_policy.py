@@ -19,23 +19,23 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lowrank_fused" / "auto_poli
 # The one text of the file's "about" (the packaged file's is checked against it in the tests).
 ABOUT = ("Measured per-shape choice of 'auto' between the triton and cuda backends on CUDA "
          "tensors. Written by: python -m benchmarks.auto_policy RESULTS.json. With no entry for "
-         "a call's GPU generation, dtype and mode, 'auto' uses triton.")
+         "a call's GPU architecture, dtype and mode, 'auto' uses triton.")
 
 
 def entries_from(infos: list[dict]) -> list[dict]:
     timed = {}
     for i in infos:
-        if i.get("impl") not in BACKENDS or "generation" not in i:
+        if i.get("impl") not in BACKENDS or "arch" not in i:
             continue
-        key = (i["generation"], i["dtype"].replace("torch.", ""), i["method"], i["mode"], i["M"],
+        key = (i["arch"], i["dtype"].replace("torch.", ""), i["method"], i["mode"], i["M"],
                i["N"], i["K"], i["rank"])
         timed.setdefault(key, {})[i["impl"]] = i["median_ms"]
     entries = []
     for key, times in sorted(timed.items()):
         if len(times) < 2:
             continue
-        generation, dtype, method, mode, m, n, k, r = key
-        entries.append(dict(generation=generation, dtype=dtype, method=method, mode=mode, m=m,
+        arch, dtype, method, mode, m, n, k, r = key
+        entries.append(dict(arch=arch, dtype=dtype, method=method, mode=mode, m=m,
                             n=n, k=k, r=r, winner=min(times, key=times.get),
                             median_ms={b: round(t, 5) for b, t in sorted(times.items())}))
     return entries
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     _, infos = load(args.results)
     entries = entries_from(infos)
-    devices = sorted({i["device"] for i in infos if i.get("impl") in BACKENDS})
+    devices = sorted({i["device"] for i in infos if i.get("impl") in BACKENDS and "device" in i})
     Path(args.out).write_text(policy_text(entries, str(args.results), devices))
     wins = {b: sum(e["winner"] == b for e in entries) for b in BACKENDS}
     print(f"{len(entries)} measured cases ({wins['triton']} triton, {wins['cuda']} cuda) "

@@ -1,46 +1,121 @@
 #!/usr/bin/env bash
 # A GPU session in stages, each short enough for one 10-minute command on a lent machine
-# (offline: torch, triton, pytest and peft must already be installed there).
+# (offline: torch, triton, pytest and peft must already be installed there). In this order:
 #
+#   bash benchmarks/gpu_session.sh probe NAME       # design-deciding figures -> results/NAME.probe.json
 #   bash benchmarks/gpu_session.sh build            # lowrank_fused._C for this GPU only
 #   bash benchmarks/gpu_session.sh test             # CUDA-tensor correctness of both backends
 #   bash benchmarks/gpu_session.sh bench NAME [-k EXPR]   # throughput + memory -> results/NAME.json
 #   bash benchmarks/gpu_session.sh policy NAME      # report, README table, auto policy from NAME
+#   bash benchmarks/gpu_session.sh all NAME         # the five above, one after the other
 #
-# Results land in benchmarks/results/ and, when $OUT is set (the device tool), are copied there.
+# Dry run (no GPU; what CI does): GPU_SESSION_DRY_RUN=1, or --dry-run as the first argument.
+# Every stage then runs on the CPU with the CPU shapes: GPU-only calls are skipped (build),
+# tests are collected but not run (CI runs them itself), and nothing in the tree is written:
+# results, the README copy and the policy go to GPU_SESSION_RESULTS (default: a temp dir).
+#
+# Results land in benchmarks/results/ (GPU_SESSION_RESULTS overrides) and, when $OUT is set
+# (the device tool), are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage="${1:?stage: build | test | bench NAME [-k EXPR] | policy NAME}"
+dry="${GPU_SESSION_DRY_RUN:-0}"
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+[ "$dry" = "0" ] || dry=1
+usage="stage: probe NAME | build | test | bench NAME [-k EXPR] | policy NAME | all NAME"
+stage="${1:?$usage}"
 shift
-results=benchmarks/results
 
-gpu_name() { python -c "import torch; print(torch.cuda.get_device_name())"; }
+if [ "$dry" = 1 ]; then
+  results="${GPU_SESSION_RESULTS:-$(mktemp -d -t gpu_session.XXXXXX)}"
+  readme="$results/README.md"  # a copy: the dry run never rewrites the real README
+  policy_out="$results/auto_policy.json"
+  echo "[dry run] CPU shapes, GPU-only calls skipped; outputs in $results"
+else
+  results="${GPU_SESSION_RESULTS:-benchmarks/results}"
+  readme=README.md
+  policy_out=lowrank_fused/auto_policy.json
+fi
+mkdir -p "$results"
+
+gpu_name() {
+  if [ "$dry" = 1 ]; then echo "cpu (dry run)"; else python -c "import torch; print(torch.cuda.get_device_name())"; fi
+}
 export_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp "$@" "$OUT/results/"; fi; }
 
-case "$stage" in
-  build)
+probe() {
+  name="${1:?probe NAME}"
+  if [ ! -f benchmarks/probe.py ]; then
+    # benchmarks/probe.py comes from another branch; until it is merged only a dry run tolerates
+    # its absence.
+    echo "probe: benchmarks/probe.py is missing (not merged yet)" >&2
+    if [ "$dry" = 1 ]; then echo "[dry run] probe stage skipped"; return 0; fi
+    return 1
+  fi
+  python -m benchmarks.probe --out "$results/$name.probe.json"
+  gpu_name > "$results/$name.gpu.txt"
+  export_out "$results/$name.probe.json" "$results/$name.gpu.txt"
+}
+
+build() {
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  if [ "$dry" = 1 ]; then
+    echo "[dry run] skipped: nvidia-smi and the CUDA extension build (LOWRANK_FUSED_BUILD_CUDA=1 pip install -e .)"
+  else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     arch=$(python -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}' + ('a' if a == 9 else ''))")
     LOWRANK_FUSED_BUILD_CUDA=1 LOWRANK_FUSED_CUDA_ARCHS="$arch" MAX_JOBS=16 \
       python -m pip install --no-deps --no-build-isolation -e . -q
-    python -c "from lowrank_fused import available_backends; print('backends:', available_backends())"
+  fi
+  python -c "from lowrank_fused import available_backends; print('backends:', available_backends())"
+}
+
+run_tests() {
+  files=(tests/test_csrc.py tests/test_triton.py tests/test_peft.py)
+  if [ "$dry" = 1 ]; then
+    python -m pytest "${files[@]}" -q --collect-only "$@" | tail -n 1
+  else
+    python -m pytest "${files[@]}" -q -x "$@"
+  fi
+}
+
+bench() {
+  name="${1:?bench NAME}"; shift
+  # The ratios come from each case's own do_bench median (extra_info); pytest-benchmark's
+  # timer only adds rounds, so it is kept short. A dry run keeps it to one round: it checks the
+  # suite and the JSON, not speed.
+  timers=(--benchmark-min-rounds=3 --benchmark-max-time=0.05)
+  [ "$dry" = 0 ] || timers=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
+  python -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$results/$name.json" \
+    "${timers[@]}" "$@"
+  gpu_name > "$results/$name.gpu.txt"
+  export_out "$results/$name.json" "$results/$name.gpu.txt"
+}
+
+policy() {
+  name="${1:?policy NAME}"
+  if [ "$dry" = 1 ]; then cp README.md "$readme"; fi
+  python -m benchmarks.report "$results/$name.json" --markdown "$results/$name.md" \
+    --plot "$results/$name.png" --readme "$readme"
+  python -m benchmarks.auto_policy "$results/$name.json" --out "$policy_out"
+  export_out "$results/$name.md" "$results/$name.png" "$policy_out" "$readme"
+}
+
+case "$stage" in
+  probe) probe "$@" ;;
+  build) build ;;
+  test) run_tests "$@" ;;
+  bench) bench "$@" ;;
+  policy) policy "$@" ;;
+  all)
+    name="${1:?all NAME}"
+    for s in probe build test bench policy; do
+      echo "== stage $s"
+      case "$s" in
+        probe|bench|policy) "$s" "$name" ;;
+        test) run_tests ;;
+        *) "$s" ;;
+      esac
+    done
     ;;
-  test)
-    python -m pytest tests/test_csrc.py tests/test_triton.py tests/test_peft.py -q -x "$@"
-    ;;
-  bench)
-    name="${1:?bench NAME}"; shift
-    python -m pytest benchmarks -q --benchmark-json="$results/$name.json" "$@"
-    gpu_name > "$results/$name.gpu.txt"
-    export_out "$results/$name.json" "$results/$name.gpu.txt"
-    ;;
-  policy)
-    name="${1:?policy NAME}"
-    python -m benchmarks.report "$results/$name.json" --markdown "$results/$name.md" \
-      --plot "$results/$name.png" --readme README.md
-    python -m benchmarks.auto_policy "$results/$name.json"
-    export_out "$results/$name.md" "$results/$name.png" lowrank_fused/auto_policy.json README.md
-    ;;
-  *) echo "unknown stage $stage" >&2; exit 2 ;;
+  *) echo "unknown stage $stage; $usage" >&2; exit 2 ;;
 esac

@@ -58,7 +58,19 @@ def stack_table(infos: list[dict]) -> str:
 
 
 def headline(i: dict) -> bool:
-    return i["shape"].startswith("llama") and i["M"] == 8192 and i["rank"] in (16, 64)
+    """A throughput case at a LLaMA-7B shape, M = 8192, r in {16, 64}; other records (memory,
+    stack, overhead) carry no shape and are never headline."""
+    return ("ratio_to_linear" in i and str(i.get("shape", "")).startswith("llama")
+            and i.get("M") == 8192 and i.get("rank") in (16, 64))
+
+
+def overhead_table(infos: list[dict]) -> str:
+    cases = [i for i in infos if i.get("overhead")]
+    rows = [[i["mode"], f"M={i['M']}, K={i['K']}, N={i['N']}, r={i['rank']}", i["backend"],
+             f"{i['ours_us']:.1f}", f"{i['unfused_us']:.1f}", f"{i['ratio_to_unfused']:.2f}"]
+            for i in cases]
+    return _table(["mode", "shape", "backend", "low_rank_linear µs", "unfused µs",
+                   "ratio"], rows)
 
 
 def markdown(machine: dict, infos: list[dict]) -> str:
@@ -70,6 +82,8 @@ def markdown(machine: dict, infos: list[dict]) -> str:
         "## Saved activations and peak memory per layer\n\n" + memory_table(infos),
         "## LLaMA-style stack, all seven projections adapted, until out of memory\n\n"
         + stack_table(infos),
+        "## Python-layer overhead per call (tiny CPU tensors, same run)\n\n"
+        + overhead_table(infos),
     ]) + "\n"
 
 

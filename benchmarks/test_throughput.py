@@ -65,6 +65,6 @@ def test_layer(benchmark, shape_name, m, rank, impl, method, mode):
                                 linear_ms=base_ms, ratio_to_linear=ms / base_ms,
                                 device=torch.cuda.get_device_name() if DEVICE.type == "cuda"
                                 else "cpu",
-                                generation=dispatch.gpu_generation(DEVICE) if DEVICE.type == "cuda"
+                                arch=dispatch.gpu_arch(DEVICE) if DEVICE.type == "cuda"
                                 else "cpu")
     benchmark(run)

@@ -1,5 +1,10 @@
 """Choose the backend that computes the operator: "auto" | "reference" | "triton" | "cuda".
 
+One choice, in stages, each named for it: ``requested_choice`` (the name asked for, after the
+environment override), ``call_choice`` (what it means for one call on its device: a backend
+name, or a policy tag), ``shape_choice`` (a policy tag made concrete for one shape), and
+``backend_module`` (the module that runs it).
+
 An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a GPU backend for CUDA
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
@@ -7,6 +12,7 @@ names, else Triton, else the CUDA extension; and the reference backend for anyth
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -27,16 +33,40 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)  # a package lookup on disk: once per process
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def cuda_extension_available() -> bool:
+@functools.lru_cache(maxsize=None)
+def _extension_load_error() -> Optional[str]:
+    """Why lowrank_fused._C cannot be imported, or None when it can (tried once per process)."""
     try:
         importlib.import_module("lowrank_fused._C")
-    except ImportError:
-        return False
-    return True
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def cuda_extension_available() -> bool:
+    return _extension_load_error() is None
+
+
+def _extension_unavailable_reason() -> str:
+    """The cause, kept: "not built", or built but failing to load (with both torch versions,
+    since a torch upgrade after the build is the usual cause)."""
+    cause = _extension_load_error()
+    if importlib.util.find_spec("lowrank_fused._C") is None:
+        return ("needs the compiled extension lowrank_fused._C, which is not built: on a machine "
+                "with nvcc and a CUDA build of torch run "
+                "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation")
+    try:
+        built_with = importlib.import_module("._build_info", __package__).TORCH_VERSION
+    except (ImportError, AttributeError):
+        built_with = "unknown (no lowrank_fused/_build_info.py)"
+    return (f"found lowrank_fused._C but could not load it ({cause}); it was built against "
+            f"torch {built_with}, this process runs torch {torch.__version__}: rebuild with "
+            "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation")
 
 
 def available_backends() -> list[str]:
@@ -49,7 +79,7 @@ def available_backends() -> list[str]:
     return names
 
 
-def requested_backend(backend: str) -> str:
+def requested_choice(backend: str) -> str:
     """Apply the environment override to the default and check the name."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
@@ -80,11 +110,7 @@ def _load_triton(device: torch.device) -> ModuleType:
 
 def _load_cuda(device: torch.device) -> ModuleType:
     if not cuda_extension_available():
-        raise BackendUnavailableError(
-            "backend 'cuda' needs the compiled extension lowrank_fused._C, which is not built: "
-            "on a machine with nvcc and a CUDA build of torch run "
-            "LOWRANK_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation"
-        )
+        raise BackendUnavailableError("backend 'cuda' " + _extension_unavailable_reason())
     if device.type != "cuda":
         raise BackendUnavailableError(
             f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
@@ -92,19 +118,41 @@ def _load_cuda(device: torch.device) -> ModuleType:
     return importlib.import_module(".backends.cuda", __package__)
 
 
-def gpu_generation(device: torch.device) -> str:
+def gpu_arch(device: torch.device) -> str:
     """"sm90" for H100/H200, "sm80" for A100, ...: the key of the measured policy."""
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm{major}{minor}"
 
 
-POLICY_TAG = "auto:"  # "auto:<method>:<mode>": chosen per shape by the ops, see resolve()
+DEFAULT_KIND = "lora:forward+backward"
+
+# The policy tag "auto:<method>:<mode>": a call choice that leaves the backend to the measured
+# policy, per shape, inside the ops. It stays a string (torch.compile bakes strings into the
+# graph and custom ops take them); it is built and parsed only here.
+POLICY_TAG = "auto:"
+
+
+def policy_tag(kind: str) -> str:
+    """The tag for a call of ``kind`` = "<method>:<mode>" (see ``call_kind``)."""
+    return POLICY_TAG + kind
+
+
+def is_policy_tag(choice: str) -> bool:
+    return choice.startswith(POLICY_TAG)
+
+
+def parse_policy_tag(tag: str) -> tuple[str, str]:
+    """(method, mode) of a policy tag; ValueError for anything else."""
+    parts = tag.split(":")
+    if len(parts) != 3 or parts[0] + ":" != POLICY_TAG:
+        raise ValueError(f"expected a policy tag 'auto:<method>:<mode>', got {tag!r}")
+    return parts[1], parts[2]
 
 
 def _auto_on_cuda(kind: str) -> str:
     have_triton, have_cuda = triton_available(), cuda_extension_available()
     if have_triton and have_cuda:
-        return POLICY_TAG + kind  # both built: the measured policy decides, per shape
+        return policy_tag(kind)  # both built: the measured policy decides, per shape
     if have_triton:
         return "triton"
     return "cuda" if have_cuda else "reference"
@@ -113,15 +161,16 @@ def _auto_on_cuda(kind: str) -> str:
 # Under torch.compile the choice is made once, at trace time, and baked into the graph; it takes
 # strings only, so dynamic shapes add no guard (the per-shape part runs inside the ops).
 @torch.compiler.assume_constant_result
-def resolved_name(backend: str, device: torch.device, kind: str = "lora:forward+backward") -> str:
+def call_choice(backend: str, device: torch.device, kind: str = DEFAULT_KIND) -> str:
     """What ``backend`` (after the env override) means on ``device``: "reference", "triton",
     "cuda", or, for "auto" on CUDA tensors with both GPU backends built, the tag
-    "auto:<method>:<mode>" that the ops resolve per shape with the measured policy (``kind`` is
-    "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it cannot run."""
-    name = requested_backend(backend)
+    "auto:<method>:<mode>" that the ops turn into a backend per shape with the measured policy
+    (``kind`` is "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it
+    cannot run."""
+    name = requested_choice(backend)
     if name == "auto":
         name = _auto_on_cuda(kind) if device.type == "cuda" else "reference"
-    resolve(name, device)  # fail now, with the reason, rather than inside the op
+    backend_module(name, device)  # fail now, with the reason, rather than inside the op
     return name
 
 
@@ -135,22 +184,27 @@ def call_kind(x, weight, lora_a, lora_b, latent) -> str:
     return f"{method}:{'forward+backward' if grads else 'forward'}"
 
 
-def measured_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
-                    r: int) -> str:
+def shape_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                 r: int) -> str:
     """The backend a policy tag means for one shape: the measured winner, else "triton"."""
-    method, mode = tag[len(POLICY_TAG):].split(":")
+    method, mode = parse_policy_tag(tag)
     dtype_name = str(dtype).replace("torch.", "")
-    choice = policy.choose(gpu_generation(device), dtype_name, method, mode, m, n, k, r)
+    choice = policy.choose(gpu_arch(device), dtype_name, method, mode, m, n, k, r)
     return choice or "triton"
 
 
-def resolve(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
-    """The backend module for a name from ``resolved_name`` on ``device``; a policy tag needs
+def backend_module(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
+    """The backend module for a name from ``call_choice`` on ``device``; a policy tag needs
     ``shape`` = (dtype, M, N, K, r) and checks only the fallback without it."""
-    if name.startswith(POLICY_TAG):
-        name = measured_choice(name, device, *shape) if shape is not None else "triton"
+    if is_policy_tag(name):
+        name = shape_choice(name, device, *shape) if shape is not None else "triton"
     if name == "triton":
         return _load_triton(device)
     if name == "cuda":
         return _load_cuda(device)
+    return _reference_module()
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_module() -> ModuleType:
     return importlib.import_module(".backends.reference", __package__)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import dispatch
 from .dropout import seed_tensor
-from .ops import forward_op
+from .ops import EagerLowRank, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
 
 
@@ -61,18 +61,80 @@ def low_rank_linear(
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
     check_call_arguments(x, scaling, dropout_seed)
-    x, weight, bias = _autocast_base(x, weight, bias)
-    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    backend_name = dispatch.resolved_name(backend, x.device,
-                                          dispatch.call_kind(x, weight, lora_a, lora_b, latent))
+    compiling = torch.compiler.is_compiling()
+    if compiling or _any_autocast_enabled():
+        x, weight, bias = _autocast_base(x, weight, bias)
+    if compiling:
+        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    else:
+        _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    # The call's kind only steers the measured policy, which exists for CUDA tensors only.
+    device = x.device
+    kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if device.type == "cuda"
+            else dispatch.DEFAULT_KIND)
+    choice = dispatch.call_choice(backend, device, kind)
 
     dropout_p = float(dropout_p) if training else 0.0
-    seed = seed_tensor(dropout_seed if dropout_p > 0.0 else 0)
-
     n, k = weight.shape
-    y2d, _ = forward_op(x.reshape(-1, k), weight, bias, lora_a, lora_b, latent, float(scaling),
-                        dropout_p, seed, backend_name)
-    return y2d.reshape(*x.shape[:-1], n)
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    args = (weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p)
+    if compiling:
+        # The custom ops: torch.compile traces them without graph breaks.
+        seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
+        y2d, _ = forward_op(rows, *args, seed, choice)
+    else:
+        # Eager: the same code through an autograd.Function, without the dispatcher's cost;
+        # with nothing to differentiate, the forward alone.
+        seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
+        if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, latent):
+            y2d, _ = EagerLowRank.apply(rows, *args, seed, choice)
+        else:
+            y2d, _ = run_forward(rows, *args, seed, choice)
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
+
+
+# One C call that says whether any autocast is on (eager only: compile keeps the public checks);
+# absent from a torch, it answers "maybe" and the full check runs.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _draw_seed(seed: Optional[int]) -> int:
+    """The dropout seed as an int: ``seed`` if given, else drawn from torch's global RNG (as
+    seed_tensor draws it, so one torch.manual_seed gives the same mask on both paths)."""
+    return int(seed) if seed is not None else int(seed_tensor(None).item())
+
+
+# Signatures (shapes, dtypes, devices, dropout_p) already checked: a repeated call with the same
+# ones skips validation. Keys are plain values, never tensor identities; bounded so that a
+# stream of new shapes cannot grow it without limit.
+_CHECKED: dict = {}
+_CHECKED_LIMIT = 4096
+
+
+def _any_requires_grad(*tensors) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p) -> None:
+    try:
+        key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+               lora_a.shape, lora_a.dtype, lora_a.device, lora_b.shape, lora_b.dtype,
+               lora_b.device, dropout_p,
+               None if bias is None else (bias.shape, bias.dtype, bias.device),
+               None if latent is None else (latent.shape, latent.dtype, latent.device))
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors: let the checks say what is wrong
+        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+        return
+    if key in _CHECKED:
+        return
+    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    if len(_CHECKED) >= _CHECKED_LIMIT:
+        _CHECKED.clear()
+    _CHECKED[key] = True
 
 
 def _autocast_base(x, weight, bias):
@@ -80,7 +142,7 @@ def _autocast_base(x, weight, bias):
     adapters keep their own dtype. The casts are differentiable, so gradients come back in each
     tensor's own dtype."""
     device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    if device_type != "cuda" and device_type != "cpu" or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731

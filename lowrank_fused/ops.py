@@ -8,6 +8,7 @@ N x r product is kept. Dropout keeps its seed, never its mask.
 """
 from __future__ import annotations
 
+
 from typing import Optional
 
 import torch
@@ -22,31 +23,59 @@ def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
     return lora_b if latent is None else lora_b @ latent.T
 
 
-def _no_autocast(t: Tensor):
-    """Inside the ops every tensor keeps its dtype: the caller already applied autocast."""
-    device_type = t.device.type if t.device.type in ("cuda", "cpu") else "cpu"
-    return torch.autocast(device_type, enabled=False)
+# One C call that says whether any autocast is on; absent from a torch, it answers "maybe".
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-def _dropout(dropout_p: float, seed: Tensor) -> Optional[DropoutSpec]:
-    return DropoutSpec(dropout_p, int(seed.item())) if dropout_p > 0.0 else None
+def _autocast_type(t: Tensor) -> Optional[str]:
+    """The device type whose autocast is on for t, or None (the common case: checked first,
+    because entering a context costs about a microsecond a call)."""
+    if not _any_autocast_enabled():
+        return None
+    device_type = t.device.type
+    if device_type != "cuda":
+        device_type = "cpu"
+    return device_type if torch.is_autocast_enabled(device_type) else None
+
+
+def _without_autocast(t: Tensor, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every tensor keeping its dtype: the caller already applied
+    autocast."""
+    device_type = _autocast_type(t)
+    if device_type is None:
+        return fn(*args, **kwargs)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args, **kwargs)
+
+
+def _dropout(dropout_p: float, seed) -> Optional[DropoutSpec]:
+    """``seed`` is an int (eager path) or a 1-element int64 tensor (custom op); None without
+    dropout, so no seed tensor exists then."""
+    if dropout_p <= 0.0:
+        return None
+    return DropoutSpec(dropout_p, int(seed.item()) if isinstance(seed, Tensor) else int(seed))
 
 
 def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
-    """(dtype, M, N, K, r) of a call, for a backend chosen per shape (dispatch.resolve)."""
+    """(dtype, M, N, K, r) of a call, for a policy tag made concrete per shape (dispatch.shape_choice)."""
     return (weight.dtype, rows.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
+
+
+def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+    """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
+    tagged = dispatch.is_policy_tag(backend)  # only a policy tag needs the shape
+    impl = dispatch.backend_module(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
+    return _without_autocast(x, impl.forward, x, weight, bias, lora_a,
+                             effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed))
 
 
 @torch.library.custom_op("lowrank_fused::forward", mutates_args=())
 def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
-               seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(y, P) for 2-D x; ``backend`` comes from dispatch.resolved_name, ``seed`` is a 1-element
-    int64 tensor."""
-    impl = dispatch.resolve(backend, x.device, _shape(x, weight, lora_a))
-    with _no_autocast(x):
-        return impl.forward(x, weight, bias, lora_a, effective_lora_b(lora_b, latent), scaling,
-                        _dropout(dropout_p, seed))
+               seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """(y, P) for 2-D x; ``backend`` comes from dispatch.call_choice, ``seed`` is a 1-element
+    int64 tensor, or None without dropout."""
+    return run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
 
 
 @forward_op.register_fake
@@ -55,19 +84,15 @@ def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend
             lora_a.new_empty((x.shape[0], lora_a.shape[0])))
 
 
-@torch.library.custom_op("lowrank_fused::backward", mutates_args=())
-def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
-                lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
-                dropout_p: float, seed: Tensor, backend: str, need_x: bool, need_a: bool,
-                need_b: bool, need_latent: bool, need_bias: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
-    impl = dispatch.resolve(backend, grad_y.device, _shape(grad_y, weight, lora_a))
-    with _no_autocast(grad_y):
-        dx, da, db_eff, dbias = impl.backward(
-            grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent), scaling,
-            _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
-            need_b=need_b or need_latent, need_bias=need_bias)
+def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                 need_x, need_a, need_b, need_latent, need_bias) -> tuple:
+    """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
+    op, shared with the eager path."""
+    impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
+    dx, da, db_eff, dbias = _without_autocast(
+        grad_y, impl.backward, grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent),
+        scaling, _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
+        need_b=need_b or need_latent, need_bias=need_bias)
     db = dr = None
     if latent is None:
         db = db_eff
@@ -75,7 +100,19 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
         # B_eff = B·Rᵀ: dB = dB_eff·R and dR = dB_effᵀ·B, r x r and N x r work.
         db = db_eff @ latent if need_b else None
         dr = db_eff.T @ lora_b if need_latent else None
-    return tuple(t if t is not None else grad_y.new_empty(0) for t in (dx, da, db, dr, dbias))
+    return dx, da, db, dr, dbias
+
+
+@torch.library.custom_op("lowrank_fused::backward", mutates_args=())
+def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
+                lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
+                dropout_p: float, seed: Optional[Tensor], backend: str, need_x: bool,
+                need_a: bool, need_b: bool, need_latent: bool, need_bias: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
+    grads = run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed,
+                         backend, need_x, need_a, need_b, need_latent, need_bias)
+    return tuple(t if t is not None else grad_y.new_empty(0) for t in grads)
 
 
 @backward_op.register_fake
@@ -104,13 +141,13 @@ def _setup_context(ctx, inputs, output):
     ctx.seed = seed  # kept off save_for_backward: one integer, not an activation
 
 
-def _backward(ctx, grad_y, grad_p):
+def _backward(ctx, grad_y, grad_p, backward_fn=None):
     x, p, weight, lora_a, lora_b, latent = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
     grad_y = grad_y.contiguous()
-    outs = backward_op(grad_y, x, p, weight, lora_a, lora_b, latent, ctx.scaling,
-                       ctx.dropout_p, ctx.seed, ctx.backend, need_x, need_a, need_b,
-                       need_latent and latent is not None, need_bias)
+    outs = (backward_fn or backward_op)(
+        grad_y, x, p, weight, lora_a, lora_b, latent, ctx.scaling, ctx.dropout_p, ctx.seed,
+        ctx.backend, need_x, need_a, need_b, need_latent and latent is not None, need_bias)
     dx, da, db, dr, dbias = (g if needed else None for g, needed in
                              zip(outs, (need_x, need_a, need_b, need_latent, need_bias)))
     # W is frozen by design; if a caller unfroze it, its gradient is one plain GEMM.
@@ -119,3 +156,22 @@ def _backward(ctx, grad_y, grad_p):
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerLowRank(torch.autograd.Function):
+    """The same forward, saved tensors and backward as the custom ops, without the custom ops'
+    dispatcher round trip: what eager calls take (several times cheaper on small shapes).
+    torch.compile traces the custom ops instead (see functional.low_rank_linear)."""
+
+    # forward takes ctx (no setup_context): apply() then skips binding arguments by signature.
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+        inputs = (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
+        output = run_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_p):
+        return _backward(ctx, grad_y, grad_p, backward_fn=run_backward)

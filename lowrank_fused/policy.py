@@ -3,9 +3,9 @@ CUDA tensors.
 
 The policy is a JSON file of measured cases, written by ``python -m benchmarks.auto_policy`` from
 a GPU run of the throughput suite (the file's "source" names that run's results file; no GPU run
-is measured yet, so the packaged file has no entries). Each entry says which backend was faster for one GPU generation, dtype,
-method, mode and shape (M, N, K, r). A call takes the winner of the nearest measured shape
-(distance in log2 of each dimension) among the entries of its generation, dtype and mode,
+is measured yet, so the packaged file has no entries). Each entry says which backend was faster
+for one GPU architecture, dtype, method, mode and shape (M, N, K, r). A call takes the winner of the nearest measured shape
+(distance in log2 of each dimension) among the entries of its arch, dtype and mode,
 preferring its own method. With no such entry there is no measured choice and ``choose``
 returns None; the caller then keeps its default.
 
@@ -25,7 +25,7 @@ ENV_VAR = "LOWRANK_FUSED_POLICY"
 DEFAULT_PATH = Path(__file__).with_name("auto_policy.json")
 BACKENDS = ("triton", "cuda")
 MODES = ("forward", "forward+backward")
-_ENTRY_KEYS = {"generation": str, "dtype": str, "method": str, "mode": str, "m": int, "n": int,
+_ENTRY_KEYS = {"arch": str, "dtype": str, "method": str, "mode": str, "m": int, "n": int,
                "k": int, "r": int, "winner": str}
 
 
@@ -78,12 +78,12 @@ def _distance(entry: dict, m: Optional[int], n: int, k: int, r: int) -> float:
     return sum(abs(math.log2(a) - math.log2(b)) for a, b in dims)
 
 
-def choose(generation: str, dtype: str, method: str, mode: str, m: Optional[int], n: int, k: int,
+def choose(arch: str, dtype: str, method: str, mode: str, m: Optional[int], n: int, k: int,
            r: int) -> Optional[str]:
     """The measured winner ("triton" or "cuda") nearest to this call, or None if the policy has
-    no entry for this GPU generation (e.g. "sm90"), dtype (e.g. "bfloat16") and mode."""
+    no entry for this GPU architecture (e.g. "sm90"), dtype (e.g. "bfloat16") and mode."""
     pool = [e for e in entries()
-            if e["generation"] == generation and e["dtype"] == dtype and e["mode"] == mode]
+            if e["arch"] == arch and e["dtype"] == dtype and e["mode"] == mode]
     same_method = [e for e in pool if e["method"] == method]
     pool = same_method or pool
     if not pool:

@@ -9,24 +9,24 @@ from lowrank_fused import available_backends, dispatch
 
 
 def test_auto_on_cpu_is_reference():
-    assert dispatch.resolved_name("auto", torch.device("cpu")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cpu")) == "reference"
 
 
 def test_auto_on_cuda_prefers_gpu_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "triton"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "reference"
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
     monkeypatch.setattr(dispatch, "_load_cuda", lambda device: None)
-    assert dispatch.resolved_name("auto", torch.device("cuda")) == "cuda"
+    assert dispatch.call_choice("auto", torch.device("cuda")) == "cuda"
 
 
 def test_env_replaces_auto_only(monkeypatch):
     monkeypatch.setenv("LOWRANK_FUSED_BACKEND", "triton")
-    assert dispatch.resolved_name("auto", torch.device("cpu")) == "triton"  # interpreter is on
-    assert dispatch.resolved_name("reference", torch.device("cpu")) == "reference"
+    assert dispatch.call_choice("auto", torch.device("cpu")) == "triton"  # interpreter is on
+    assert dispatch.call_choice("reference", torch.device("cpu")) == "reference"
 
 
 def test_available_backends_follow_what_is_installed(monkeypatch):
@@ -34,17 +34,57 @@ def test_available_backends_follow_what_is_installed(monkeypatch):
     built extension (a None in sys.modules makes their import fail) removes it from the list."""
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: interpreter
-    monkeypatch.setitem(sys.modules, "lowrank_fused._C", None)  # not built
-    assert available_backends() == ["reference", "triton"]
-    for name in available_backends():
-        dispatch.resolve(name, device)
-    monkeypatch.setitem(sys.modules, "triton", None)  # not installed
-    assert available_backends() == ["reference"]
-    monkeypatch.setitem(sys.modules, "lowrank_fused._C", types.ModuleType("lowrank_fused._C"))
-    assert available_backends() == ["reference", "cuda"]  # built
+    lookups = (dispatch.triton_available, dispatch._extension_load_error)  # cached per process
+
+    def hide(name, module):
+        monkeypatch.setitem(sys.modules, name, module)
+        for lookup in lookups:
+            lookup.cache_clear()
+
+    try:
+        hide("lowrank_fused._C", None)  # not built
+        assert available_backends() == ["reference", "triton"]
+        for name in available_backends():
+            dispatch.backend_module(name, device)
+        hide("triton", None)  # not installed
+        assert available_backends() == ["reference"]
+        hide("lowrank_fused._C", types.ModuleType("lowrank_fused._C"))
+        assert available_backends() == ["reference", "cuda"]  # built
+    finally:
+        monkeypatch.undo()
+        for lookup in lookups:
+            lookup.cache_clear()
 
 
 def test_missing_triton_package(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(dispatch.BackendUnavailableError, match="pip install triton"):
-        dispatch.resolved_name("triton", torch.device("cpu"))
+        dispatch.call_choice("triton", torch.device("cpu"))
+
+
+def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypatch):
+    """A built extension that fails to load (e.g. an ABI mismatch after a torch upgrade) must
+    not read as "not built": the error keeps the ImportError and names both torch versions."""
+    import importlib.util
+    import sys
+    import types
+
+    cause = "ImportError: undefined symbol: _ZN3c104cuda9SetDevice"
+    monkeypatch.setattr(dispatch, "_extension_load_error", lambda: cause)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if name == "lowrank_fused._C" else real_find_spec(name, *a)))
+    monkeypatch.setitem(sys.modules, "lowrank_fused._build_info",
+                        types.SimpleNamespace(TORCH_VERSION="2.9.0+cu128"))
+    assert not dispatch.cuda_extension_available()
+    with pytest.raises(dispatch.BackendUnavailableError) as info:
+        dispatch.call_choice("cuda", torch.device("cuda"))
+    message = str(info.value)
+    assert cause in message and "2.9.0+cu128" in message and torch.__version__ in message
+    assert "not built" not in message
+
+
+def test_missing_extension_says_not_built(monkeypatch):
+    monkeypatch.setattr(dispatch, "_extension_load_error", lambda: "ModuleNotFoundError: _C")
+    with pytest.raises(dispatch.BackendUnavailableError, match="not built"):
+        dispatch.call_choice("cuda", torch.device("cuda"))

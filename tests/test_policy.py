@@ -8,9 +8,9 @@ import torch
 from lowrank_fused import dispatch, policy
 
 
-def _entry(m, n, k, r, winner, method="lora", mode="forward+backward", generation="sm90",
+def _entry(m, n, k, r, winner, method="lora", mode="forward+backward", arch="sm90",
            dtype="bfloat16"):
-    return dict(generation=generation, dtype=dtype, method=method, mode=mode, m=m, n=n, k=k, r=r,
+    return dict(arch=arch, dtype=dtype, method=method, mode=mode, m=m, n=n, k=k, r=r,
                 winner=winner)
 
 
@@ -39,7 +39,7 @@ def test_packaged_policy_is_what_the_builder_writes(monkeypatch):
         data["entries"], data["source"], data["devices"])
     assert list(policy.entries()) == data["entries"]
     for e in data["entries"]:
-        at = (e["generation"], e["dtype"], e["method"], e["mode"], e["m"], e["n"], e["k"], e["r"])
+        at = (e["arch"], e["dtype"], e["method"], e["mode"], e["m"], e["n"], e["k"], e["r"])
         assert policy.choose(*at) == e["winner"], e
     if not data["entries"]:
         assert policy.choose("sm90", "bfloat16", "lora", "forward+backward", 8192, 4096, 4096,
@@ -58,7 +58,7 @@ def test_nearest_measured_shape_wins(use_policy):
     assert choose("sm90", "bfloat16", "lora", "forward+backward", None, 4096, 4096, 16) == "cuda"
 
 
-def test_no_entry_for_generation_dtype_or_mode_means_no_choice(use_policy):
+def test_no_entry_for_arch_dtype_or_mode_means_no_choice(use_policy):
     use_policy([_entry(8192, 4096, 4096, 16, "cuda")])
     args = (8192, 4096, 4096, 16)
     assert policy.choose("sm80", "bfloat16", "lora", "forward+backward", *args) is None
@@ -79,7 +79,7 @@ def test_own_method_preferred_then_any(use_policy):
 @pytest.mark.parametrize("broken,message", [
     ("not json", "cannot read"),
     (json.dumps({"cases": []}), "'entries' list"),
-    (json.dumps({"entries": [{"m": 1}]}), "needs 'generation'"),
+    (json.dumps({"entries": [{"m": 1}]}), "needs 'arch'"),
     (json.dumps({"entries": [_entry(1, 1, 1, 1, "cublas")]}), "winner must be one of"),
     (json.dumps({"entries": [_entry(0, 1, 1, 1, "cuda")]}), "dimension < 1"),
 ])
@@ -99,17 +99,17 @@ def test_broken_policy_file_says_what_is_wrong(tmp_path, monkeypatch, broken, me
 def both_gpu_backends(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    monkeypatch.setattr(dispatch, "resolve", lambda name, device: None)
-    monkeypatch.setattr(dispatch, "gpu_generation", lambda device: "sm90")
+    monkeypatch.setattr(dispatch, "backend_module", lambda name, device: None)
+    monkeypatch.setattr(dispatch, "gpu_arch", lambda device: "sm90")
 
 
 def test_auto_defers_to_the_policy_per_shape_on_cuda(use_policy, both_gpu_backends):
     use_policy([_entry(8192, 4096, 4096, 16, "cuda"), _entry(8192, 4096, 4096, 64, "triton")])
     cuda = torch.device("cuda")
-    tag = dispatch.resolved_name("auto", cuda, "lora_fa:forward+backward")
+    tag = dispatch.call_choice("auto", cuda, "lora_fa:forward+backward")
     assert tag == "auto:lora_fa:forward+backward"
-    assert dispatch.resolved_name("triton", cuda, "lora:forward") == "triton"  # explicit wins
-    choose = dispatch.measured_choice
+    assert dispatch.call_choice("triton", cuda, "lora:forward") == "triton"  # explicit wins
+    choose = dispatch.shape_choice
     assert choose(tag, cuda, torch.bfloat16, 8192, 4096, 4096, 16) == "cuda"
     assert choose(tag, cuda, torch.bfloat16, 8192, 4096, 4096, 64) == "triton"
     # nothing measured for this dtype or mode: Triton
@@ -131,7 +131,7 @@ def test_ops_resolve_the_tag_with_their_own_shapes(use_policy, monkeypatch):
         return lambda device: loaded.append(name) or reference
     monkeypatch.setattr(dispatch, "_load_cuda", stand_in("cuda"))
     monkeypatch.setattr(dispatch, "_load_triton", stand_in("triton"))
-    monkeypatch.setattr(dispatch, "gpu_generation", lambda device: "sm90")
+    monkeypatch.setattr(dispatch, "gpu_arch", lambda device: "sm90")
     seed = torch.zeros(1, dtype=torch.int64)
     for r, want in [(4, "cuda"), (60, "triton")]:
         loaded.clear()
@@ -142,13 +142,13 @@ def test_ops_resolve_the_tag_with_their_own_shapes(use_policy, monkeypatch):
 
 
 def test_without_both_gpu_backends_auto_is_concrete(monkeypatch):
-    monkeypatch.setattr(dispatch, "resolve", lambda name, device, shape=None: None)
+    monkeypatch.setattr(dispatch, "backend_module", lambda name, device, shape=None: None)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
-    assert dispatch.resolved_name("auto", torch.device("cuda"), "lora:forward") == "triton"
+    assert dispatch.call_choice("auto", torch.device("cuda"), "lora:forward") == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    assert dispatch.resolved_name("auto", torch.device("cuda"), "lora:forward") == "cuda"
+    assert dispatch.call_choice("auto", torch.device("cuda"), "lora:forward") == "cuda"
 
 
 def test_call_kind_describes_method_and_mode():
@@ -167,7 +167,7 @@ def test_call_kind_describes_method_and_mode():
 @pytest.mark.parametrize("dynamic", [False, True, None])
 def test_choice_traces_under_compile_without_graph_breaks(dynamic):
     def f(x, w, a, b):
-        name = dispatch.resolved_name("auto", x.device, dispatch.call_kind(x, w, a, b, None))
+        name = dispatch.call_choice("auto", x.device, dispatch.call_kind(x, w, a, b, None))
         return x * (2.0 if name == "reference" else 3.0)
 
     torch._dynamo.reset()
@@ -184,7 +184,7 @@ def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy
     def case(impl, ms, r, mode="forward+backward"):
         return {"extra_info": dict(shape="s", K=4096, N=4096, M=8192, rank=r, impl=impl,
                                    method="lora_fa", mode=mode, dtype="torch.bfloat16",
-                                   median_ms=ms, device="NVIDIA H100", generation="sm90")}
+                                   median_ms=ms, device="NVIDIA H100", arch="sm90")}
     results = tmp_path / "run.json"
     results.write_text(json.dumps({"machine_info": {}, "benchmarks": [
         case("triton", 1.0, 16), case("cuda", 0.9, 16),
@@ -201,3 +201,11 @@ def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy
     use_policy(written["entries"])
     assert policy.choose("sm90", "bfloat16", "lora_fa", "forward+backward", 8192, 4096, 4096,
                          16) == "cuda"
+
+
+def test_policy_tag_round_trips_and_rejects_other_strings():
+    tag = dispatch.policy_tag("lora_xs:forward")
+    assert dispatch.is_policy_tag(tag) and not dispatch.is_policy_tag("triton")
+    assert dispatch.parse_policy_tag(tag) == ("lora_xs", "forward")
+    with pytest.raises(ValueError, match="policy tag"):
+        dispatch.parse_policy_tag("auto:lora")

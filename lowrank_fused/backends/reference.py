@@ -38,25 +38,30 @@ def _apply_dropout(t: Tensor, dropout: Optional[DropoutSpec]) -> Tensor:
     return t * keep * dropout.keep_scale
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; skips the call when it already is (a no-op .to still costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
-    p = _apply_dropout(x, dropout).to(lora_a.dtype) @ lora_a.T
+    p = _as(_apply_dropout(x, dropout), lora_a.dtype) @ lora_a.T
     low_rank = scaling * (p @ lora_b_eff.T)
-    y = torch.nn.functional.linear(x, weight, bias) + low_rank.to(x.dtype)
+    y = torch.nn.functional.linear(x, weight, bias) + _as(low_rank, x.dtype)
     return y, p
 
 
 def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
              need_x, need_a, need_b, need_bias):
     adapter_dtype = lora_a.dtype
-    grad_lr = grad_y.to(adapter_dtype)
+    grad_lr = _as(grad_y, adapter_dtype)
     dx = da = db_eff = dbias = None
     if need_x or need_a:
         dp = scaling * (grad_lr @ lora_b_eff)  # (M, r)
         if need_x:
             dx_low_rank = _apply_dropout(dp @ lora_a, dropout)
-            dx = (grad_y @ weight + dx_low_rank.to(grad_y.dtype)).to(weight.dtype)
+            dx = _as(grad_y @ weight + _as(dx_low_rank, grad_y.dtype), weight.dtype)
         if need_a:
-            da = dp.T @ _apply_dropout(x, dropout).to(adapter_dtype)
+            da = dp.T @ _as(_apply_dropout(x, dropout), adapter_dtype)
     if need_b:
         db_eff = scaling * (grad_lr.T @ p)
     if need_bias:
