@@ -45,6 +45,7 @@ class Code:
     """What the kernels do today; each field is one kernel's property (kern16's changes land
     here as one-line updates)."""
     rng_int_ops: float = 64.0  # integer ops per element of the dropout mask (Philox)
+    peft_rng_int_ops: float = 24.0  # torch dropout: Philox, 4 values per call
     triton_fp32_adapter_unit: str = "fma"  # ieee dots under allow_tf32=False
     triton_grad_a_unit: str = "fma"  # grad_a always computes in fp32 "ieee"
     triton_grad_a_block_n: int = 128  # dA columns per program; M is not split
@@ -122,7 +123,7 @@ def peft_lora(c: Case, code: Code, backward: bool) -> list:
     m, k, n, r, b = c.m, c.k, c.n, c.r, c.base_bytes
     seq = bare_linear(c, code, False)
     if c.dropout:
-        seq.append(Pass("dropout(x)", bytes=m * k * (2 * b + 1), int_ops=m * k * code.rng_int_ops))
+        seq.append(Pass("dropout(x)", bytes=m * k * (2 * b + 1), int_ops=m * k * code.peft_rng_int_ops))
     seq += [Pass("lora_A", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}),
             Pass("lora_B", bytes=b * (m * r + m * n), flops={"tc": 2 * m * n * r}),
             Pass("* scaling", bytes=2 * b * m * n), Pass("y + lora", bytes=3 * b * m * n)]
@@ -249,6 +250,23 @@ def table(code: Code, hw: Hardware, after: Code | None = None, after_hw: Hardwar
     return "\n".join(lines)
 
 
+def compact_table(code: Code, hw: Hardware) -> str:
+    """The README's table: fwd and fwd+bwd ratios per case, one row per (shape, r, method,
+    dropout)."""
+    lines = ["| shape | r | method | dropout | Triton fwd ×bare | Triton fwd+bwd ×bare | "
+             "Triton fwd+bwd ×PEFT | CUDA fwd+bwd ×bare | CUDA fwd+bwd ×PEFT |",
+             "|" + "---|" * 9]
+    for label, c in cases():
+        t = {(name, bwd): predict(name, c, code, hw, bwd) for name in BACKENDS
+             for bwd in (False, True)}
+        ratios = (t["triton", False] / t["bare", False], t["triton", True] / t["bare", True],
+                  t["triton", True] / t["peft", True], t["cuda", True] / t["bare", True],
+                  t["cuda", True] / t["peft", True])
+        lines.append(f"| {label} | {c.r} | {c.method} | {'on' if c.dropout else 'off'} | "
+                     + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
 def _apply(settings, code: Code, hw: Hardware):
     """KEY=VALUE pairs onto copies of (code, hw), each key a field of one of them."""
     for item in settings:
@@ -279,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", metavar="SHAPE,R,METHOD,DROPOUT",
                         help="per-pass times of one case, e.g. 4096²,16,lora_fa,0")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table there")
+    parser.add_argument("--compact", action="store_true",
+                        help="one row per case, fwd and fwd+bwd ratios (the README's table)")
     args = parser.parse_args(argv)
     code, hw = _apply(args.set, Code(), Hardware())
     print("Assumptions:", hw)
@@ -293,7 +313,7 @@ def main(argv=None) -> int:
                 print(f"  {name:24s} {seconds * 1e6:9.1f} µs")
         return 0
     after = _apply(args.after, code, hw) if args.after else (None, None)
-    text = table(code, hw, *after)
+    text = compact_table(code, hw) if args.compact else table(code, hw, *after)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
