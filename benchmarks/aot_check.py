@@ -247,6 +247,26 @@ _INT_OPS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(mul|mad|add|sub|xor|and|or|not|shl|
                       r"(?:[us](?:8|16|32|64)|b(?:8|16|32|64)|pred)\b", re.M)
 
 
+_SASS_INT = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(IMAD|IADD3|IADD|LOP3|LOP|SHF|SHL|"
+                       r"SHR|PRMT|ISETP|SEL|IMNMX|VIMNMX|LEA|I2F|I2FP|F2I|IABS|POPC|FLO|BMSK|"
+                       r"SGXT|IMUL|IMNMX|UIMAD|UIADD3|ULOP3|USHF|ULEA|USEL|UISETP|UPRMT)\b", re.M)
+
+
+def sass_integer_instructions(cubin: bytes) -> int:
+    """Integer-pipe SASS instructions (IMAD, IADD3, LOP3, SHF, ...) in a cubin, via the
+    cuobjdump that ships with Triton; -1 where it is missing."""
+    import subprocess
+    from triton import knobs
+    tool = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    if not os.path.exists(tool):
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    return len(_SASS_INT.findall(sass))
+
+
 def mask_instructions(generation: str = "sm90") -> dict:
     """Integer PTX instructions per mask element of the keep-mask kernel in
     triton_kernels/dropout.py (whatever hash it uses): integer instructions in the kernel body
@@ -280,9 +300,11 @@ def mask_instructions(generation: str = "sm90") -> dict:
         elements *= v
     per_thread = elements / (num_warps * 32)
     integer = len(_INT_OPS.findall(ptx))
+    sass = sass_integer_instructions(compiled.asm["cubin"])
     return {"kernel": kernel.fn.__name__, "params": params, "block": block,
             "elements_per_thread": per_thread, "integer_instructions": integer,
-            "per_element": round(integer / per_thread, 1)}
+            "per_element": round(integer / per_thread, 1), "sass_integer_instructions": sass,
+            "sass_per_element": round(sass / per_thread, 1) if sass >= 0 else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +414,8 @@ def main(argv=None) -> int:
     print(summarize(builds))
     print(f"\ndropout keep-mask ({mask['kernel']}, sm_90a): {mask['integer_instructions']} integer "
           f"PTX instructions for {mask['elements_per_thread']:g} elements per thread = "
-          f"{mask['per_element']} per element (store addressing included)")
+          f"{mask['per_element']} per element; SASS: {mask['sass_integer_instructions']} = "
+          f"{mask['sass_per_element']} per element (store addressing included)")
     failed = [b for b in builds if b.problems]
     print(f"\n{len(builds)} builds, {len(failed)} with problems, {time.time() - start:.0f} s")
     if args.json:

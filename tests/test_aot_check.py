@@ -52,3 +52,11 @@ def test_a_real_build_compiles_for_sm90_without_a_gpu():
     assert 0 < build.registers <= 255
     assert build.shared_bytes > 0
     assert sum(build.dots.values()) >= 1
+
+
+def test_sass_integer_pattern():
+    sass = ("        /*0090*/                   IMAD.WIDE.U32 R2, R5, -0x2d4a91f1, RZ ;\n"
+            "        /*00a0*/                   LOP3.LUT R7, R2, R9, R6, 0x96, !PT ;\n"
+            "        /*00b0*/              @!P0 IADD3 R4, R4, 0x1, RZ ;\n"
+            "        /*00c0*/                   FFMA R1, R2, R3, R4 ;\n")
+    assert len(aot_check._SASS_INT.findall(sass)) == 3
