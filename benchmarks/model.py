@@ -161,7 +161,8 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
         seq.append(Pass("dB memset", bytes=4 * n * r))
     seq.append(Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
                     flops={lr: 4 * m * n * r}, atomics={code.triton_atomic: atomics}))
-    seq.append(_small("dB.to(dtype)", (4 + a) * n * r))
+    if a != 4:  # fp32 adapters: .to is a no-op
+        seq.append(_small("dB.to(dtype)", (4 + a) * n * r))
     seq.append(Pass("grad_input", bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k,
                     flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
     if need_a:
@@ -180,9 +181,8 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
     seq = [Pass("project", bytes=b * m * k + a * (r * k + m * r), flops={ru: 2 * m * k * r},
                 int_ops=rng),
            Pass("F.linear", bytes=b * (m * k + n * k + m * n), flops={"gemm": 2 * m * n * k}),
-           _small("P.to, B.T.to", (a + b) * (m * r + n * r)),
+           Pass("P.to, B.T.to", bytes=(a + b) * (m * r + n * r), launches=2),
            Pass("y.addmm_", bytes=b * (again * m * n + m * r + n * r), flops={"tc": 2 * m * n * r})]
-    seq[-1].launches = 2 if c.adapter_bytes != b else 1
     if not backward:
         return seq
     seq += [Pass("dB memset", bytes=4 * n * r),
@@ -197,13 +197,31 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
         seq.append(Pass("dx.addmm_", bytes=b * (again * m * k + m * r + r * k),
                         flops={"tc": 2 * m * k * r}, launches=3))
     if c.method == "lora":
-        seq += [Pass("grad_a", bytes=b * m * k + 4 * m * r + 4 * r * k, flops={ru: 2 * m * k * r},
-                     int_ops=rng), _small("dA.to", (4 + a) * r * k)]
-    seq.append(_small("dB.to", (4 + a) * n * r))
+        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + 4 * r * k,
+                        flops={ru: 2 * m * k * r}, int_ops=rng))
+        if a != 4:
+            seq.append(_small("dA.to", (4 + a) * r * k))
+    if a != 4:
+        seq.append(_small("dB.to", (4 + a) * n * r))
     return seq
 
 
-BACKENDS = {"bare": bare_linear, "peft": peft_lora, "triton": triton_backend, "cuda": cuda_backend}
+def _with_latent(sequence):
+    """LoRA-XS on our backends: B_eff = B·Rᵀ formed once per call, dR = dB_effᵀ·B after."""
+    def wrapped(c: Case, code: Code, backward: bool) -> list:
+        seq = sequence(c, code, backward)
+        if c.method == "lora_xs":
+            small = c.adapter_bytes * 2 * c.n * c.r
+            seq.insert(0, Pass("B_eff = B·Rᵀ", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
+            if backward:
+                seq.append(Pass("dR = dB_effᵀ·B", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
+        return seq
+    wrapped.__doc__ = sequence.__doc__
+    return wrapped
+
+
+BACKENDS = {"bare": bare_linear, "peft": peft_lora, "triton": _with_latent(triton_backend),
+            "cuda": _with_latent(cuda_backend)}
 
 
 def predict(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -> float:
