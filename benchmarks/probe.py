@@ -186,7 +186,9 @@ def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
                     "measured_ratio": None if mine is None else round(mine / theirs, 3)})
 
 
-def run(out: str, quick: bool = False) -> dict:
+def run(out: str, quick: bool = False, budget_s: float = 170.0) -> dict:
+    """Probe in order of importance, rewriting ``out`` after every group so a cut-off run
+    still leaves its figures; groups not started within ``budget_s`` are listed as skipped."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
@@ -198,20 +200,31 @@ def run(out: str, quick: bool = False) -> dict:
     start = time.time()
     shapes = SHAPES[:1] if quick or probe.dry else SHAPES
     ranks = RANKS[:1] if quick else RANKS
-    for label, m, k, n in shapes:
-        probe_gemms(probe, label, m, k, n)
-    for label, m, k, n in shapes:
+    groups = [(f"gemm {label}", lambda s=shape: probe_gemms(probe, *s))
+              for shape in shapes for label in [shape[0]]]
+    for shape in shapes:
         for r in ranks:
             for dropout in (False, True):
                 for method in ("lora_fa", "lora"):
-                    probe_kernels(probe, label, m, k, n, r, method, dropout)
-                    probe_layers(probe, label, m, k, n, r, method, dropout, backends)
+                    args = (probe, *shape, r, method, dropout)
+                    groups.append((f"{shape[0]} r={r} {method} dropout={dropout}",
+                                   lambda a=args: (probe_kernels(*a), probe_layers(*a, backends))))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
-              "dry_run": probe.dry, "torch": torch.__version__, "seconds": round(time.time() - start, 1),
-              "hardware_assumed": vars(hw), "code_assumed": vars(code), "figures": probe.figures}
+              "dry_run": probe.dry, "torch": torch.__version__, "backends": backends,
+              "hardware_assumed": vars(hw), "code_assumed": vars(code),
+              "skipped": [], "figures": probe.figures}
+    for name, group in groups:
+        if time.time() - start > budget_s:
+            result["skipped"].append(name)
+            continue
+        group()
+        result["seconds"] = round(time.time() - start, 1)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=0, ensure_ascii=False)
     with open(out, "w") as f:
         json.dump(result, f, indent=0, ensure_ascii=False)
-    print(f"probe: {len(probe.figures)} figures in {result['seconds']} s -> {out}")
+    print(f"probe: {len(probe.figures)} figures in {result.get('seconds')} s, "
+          f"{len(result['skipped'])} groups skipped (budget {budget_s:.0f} s) -> {out}")
     return result
 
 
@@ -219,9 +232,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, metavar="PATH", help="where to write the JSON")
     parser.add_argument("--quick", action="store_true", help="first shape and rank only")
+    parser.add_argument("--budget-s", type=float, default=170.0,
+                        help="start no new group after this many seconds (default 170)")
     args = parser.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    run(args.out, args.quick)
+    run(args.out, args.quick, args.budget_s)
     return 0
 
 
