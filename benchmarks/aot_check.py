@@ -272,14 +272,23 @@ def mask_instructions(generation: str = "sm90") -> dict:
     triton_kernels/dropout.py (whatever hash it uses): integer instructions in the kernel body
     divided by the elements each thread covers. Store addressing is included, so this is an
     upper bound of the hash's own cost."""
+    import inspect
     from triton.runtime.jit import JITFunction
     import lowrank_fused.triton_kernels.dropout as dropout
     kernels = [v for k, v in vars(dropout).items() if isinstance(v, JITFunction)
                and "kernel" in k]
+    if not kernels:
+        return {"error": "no *kernel* @triton.jit function in triton_kernels/dropout.py"}
     kernel = kernels[0]
     params = [p.name for p in kernel.params]
-    constexpr = [p.name for p in kernel.params if p.is_constexpr]
-    block = {name: 64 for name in constexpr if name.startswith("BLOCK")}
+    block, extra = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr and p.name.startswith("BLOCK"):
+            block[p.name] = 64
+        elif p.is_constexpr and p._param.default is not inspect.Parameter.empty:
+            extra[p.name] = p._param.default
+        elif p.is_constexpr:
+            return {"error": f"{kernel.fn.__name__}: no value for constexpr {p.name}"}
     num_warps = 4
     args = []
     for p in kernel.params:
@@ -291,7 +300,7 @@ def mask_instructions(generation: str = "sm90") -> dict:
             args.append(("value", 0.1))
         else:
             args.append(("value", 4097))  # odd: no divisibility specialisation
-    kwargs = {k: ("value", v) for k, v in block.items()}
+    kwargs = {k: ("value", v) for k, v in {**block, **extra}.items()}
     kwargs["num_warps"] = ("value", num_warps)
     compiled, _ = _compile(kernel.fn.__module__, kernel.fn.__name__, args, kwargs, generation)
     ptx = compiled.asm["ptx"]
@@ -355,7 +364,10 @@ def _run(args):
     print(f"aot_check: {len(jobs)} builds on {args.jobs} processes", file=sys.stderr, flush=True)
     with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
         builds = pool.map(check_build, jobs, chunksize=4)
-        mask = pool.apply(mask_instructions, ("sm90",))
+        try:
+            mask = pool.apply(mask_instructions, ("sm90",))
+        except Exception as exc:  # noqa: BLE001  (reported, and fails the check)
+            mask = {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
     return builds, mask
 
 
@@ -412,11 +424,14 @@ def main(argv=None) -> int:
     print(format_table(builds))
     print()
     print(summarize(builds))
-    print(f"\ndropout keep-mask ({mask['kernel']}, sm_90a): {mask['integer_instructions']} integer "
-          f"PTX instructions for {mask['elements_per_thread']:g} elements per thread = "
-          f"{mask['per_element']} per element; SASS: {mask['sass_integer_instructions']} = "
-          f"{mask['sass_per_element']} per element (store addressing included)")
-    failed = [b for b in builds if b.problems]
+    if "error" in mask:
+        print(f"\ndropout keep-mask: could not compile: {mask['error']}")
+    else:
+        print(f"\ndropout keep-mask ({mask['kernel']}, sm_90a): {mask['integer_instructions']} "
+              f"integer PTX instructions for {mask['elements_per_thread']:g} elements per thread = "
+              f"{mask['per_element']} per element; SASS: {mask['sass_integer_instructions']} = "
+              f"{mask['sass_per_element']} per element (store addressing included)")
+    failed = [b for b in builds if b.problems] + (["mask"] if "error" in mask else [])
     print(f"\n{len(builds)} builds, {len(failed)} with problems, {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
