@@ -217,7 +217,13 @@ def run(out: str, quick: bool = False, budget_s: float = 170.0) -> dict:
         if time.time() - start > budget_s:
             result["skipped"].append(name)
             continue
-        group()
+        try:
+            group()
+        except Exception as exc:  # noqa: BLE001  (one broken group must not waste the run)
+            result.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+            print(f"probe: {name} failed: {exc}", file=sys.stderr, flush=True)
+            if probe.dry:
+                raise  # on CPU a failure is a bug to fix before any GPU run
         result["seconds"] = round(time.time() - start, 1)
         with open(out, "w") as f:
             json.dump(result, f, indent=0, ensure_ascii=False)
