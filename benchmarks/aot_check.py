@@ -202,7 +202,8 @@ def count_ptx(ptx: str) -> dict:
     return {"wgmma": count(r"^\s*wgmma\.mma_async"), "mma_sync": count(r"^\s*mma\.sync"),
             "fma_f32": count(r"^\s*fma\.rn\.f32"), "red": count(r"^\s*(?:@%p\d+\s+)?red\."),
             "atom": count(r"^\s*(?:@%p\d+\s+)?atom\."),
-            "tma": count(r"cp\.async\.bulk\.tensor"), "cp_async": count(r"^\s*(?:@%p\d+\s+)?cp\.async\.")}
+            "tma": count(r"cp\.async\.bulk\.tensor"),
+            "cp_async": count(r"^\s*(?:@%p\d+\s+)?cp\.async\.")}
 
 
 def parse_ptxas_log(log: str) -> tuple[int, int]:

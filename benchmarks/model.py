@@ -113,7 +113,8 @@ def bare_linear(c: Case, code: Code, backward: bool) -> list:
     m, k, n, b = c.m, c.k, c.n, c.base_bytes
     seq = [Pass("F.linear", bytes=b * (m * k + n * k + m * n), flops={"gemm": 2 * m * n * k})]
     if backward:
-        seq.append(Pass("dx = G·W", bytes=b * (m * n + n * k + m * k), flops={"gemm": 2 * m * n * k}))
+        seq.append(Pass("dx = G·W", bytes=b * (m * n + n * k + m * k),
+                        flops={"gemm": 2 * m * n * k}))
     return seq
 
 
@@ -123,7 +124,8 @@ def peft_lora(c: Case, code: Code, backward: bool) -> list:
     m, k, n, r, b = c.m, c.k, c.n, c.r, c.base_bytes
     seq = bare_linear(c, code, False)
     if c.dropout:
-        seq.append(Pass("dropout(x)", bytes=m * k * (2 * b + 1), int_ops=m * k * code.peft_rng_int_ops))
+        seq.append(Pass("dropout(x)", bytes=m * k * (2 * b + 1),
+                        int_ops=m * k * code.peft_rng_int_ops))
     seq += [Pass("lora_A", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}),
             Pass("lora_B", bytes=b * (m * r + m * n), flops={"tc": 2 * m * n * r}),
             Pass("* scaling", bytes=2 * b * m * n), Pass("y + lora", bytes=3 * b * m * n)]
@@ -214,7 +216,8 @@ def _with_latent(sequence):
             small = c.adapter_bytes * 2 * c.n * c.r
             seq.insert(0, Pass("B_eff = B·Rᵀ", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
             if backward:
-                seq.append(Pass("dR = dB_effᵀ·B", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
+                seq.append(Pass("dR = dB_effᵀ·B", bytes=small,
+                                flops={"tc": 2 * c.n * c.r * c.r}))
         return seq
     wrapped.__doc__ = sequence.__doc__
     return wrapped
@@ -247,8 +250,8 @@ def cases():
 def table(code: Code, hw: Hardware, after: Code | None = None, after_hw: Hardware | None = None
           ) -> str:
     """Markdown table of every case; with ``after``, each Triton/CUDA ratio as before → after."""
-    head = ("| shape | r | method | dropout | pass | bare ms | PEFT ms | Triton ms | Triton ×bare | "
-            "Triton ×PEFT | CUDA ×bare | CUDA ×PEFT |")
+    head = ("| shape | r | method | dropout | pass | bare ms | PEFT ms | Triton ms | "
+            "Triton ×bare | Triton ×PEFT | CUDA ×bare | CUDA ×PEFT |")
     lines = [head, "|" + "---|" * 12]
     for label, c in cases():
         for backward in (False, True):

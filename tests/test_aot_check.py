@@ -6,8 +6,10 @@ from benchmarks import aot_check
 WGMMA = ("%acc_1 = ttng.warp_group_dot %x, %a {inputPrecision = 0 : i32} : !ttg.memdesc<64x64xbf16>"
          " * !ttg.memdesc<64x16xbf16> -> tensor<64x16xf32, #mma> loc(#loc1)\n"
          "%acc_2 = ttng.warp_group_dot_wait %acc_1 {pendings = 0 : i32} : tensor<64x16xf32, #mma>")
-MMA_SYNC = "%acc = tt.dot %a, %b, %c : tensor<64x64xbf16> * tensor<64x16xbf16> -> tensor<64x16xf32, #mma1>"
-FMA = "%acc = tt.dot %a, %b, %c : tensor<64x64xf32> * tensor<64x16xf32> -> tensor<64x16xf32, #blocked>"
+MMA_SYNC = ("%acc = tt.dot %a, %b, %c : tensor<64x64xbf16> * tensor<64x16xbf16> "
+            "-> tensor<64x16xf32, #mma1>")
+FMA = ("%acc = tt.dot %a, %b, %c : tensor<64x64xf32> * tensor<64x16xf32> "
+       "-> tensor<64x16xf32, #blocked>")
 
 
 def test_dots_are_classified_by_their_lowering():
@@ -17,8 +19,10 @@ def test_dots_are_classified_by_their_lowering():
 
 def test_ptx_counts_and_ptxas_log():
     ptx = ("\twgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {...};\n"
-           "\t@%p1 red.global.add.f32 [%rd1], %f1;\n\t@%p2 atom.global.acq_rel.add.f32 %f2, [%rd2], %f3;\n"
-           "\tfma.rn.f32 %f4, %f5, %f6, %f7;\n\tcp.async.bulk.tensor.2d.shared::cluster.global [x];\n")
+           "\t@%p1 red.global.add.f32 [%rd1], %f1;\n"
+           "\t@%p2 atom.global.acq_rel.add.f32 %f2, [%rd2], %f3;\n"
+           "\tfma.rn.f32 %f4, %f5, %f6, %f7;\n"
+           "\tcp.async.bulk.tensor.2d.shared::cluster.global [x];\n")
     counts = aot_check.count_ptx(ptx)
     assert (counts["wgmma"], counts["red"], counts["atom"], counts["fma_f32"], counts["tma"]) == (
         1, 1, 1, 1, 1)
