@@ -364,7 +364,11 @@ def _run(args):
     jobs = _plan(args)
     print(f"aot_check: {len(jobs)} builds on {args.jobs} processes", file=sys.stderr, flush=True)
     with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
-        builds = pool.map(check_build, jobs, chunksize=4)
+        builds = []
+        for build in pool.imap(check_build, jobs, chunksize=2):
+            builds.append(build)
+            if len(builds) % 50 == 0:
+                print(f"aot_check: {len(builds)}/{len(jobs)}", file=sys.stderr, flush=True)
         try:
             mask = pool.apply(mask_instructions, ("sm90",))
         except Exception as exc:  # noqa: BLE001  (reported, and fails the check)
