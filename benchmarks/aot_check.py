@@ -1,0 +1,450 @@
+"""Ahead-of-time compile check of every Triton kernel for sm_90a and sm_80, no GPU needed.
+
+    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--json PATH] [--report-only]
+
+The kernel launches are discovered by running the Triton backend's forward and backward on meta
+tensors with the kernels' ``launcher`` replaced by a recorder, so every kernel the backend calls,
+with the exact arguments it passes, is compiled at every autotune config of its family in
+triton_kernels/configs.py. One row per build: registers, spill bytes, shared memory, what the
+dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Exit status 1 on a
+compile error, a spill, shared memory over the limit or a dot off the tensor cores (0 with
+``--report-only``). Also prints the dropout keep-mask's integer instructions per element.
+
+Compilation runs in freshly spawned worker processes with TRITON_INTERPRET=0 and an empty,
+temporary Triton cache: the kernels must be compiled, not interpreted, and nothing is reused
+from an earlier run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+TARGETS = {"sm90": (90, 128), "sm80": (80, 64)}
+SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
+BASE_DTYPES = ("bfloat16", "float16")
+ADAPTER_DTYPES = ("bfloat16", "float16", "float32")
+RANKS = (1, 16, 64, 128)
+DROPOUT = (0.0, 0.1)
+# M, K, N of the launches (the LLaMA-7B projection shape the design budget uses).
+SHAPE = (8192, 4096, 4096)
+# Backward variants: (name, need_a, need_bias, deterministic). LoRA-XS launches what LoRA-FA does.
+BACKWARD_VARIANTS = (("lora", True, True, False), ("lora_fa", False, False, False),
+                     ("deterministic", True, True, True))
+
+
+@dataclass
+class Build:
+    """One compiled (kernel, target, config, arguments) and what ptxas made of it."""
+    kernel: str
+    target: str
+    case: str
+    config: str
+    error: str = ""
+    registers: int = -1
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    dots: dict = field(default_factory=dict)  # wgmma / mma / fma: tl.dot sites by lowering
+    ptx: dict = field(default_factory=dict)  # instruction counts in the PTX
+    problems: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery (runs inside a worker: imports the kernels)
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_modules():
+    import lowrank_fused.triton_kernels as package
+    import importlib
+    import pkgutil
+    return [importlib.import_module(f"{package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(package.__path__)]
+
+
+def _arg_spec(value):
+    """A launch argument as picklable data: tensors become their dtype."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).removeprefix("torch."))
+    return ("value", value)
+
+
+def record_launches(base: str, adapter: str, rank: int, p_drop: float):
+    """[(module, kernel name, family, args, kwargs, case)] the Triton backend launches for one
+    forward and each backward variant, on meta tensors (nothing runs)."""
+    import torch
+    from lowrank_fused.backends import triton as backend
+    from lowrank_fused.dropout import DropoutSpec
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel, family):
+            self.kernel, self.family = kernel, family
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.fn.__module__, self.kernel.fn.__name__, self.family,
+                                 [_arg_spec(a) for a in args],
+                                 {k: _arg_spec(v) for k, v in kwargs.items()}))
+            return launch
+
+    def fake_launcher(kernel, family, *args, **kwargs):
+        return Recorder(kernel, family), {}
+
+    m, k, n = SHAPE
+    dt = lambda name: getattr(torch, name)  # noqa: E731
+    meta = dict(device="meta")
+    x = torch.empty((m, k), dtype=dt(base), **meta)
+    weight = torch.empty((n, k), dtype=dt(base), **meta)
+    bias = torch.empty((n,), dtype=dt(base), **meta)
+    lora_a = torch.empty((rank, k), dtype=dt(adapter), **meta)
+    lora_b = torch.empty((n, rank), dtype=dt(adapter), **meta)
+    dropout = DropoutSpec(p=p_drop, seed=1234) if p_drop else None
+    patched = [mod for mod in _kernel_modules() if hasattr(mod, "launcher")]
+    saved = [mod.launcher for mod in patched]
+    cases = []
+    try:
+        for mod in patched:
+            mod.launcher = fake_launcher
+        before = len(launches)
+        _, p = backend.forward(x, weight, bias, lora_a, lora_b, 2.0, dropout)
+        cases += ["fwd"] * (len(launches) - before)
+        for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+            before = len(launches)
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
+                                 lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
+                                 need_b=True, need_bias=need_bias)
+            finally:
+                torch.use_deterministic_algorithms(was)
+            cases += [f"bwd:{name}"] * (len(launches) - before)
+    finally:
+        for mod, launcher in zip(patched, saved):
+            mod.launcher = launcher
+    return [(*launch, case) for launch, case in zip(launches, cases)]
+
+
+def family_configs(family: str, generation: str):
+    """The autotune configs the launcher offers ``family`` on ``generation``, as plain dicts."""
+    from lowrank_fused.triton_kernels import configs
+    table = getattr(configs, f"{family.upper()}_CONFIGS")  # "gemm" -> GEMM_CONFIGS
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in table[generation]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation and inspection
+# ---------------------------------------------------------------------------------------------
+
+def _compile(module: str, name: str, args, kwargs, generation: str):
+    """triton.compile of one launch exactly as the runtime would specialise it, for a target."""
+    import importlib
+    import torch
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    kernel = getattr(importlib.import_module(module), name)
+    capability, warp_size = TARGETS[generation]
+    target = GPUTarget("cuda", capability, warp_size)
+    backend = make_backend(target)
+    unpack = lambda s: MockTensor(getattr(torch, s[1])) if s[0] == "tensor" else s[1]  # noqa
+    args = [unpack(a) for a in args]
+    kwargs = {k: unpack(v) for k, v in kwargs.items()}
+    kwargs.setdefault("debug", False)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    return compiled, log.getvalue()
+
+
+_DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<[^>]*#(\w+)")
+
+
+def classify_dots(ttgir: str) -> dict:
+    """tl.dot sites by what they lowered to: wgmma (warp_group_dot), mma (mma.sync: an #mma
+    result layout) or fma (any other layout: CUDA cores)."""
+    counts = {"wgmma": 0, "mma": 0, "fma": 0}
+    for op, layout in _DOT.findall(ttgir):
+        if op == "ttng.warp_group_dot":
+            counts["wgmma"] += 1
+        elif layout.startswith("mma"):
+            counts["mma"] += 1
+        else:
+            counts["fma"] += 1
+    return counts
+
+
+def count_ptx(ptx: str) -> dict:
+    """Instruction counts that tell how the kernel runs."""
+    count = lambda pattern: len(re.findall(pattern, ptx, re.M))  # noqa: E731
+    return {"wgmma": count(r"^\s*wgmma\.mma_async"), "mma_sync": count(r"^\s*mma\.sync"),
+            "fma_f32": count(r"^\s*fma\.rn\.f32"), "red": count(r"^\s*(?:@%p\d+\s+)?red\."),
+            "atom": count(r"^\s*(?:@%p\d+\s+)?atom\."),
+            "tma": count(r"cp\.async\.bulk\.tensor"),
+            "cp_async": count(r"^\s*(?:@%p\d+\s+)?cp\.async\.")}
+
+
+def parse_ptxas_log(log: str) -> tuple[int, int]:
+    """(registers, spill store bytes) from ``ptxas -v``."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0)
+
+
+def check_build(job) -> Build:
+    module, name, family, args, kwargs, case, generation, config = job
+    cfg = ",".join(f"{k}={v}" for k, v in config.items())
+    build = Build(kernel=name.strip("_").removesuffix("_kernel"), target=generation, case=case,
+                  config=cfg)
+    try:
+        compiled, log = _compile(module, name, args, {**kwargs, **{
+            k: ("value", v) for k, v in config.items()}}, generation)
+    except Exception as exc:  # noqa: BLE001  (every failure becomes a row)
+        build.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        build.problems.append("compile error")
+        return build
+    build.registers, build.spill_bytes = parse_ptxas_log(log)
+    build.shared_bytes = int(compiled.metadata.shared)
+    build.dots = classify_dots(compiled.asm["ttgir"])
+    build.ptx = count_ptx(compiled.asm["ptx"])
+    if build.spill_bytes:
+        build.problems.append(f"spills {build.spill_bytes} B")
+    if build.shared_bytes > SMEM_LIMIT[generation]:
+        build.problems.append(f"smem {build.shared_bytes // 1024} KB > "
+                              f"{SMEM_LIMIT[generation] // 1024} KB")
+    if build.dots["fma"]:
+        build.problems.append(f"{build.dots['fma']} dot(s) on CUDA cores")
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# The dropout mask's cost
+# ---------------------------------------------------------------------------------------------
+
+_INT_OPS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(mul|mad|add|sub|xor|and|or|not|shl|shr|shf|lop3|"
+                      r"prmt|bfe|bfi|min|max|setp|selp|cvt|mul24|mad24|mulhi)\.[\w.]*"
+                      r"(?:[us](?:8|16|32|64)|b(?:8|16|32|64)|pred)\b", re.M)
+
+
+_SASS_INT = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(IMAD|IADD3|IADD|LOP3|LOP|SHF|SHL|"
+                       r"SHR|PRMT|ISETP|SEL|IMNMX|VIMNMX|LEA|I2F|I2FP|F2I|IABS|POPC|FLO|BMSK|"
+                       r"SGXT|IMUL|IMNMX|UIMAD|UIADD3|ULOP3|USHF|ULEA|USEL|UISETP|UPRMT)\b", re.M)
+
+
+def sass_integer_instructions(cubin: bytes) -> int:
+    """Integer-pipe SASS instructions (IMAD, IADD3, LOP3, SHF, ...) in a cubin, via the
+    cuobjdump that ships with Triton; -1 where it is missing."""
+    import subprocess
+    from triton import knobs
+    tool = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    if not os.path.exists(tool):
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    return len(_SASS_INT.findall(sass))
+
+
+def mask_instructions(generation: str = "sm90") -> dict:
+    """Integer PTX instructions per mask element of the keep-mask kernel in
+    triton_kernels/dropout.py (whatever hash it uses): integer instructions in the kernel body
+    divided by the elements each thread covers. Store addressing is included, so this is an
+    upper bound of the hash's own cost."""
+    import inspect
+    from triton.runtime.jit import JITFunction
+    import lowrank_fused.triton_kernels.dropout as dropout
+    kernels = [v for k, v in vars(dropout).items() if isinstance(v, JITFunction)
+               and "kernel" in k]
+    if not kernels:
+        return {"error": "no *kernel* @triton.jit function in triton_kernels/dropout.py"}
+    kernel = kernels[0]
+    params = [p.name for p in kernel.params]
+    block, extra = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr and p.name.startswith("BLOCK"):
+            block[p.name] = 64
+        elif p.is_constexpr and p._param.default is not inspect.Parameter.empty:
+            extra[p.name] = p._param.default
+        elif p.is_constexpr:
+            return {"error": f"{kernel.fn.__name__}: no value for constexpr {p.name}"}
+    num_warps = 4
+    args = []
+    for p in kernel.params:
+        if p.is_constexpr:
+            continue
+        if p.name.endswith("_ptr"):
+            args.append(("tensor", "int8"))
+        elif p.name in ("p_drop", "p", "keep_scale"):
+            args.append(("value", 0.1))
+        else:
+            args.append(("value", 4097))  # odd: no divisibility specialisation
+    kwargs = {k: ("value", v) for k, v in {**block, **extra}.items()}
+    kwargs["num_warps"] = ("value", num_warps)
+    compiled, _ = _compile(kernel.fn.__module__, kernel.fn.__name__, args, kwargs, generation)
+    ptx = compiled.asm["ptx"]
+    elements = 1
+    for v in block.values():
+        elements *= v
+    per_thread = elements / (num_warps * 32)
+    integer = len(_INT_OPS.findall(ptx))
+    sass = sass_integer_instructions(compiled.asm["cubin"])
+    return {"kernel": kernel.fn.__name__, "params": params, "block": block,
+            "elements_per_thread": per_thread, "integer_instructions": integer,
+            "per_element": round(integer / per_thread, 1), "sass_integer_instructions": sass,
+            "sass_per_element": round(sass / per_thread, 1) if sass >= 0 else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+# Grid points (base dtype, adapter dtype, r, dropout p) per mode. CI's default covers every
+# adapter dtype, rank edge and dropout at the bf16 base, one fp16 base; --full is the product.
+DEFAULT_POINTS = [("bfloat16", a, r, p) for a in ADAPTER_DTYPES for r in (16, 64) for p in DROPOUT]
+DEFAULT_POINTS += [("bfloat16", "bfloat16", 1, 0.1), ("bfloat16", "float32", 128, 0.1),
+                   ("float16", "float16", 128, 0.1)]
+QUICK_POINTS = [("bfloat16", "float32", 16, 0.1), ("float16", "bfloat16", 64, 0.0)]
+
+
+def _plan(args) -> list:
+    """Every (launch, target, config) job, deduplicated: sm90 at every config of each point,
+    other targets at a sample of points and the first two configs."""
+    if args.quick:
+        points = QUICK_POINTS
+    elif args.full:
+        points = list(itertools.product(BASE_DTYPES, ADAPTER_DTYPES, RANKS, DROPOUT))
+    else:
+        points = DEFAULT_POINTS
+    jobs, seen = [], set()
+    for generation in args.arch:
+        primary = generation == "sm90" and not args.quick
+        for point in points if primary else points[::max(1, len(points) // 4)]:
+            for module, name, family, a, kw, case in record_launches(*point):
+                configs = family_configs(family, generation)
+                for config in configs if primary else configs[:2]:
+                    key = (name, generation, repr(a), repr(sorted(kw.items())), repr(config))
+                    if key in seen:  # identical compile, e.g. LoRA-FA's pass in LoRA's
+                        continue
+                    seen.add(key)
+                    label = f"{case} {point[0][:4]}/{point[1][:4]} r={point[2]} p={point[3]}"
+                    jobs.append((module, name, family, a, kw, label, generation, config))
+    return jobs
+
+
+def _worker_init():
+    os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # every build runs ptxas: its log is the data
+
+
+def _run(args):
+    _worker_init()
+    jobs = _plan(args)
+    print(f"aot_check: {len(jobs)} builds on {args.jobs} processes", file=sys.stderr, flush=True)
+    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
+        builds = []
+        for build in pool.imap(check_build, jobs, chunksize=2):
+            builds.append(build)
+            if len(builds) % 50 == 0:
+                print(f"aot_check: {len(builds)}/{len(jobs)}", file=sys.stderr, flush=True)
+        try:
+            mask = pool.apply(mask_instructions, ("sm90",))
+        except Exception as exc:  # noqa: BLE001  (reported, and fails the check)
+            mask = {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
+    return builds, mask
+
+
+def format_table(builds) -> str:
+    lines = ["| kernel | target | case | config | regs | spill B | smem KB | dots w/m/f | "
+             "wgmma/mma.sync/fma.f32 (PTX) | red/atom | TMA | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in builds:
+        d, p = b.dots, b.ptx
+        lines.append(
+            f"| {b.kernel} | {b.target} | {b.case} | {b.config} | {b.registers} | "
+            f"{b.spill_bytes} | {b.shared_bytes / 1024:.0f} | "
+            f"{d.get('wgmma', '-')}/{d.get('mma', '-')}/{d.get('fma', '-')} | "
+            f"{p.get('wgmma', '-')}/{p.get('mma_sync', '-')}/{p.get('fma_f32', '-')} | "
+            f"{p.get('red', '-')}/{p.get('atom', '-')} | {p.get('tma', '-')} | "
+            f"{'; '.join(b.problems) or 'ok'}{' ' + b.error if b.error else ''} |")
+    return "\n".join(lines)
+
+
+def summarize(builds) -> str:
+    by_kernel = {}
+    for b in builds:
+        total, bad = by_kernel.get((b.kernel, b.target), (0, 0))
+        by_kernel[(b.kernel, b.target)] = (total + 1, bad + bool(b.problems))
+    return "\n".join(f"{k} {t}: {bad} of {total} builds with problems"
+                     for (k, t), (total, bad) in sorted(by_kernel.items()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm90,sm80",
+                        help="comma-separated targets among sm90 (sm_90a), sm80")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 dtype/rank/dropout points, 2 configs per kernel (seconds)")
+    parser.add_argument("--full", action="store_true",
+                        help="every base x adapter dtype x r x dropout point (tens of minutes)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the findings but exit 0 (until the kernels are clean)")
+    args = parser.parse_args(argv)
+    args.arch = [a.strip().replace("sm_90a", "sm90").replace("sm_80", "sm80")
+                 for a in args.arch.split(",")]
+    unknown = [a for a in args.arch if a not in TARGETS]
+    if unknown:
+        parser.error(f"--arch: expected targets among {sorted(TARGETS)}, got {unknown}")
+    cache = tempfile.mkdtemp(prefix="aot_check_cache_")
+    os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the spawned workers
+    start = time.time()
+    try:
+        builds, mask = _run(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(format_table(builds))
+    print()
+    print(summarize(builds))
+    if "error" in mask:
+        print(f"\ndropout keep-mask: could not compile: {mask['error']}")
+    else:
+        print(f"\ndropout keep-mask ({mask['kernel']}, sm_90a): {mask['integer_instructions']} "
+              f"integer PTX instructions for {mask['elements_per_thread']:g} elements per thread = "
+              f"{mask['per_element']} per element; SASS: {mask['sass_integer_instructions']} = "
+              f"{mask['sass_per_element']} per element (store addressing included)")
+    failed = [b for b in builds if b.problems] + (["mask"] if "error" in mask else [])
+    print(f"\n{len(builds)} builds, {len(failed)} with problems, {time.time() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"builds": [asdict(b) for b in builds], "mask": mask}, f, indent=1)
+    if failed and not args.report_only:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Traffic/FLOP model of each backend's kernel sequence (a prediction, not a measurement).
+
+    python -m benchmarks.model [--set KEY=VALUE ...] [--after KEY=VALUE ...] [--markdown PATH]
+
+Every backend is a list of passes (``Pass``: HBM bytes, FLOPs per execution unit, integer ops,
+atomics, programs). A pass takes launch + max(bytes / bandwidth, compute), compute being the
+sum of each unit's FLOPs over its rate, stretched when the pass has fewer programs than SMs,
+plus its atomics. The sequences follow the code as it is (backends/triton.py and
+triton_kernels/, backends/cuda.py and csrc/, PEFT's LoRA layer under bf16 autocast, a frozen
+nn.Linear); what the kernels do is in ``Code``, the hardware in ``Hardware``: a kernel change is
+a one-field change, quoted before/after with ``--after field=value``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field, replace
+
+METHODS = ("lora", "lora_fa", "lora_xs")
+# (label, M, K, N): tokens x in-features x out-features.
+SHAPES = (("4096²", 8192, 4096, 4096), ("4096→11008", 8192, 4096, 11008),
+          ("roberta-large", 4096, 1024, 1024))  # RoBERTa-large: 8 x 512 tokens, hidden 1024
+RANKS = (16, 64)
+
+
+@dataclass
+class Hardware:
+    """H100 SXM assumptions (override with --set)."""
+    gemm_tflops: float = 700.0  # cuBLAS bf16 dense GEMM, achieved
+    triton_gemm_efficiency: float = 1.0  # Triton main GEMM / cuBLAS (the largest unknown)
+    tf32_tflops: float = 350.0  # tensor cores, tf32 operands
+    skinny_tc_tflops: float = 300.0  # tensor cores in an r-wide (skinny) dot: N = r tiles
+    cuda_core_tflops: float = 50.0  # fp32 FMA on CUDA cores, achieved (67 peak)
+    hbm_tb_s: float = 2.9
+    int_tops: float = 15.0  # 32-bit integer ops/s on CUDA cores, tera
+    atom_per_ns: float = 200.0  # acq_rel fp32 atom throughput (L2), per ns: unmeasured
+    red_per_ns: float = 400.0  # relaxed fp32 red throughput, per ns: unmeasured
+    launch_us: float = 4.0  # per kernel launch, host + device
+    sms: int = 132
+
+
+@dataclass
+class Code:
+    """What the kernels do today; each field is one kernel's property (kern16's changes land
+    here as one-line updates)."""
+    rng_int_ops: float = 64.0  # integer ops per element of the dropout mask (Philox)
+    peft_rng_int_ops: float = 24.0  # torch dropout: Philox, 4 values per call
+    triton_fp32_adapter_unit: str = "fma"  # ieee dots under allow_tf32=False
+    triton_grad_a_unit: str = "fma"  # grad_a always computes in fp32 "ieee"
+    triton_grad_a_block_n: int = 128  # dA columns per program; M is not split
+    triton_gop_block_m: int = 64  # rows per program of the G pass = atomics divisor
+    triton_atomic: str = "atom"  # "atom" (acq_rel) or "red" (relaxed)
+    triton_db_memset: bool = True  # torch.zeros for dB per call
+    cuda_rank_unit: str = "fma"  # csrc rank passes on CUDA cores
+    cuda_second_pass_over_y: bool = True  # y.addmm_ / dx.addmm_ after the cuBLAS GEMM
+    cuda_gop_block_m: int = 64
+
+
+@dataclass
+class Pass:
+    """One kernel launch: HBM bytes moved, FLOPs per unit ("gemm", "tc", "tf32", "fma"), integer
+    ops, atomics ("atom"/"red" counts) and programs (0: enough to fill the GPU)."""
+    name: str
+    bytes: float = 0.0
+    flops: dict = field(default_factory=dict)
+    int_ops: float = 0.0
+    atomics: dict = field(default_factory=dict)
+    programs: int = 0
+    launches: int = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    m: int
+    k: int
+    n: int
+    r: int
+    dropout: bool
+    base_bytes: int = 2  # bf16 base
+    adapter_bytes: int = 4  # fp32 adapters (LowRankLinear's and PEFT's default)
+
+
+def pass_time(p: Pass, hw: Hardware, gemm_efficiency: float = 1.0) -> float:
+    """Seconds for one pass."""
+    rates = {"gemm": hw.gemm_tflops * 1e12 * gemm_efficiency, "tc": hw.skinny_tc_tflops * 1e12,
+             "tf32": hw.tf32_tflops * 1e12, "fma": hw.cuda_core_tflops * 1e12}
+    compute = sum(f / rates[unit] for unit, f in p.flops.items())
+    compute += p.int_ops / (hw.int_tops * 1e12)
+    if p.programs:
+        compute *= max(1.0, hw.sms / p.programs)  # idle SMs
+    memory = p.bytes / (hw.hbm_tb_s * 1e12)
+    atomics = (p.atomics.get("atom", 0) / (hw.atom_per_ns * 1e9)
+               + p.atomics.get("red", 0) / (hw.red_per_ns * 1e9))
+    return p.launches * hw.launch_us * 1e-6 + max(memory, compute) + atomics
+
+
+def _lr_unit(c: Case, fp32_unit: str) -> str:
+    return fp32_unit if c.adapter_bytes == 4 else "tc"
+
+
+def _small(name: str, nbytes: float) -> Pass:
+    return Pass(name, bytes=nbytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel sequences
+# --------------------------------------------------------------------------------------------
+
+def bare_linear(c: Case, code: Code, backward: bool) -> list:
+    """Frozen nn.Linear: one cuBLAS GEMM forward; dx = G·W backward (no weight/bias grad)."""
+    m, k, n, b = c.m, c.k, c.n, c.base_bytes
+    seq = [Pass("F.linear", bytes=b * (m * k + n * k + m * n), flops={"gemm": 2 * m * n * k})]
+    if backward:
+        seq.append(Pass("dx = G·W", bytes=b * (m * n + n * k + m * k),
+                        flops={"gemm": 2 * m * n * k}))
+    return seq
+
+
+def peft_lora(c: Case, code: Code, backward: bool) -> list:
+    """PEFT's LoRA layer under bf16 autocast: base(x) + lora_B(lora_A(dropout(x))) * s, each an
+    eager op; LoRA-FA freezes A, LoRA-XS adds an r x r matrix (negligible here)."""
+    m, k, n, r, b = c.m, c.k, c.n, c.r, c.base_bytes
+    seq = bare_linear(c, code, False)
+    if c.dropout:
+        seq.append(Pass("dropout(x)", bytes=m * k * (2 * b + 1),
+                        int_ops=m * k * code.peft_rng_int_ops))
+    seq += [Pass("lora_A", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}),
+            Pass("lora_B", bytes=b * (m * r + m * n), flops={"tc": 2 * m * n * r}),
+            Pass("* scaling", bytes=2 * b * m * n), Pass("y + lora", bytes=3 * b * m * n)]
+    if c.method == "lora_xs":
+        seq.insert(-3, Pass("· R (r x r)", bytes=2 * b * m * r, flops={"tc": 2 * m * r * r}))
+    if not backward:
+        return seq
+    seq += [Pass("G * scaling", bytes=2 * b * m * n),
+            Pass("dT = Gs·B", bytes=b * (m * n + m * r), flops={"tc": 2 * m * n * r}),
+            Pass("dB = Gsᵀ·T", bytes=b * (m * n + m * r), flops={"tc": 2 * m * n * r})]
+    if c.method == "lora":
+        seq.append(Pass("dA = dTᵀ·xd", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}))
+    seq.append(Pass("dxd = dT·A", bytes=b * (m * r + m * k), flops={"tc": 2 * m * k * r}))
+    if c.dropout:
+        seq.append(Pass("dropout bwd", bytes=m * k * (2 * b + 1)))
+    seq += bare_linear(c, code, True)[1:]
+    seq.append(Pass("dx + dxd", bytes=3 * b * m * k))
+    return seq
+
+
+def triton_backend(c: Case, code: Code, backward: bool) -> list:
+    """backends/triton.py: project, fused_linear; grad_output_pass, grad_input, grad_a."""
+    m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
+    lr = _lr_unit(c, code.triton_fp32_adapter_unit)
+    rng = m * k * code.rng_int_ops if c.dropout else 0
+    seq = [Pass("project", bytes=b * m * k + a * (r * k + m * r), flops={lr: 2 * m * k * r},
+                int_ops=rng),
+           Pass("fused_linear", bytes=b * (m * k + n * k + m * n) + a * (m * r + n * r),
+                flops={"gemm": 2 * m * n * k, lr: 2 * m * n * r})]
+    if not backward:
+        return seq
+    need_a = c.method == "lora"
+    atomics = (m / code.triton_gop_block_m) * n * r
+    if code.triton_db_memset:
+        seq.append(Pass("dB memset", bytes=4 * n * r))
+    seq.append(Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
+                    flops={lr: 4 * m * n * r}, atomics={code.triton_atomic: atomics}))
+    if a != 4:  # fp32 adapters: .to is a no-op
+        seq.append(_small("dB.to(dtype)", (4 + a) * n * r))
+    seq.append(Pass("grad_input", bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k,
+                    flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
+    if need_a:
+        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + a * r * k,
+                        flops={code.triton_grad_a_unit: 2 * m * k * r}, int_ops=rng,
+                        programs=-(-k // code.triton_grad_a_block_n)))
+    return seq
+
+
+def cuda_backend(c: Case, code: Code, backward: bool) -> list:
+    """backends/cuda.py: csrc rank passes + cuBLAS GEMMs through ATen."""
+    m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
+    ru = code.cuda_rank_unit
+    rng = m * k * code.rng_int_ops if c.dropout else 0
+    again = 2 if code.cuda_second_pass_over_y else 0
+    seq = [Pass("project", bytes=b * m * k + a * (r * k + m * r), flops={ru: 2 * m * k * r},
+                int_ops=rng),
+           Pass("F.linear", bytes=b * (m * k + n * k + m * n), flops={"gemm": 2 * m * n * k}),
+           Pass("P.to, B.T.to", bytes=(a + b) * (m * r + n * r), launches=2),
+           Pass("y.addmm_", bytes=b * (again * m * n + m * r + n * r), flops={"tc": 2 * m * n * r})]
+    if not backward:
+        return seq
+    seq += [Pass("dB memset", bytes=4 * n * r),
+            Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
+                 flops={ru: 4 * m * n * r},
+                 atomics={"atom": (m / code.cuda_gop_block_m) * n * r}),
+            Pass("dx = G@W", bytes=b * (m * n + n * k + m * k), flops={"gemm": 2 * m * n * k})]
+    if c.dropout:
+        seq.append(Pass("add_dropped_low_rank_", bytes=b * 2 * m * k + 4 * m * r,
+                        flops={ru: 2 * m * k * r}, int_ops=rng))
+    else:
+        seq.append(Pass("dx.addmm_", bytes=b * (again * m * k + m * r + r * k),
+                        flops={"tc": 2 * m * k * r}, launches=3))
+    if c.method == "lora":
+        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + 4 * r * k,
+                        flops={ru: 2 * m * k * r}, int_ops=rng))
+        if a != 4:
+            seq.append(_small("dA.to", (4 + a) * r * k))
+    if a != 4:
+        seq.append(_small("dB.to", (4 + a) * n * r))
+    return seq
+
+
+def _with_latent(sequence):
+    """LoRA-XS on our backends: B_eff = B·Rᵀ formed once per call, dR = dB_effᵀ·B after."""
+    def wrapped(c: Case, code: Code, backward: bool) -> list:
+        seq = sequence(c, code, backward)
+        if c.method == "lora_xs":
+            small = c.adapter_bytes * 2 * c.n * c.r
+            seq.insert(0, Pass("B_eff = B·Rᵀ", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
+            if backward:
+                seq.append(Pass("dR = dB_effᵀ·B", bytes=small,
+                                flops={"tc": 2 * c.n * c.r * c.r}))
+        return seq
+    wrapped.__doc__ = sequence.__doc__
+    return wrapped
+
+
+BACKENDS = {"bare": bare_linear, "peft": peft_lora, "triton": _with_latent(triton_backend),
+            "cuda": _with_latent(cuda_backend)}
+
+
+def predict(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -> float:
+    """Predicted seconds of one forward (or forward + backward) of ``backend`` on ``c``."""
+    efficiency = hw.triton_gemm_efficiency if backend == "triton" else 1.0
+    return sum(pass_time(p, hw, efficiency) for p in BACKENDS[backend](c, code, backward))
+
+
+def breakdown(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -> list:
+    """[(pass name, seconds)] of one backend's sequence."""
+    efficiency = hw.triton_gemm_efficiency if backend == "triton" else 1.0
+    return [(p.name, pass_time(p, hw, efficiency)) for p in BACKENDS[backend](c, code, backward)]
+
+
+def cases():
+    for label, m, k, n in SHAPES:
+        for r in RANKS:
+            for method in METHODS:
+                for dropout in (False, True):
+                    yield label, Case(method, m, k, n, r, dropout)
+
+
+def table(code: Code, hw: Hardware, after: Code | None = None, after_hw: Hardware | None = None
+          ) -> str:
+    """Markdown table of every case; with ``after``, each Triton/CUDA ratio as before → after."""
+    head = ("| shape | r | method | dropout | pass | bare ms | PEFT ms | Triton ms | "
+            "Triton ×bare | Triton ×PEFT | CUDA ×bare | CUDA ×PEFT |")
+    lines = [head, "|" + "---|" * 12]
+    for label, c in cases():
+        for backward in (False, True):
+            def row(cd, h):
+                t = {name: predict(name, c, cd, h, backward) for name in BACKENDS}
+                return t, (t["triton"] / t["bare"], t["triton"] / t["peft"],
+                           t["cuda"] / t["bare"], t["cuda"] / t["peft"])
+            t, ratios = row(code, hw)
+            cells = [f"{x:.2f}" for x in ratios]
+            if after is not None:
+                _, new = row(after, after_hw or hw)
+                cells = [f"{x:.2f} → {y:.2f}" for x, y in zip(ratios, new)]
+            lines.append(f"| {label} | {c.r} | {c.method} | {'on' if c.dropout else 'off'} | "
+                         f"{'fwd+bwd' if backward else 'fwd'} | {t['bare'] * 1e3:.3f} | "
+                         f"{t['peft'] * 1e3:.3f} | {t['triton'] * 1e3:.3f} | " + " | ".join(cells)
+                         + " |")
+    return "\n".join(lines)
+
+
+def compact_table(code: Code, hw: Hardware) -> str:
+    """The README's table: fwd and fwd+bwd ratios per case, one row per (shape, r, method,
+    dropout)."""
+    lines = ["| shape | r | method | dropout | Triton fwd ×bare | Triton fwd+bwd ×bare | "
+             "Triton fwd+bwd ×PEFT | CUDA fwd+bwd ×bare | CUDA fwd+bwd ×PEFT |",
+             "|" + "---|" * 9]
+    for label, c in cases():
+        t = {(name, bwd): predict(name, c, code, hw, bwd) for name in BACKENDS
+             for bwd in (False, True)}
+        ratios = (t["triton", False] / t["bare", False], t["triton", True] / t["bare", True],
+                  t["triton", True] / t["peft", True], t["cuda", True] / t["bare", True],
+                  t["cuda", True] / t["peft", True])
+        lines.append(f"| {label} | {c.r} | {c.method} | {'on' if c.dropout else 'off'} | "
+                     + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
+def _apply(settings, code: Code, hw: Hardware):
+    """KEY=VALUE pairs onto copies of (code, hw), each key a field of one of them."""
+    for item in settings:
+        key, _, value = item.partition("=")
+        for obj_name in ("code", "hw"):
+            obj = code if obj_name == "code" else hw
+            fields = {f.name: f for f in dataclasses.fields(obj)}
+            if key in fields:
+                kind = type(getattr(obj, key))
+                parsed = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+                if obj_name == "code":
+                    code = replace(code, **{key: parsed})
+                else:
+                    hw = replace(hw, **{key: parsed})
+                break
+        else:
+            known = [f.name for f in dataclasses.fields(Code) + dataclasses.fields(Hardware)]
+            raise SystemExit(f"--set/--after: unknown field {key!r}; expected one of {known}")
+    return code, hw
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override a Hardware or Code field (e.g. triton_gemm_efficiency=0.9)")
+    parser.add_argument("--after", nargs="*", metavar="KEY=VALUE",
+                        help="quote a change: ratios shown as before → after")
+    parser.add_argument("--breakdown", metavar="SHAPE,R,METHOD,DROPOUT",
+                        help="per-pass times of one case, e.g. 4096²,16,lora_fa,0")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table there")
+    parser.add_argument("--compact", action="store_true",
+                        help="one row per case, fwd and fwd+bwd ratios (the README's table)")
+    args = parser.parse_args(argv)
+    code, hw = _apply(args.set, Code(), Hardware())
+    print("Assumptions:", hw)
+    print("Kernel facts:", code)
+    if args.breakdown:
+        label, r, method, drop = args.breakdown.split(",")
+        _, m, k, n = next(s for s in SHAPES if s[0] == label)
+        c = Case(method, m, k, n, int(r), drop not in ("0", "off", "false"))
+        for backend in BACKENDS:
+            print(f"\n{backend}:")
+            for name, seconds in breakdown(backend, c, code, hw, True):
+                print(f"  {name:24s} {seconds * 1e6:9.1f} µs")
+        return 0
+    after = _apply(args.after, code, hw) if args.after else (None, None)
+    text = compact_table(code, hw) if args.compact else table(code, hw, *after)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

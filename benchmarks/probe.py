@@ -1,0 +1,250 @@
+"""The figures that decide the design, measured next to what benchmarks.model predicts.
+
+    python -m benchmarks.probe --out PATH.json [--quick]
+
+On a CUDA GPU (< 3 minutes on an H100): the Triton main GEMMs (fused_linear with the rank term
+at r = 1 and s = 0, grad_input likewise) against cuBLAS at 8192x4096x4096 and 8192x4096x11008
+bf16; each Triton kernel of the LoRA-FA and LoRA sequences at r = 16 and 64, dropout on and off;
+forward and forward+backward of the layers (bare frozen nn.Linear, PEFT's LoRA under bf16
+autocast, ours on Triton and, when lowrank_fused._C is built, CUDA) with their ratios. Times are
+CUDA-event medians after warm-up (autotuning included in the warm-up).
+
+Without CUDA it is a dry run: the same code on tiny CPU shapes (Triton on the interpreter),
+every callable run once, measured = null, predictions for the real shapes; exits 0 in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import model
+
+SHAPES = (("4096²", 8192, 4096, 4096), ("4096→11008", 8192, 4096, 11008))
+RANKS = (16, 64)
+DROPOUT_P = 0.1
+DRY_SHAPE = (32, 64, 64)  # M, K, N on the CPU
+
+
+def cuda_median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median of ``reps`` CUDA-event timings of fn() after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class Probe:
+    """Collects figures: name, predicted ms (model), measured ms (None on a dry run)."""
+
+    def __init__(self, device: torch.device, hw: model.Hardware, code: model.Code):
+        self.device, self.hw, self.code = device, hw, code
+        self.dry = device.type != "cuda"
+        self.figures = []
+
+    def measure(self, fn):
+        if self.dry:
+            fn()  # the same path, once, untimed
+            return None
+        return cuda_median_ms(fn)
+
+    def add(self, name: str, predicted_s, fn, **extra):
+        measured = self.measure(fn)
+        row = {"name": name, "predicted_ms": None if predicted_s is None else
+               round(predicted_s * 1e3, 4),
+               "measured_ms": None if measured is None else round(measured, 4), **extra}
+        self.figures.append(row)
+        shown = "n/a" if measured is None else f"{measured:.3f}"
+        pred = "-" if predicted_s is None else f"{predicted_s * 1e3:.3f}"
+        print(f"{name:60s} predicted {pred:>8s} ms   measured {shown:>8s} ms", flush=True)
+        return measured
+
+
+def _dims(probe, m, k, n):
+    return DRY_SHAPE if probe.dry else (m, k, n)
+
+
+def probe_gemms(probe: Probe, label, m, k, n):
+    """Triton's main GEMMs (rank term at r = 1, s = 0) vs cuBLAS."""
+    from lowrank_fused import triton_kernels as tk
+    dm, dk, dn = _dims(probe, m, k, n)
+    dev, bf16 = probe.device, torch.bfloat16
+    x = torch.randn(dm, dk, device=dev, dtype=bf16)
+    w = torch.randn(dn, dk, device=dev, dtype=bf16)
+    g = torch.randn(dm, dn, device=dev, dtype=bf16)
+    p1 = torch.zeros(dm, 1, device=dev, dtype=bf16)
+    b1 = torch.zeros(dn, 1, device=dev, dtype=bf16)
+    dp1 = torch.zeros(dm, 1, device=dev, dtype=torch.float32)
+    a1 = torch.zeros(1, dk, device=dev, dtype=bf16)
+    gemm = 2 * m * n * k / (probe.hw.gemm_tflops * 1e12) + probe.hw.launch_us * 1e-6
+    triton_gemm = 2 * m * n * k / (probe.hw.gemm_tflops * 1e12 * probe.hw.triton_gemm_efficiency)
+    triton_gemm += probe.hw.launch_us * 1e-6
+    probe.add(f"{label} cuBLAS F.linear", gemm, lambda: torch.nn.functional.linear(x, w))
+    probe.add(f"{label} Triton fused_linear (r=1, s=0)", triton_gemm,
+              lambda: tk.fused_linear(x, w, None, p1, b1, 0.0))
+    probe.add(f"{label} cuBLAS G@W", gemm, lambda: g @ w)
+    probe.add(f"{label} Triton grad_input (r=1)", triton_gemm,
+              lambda: tk.grad_input(g, w, dp1, a1))
+
+
+def probe_kernels(probe: Probe, label, m, k, n, r, method, dropout):
+    """Each Triton kernel of one LoRA / LoRA-FA sequence (bf16 base, fp32 adapters)."""
+    from lowrank_fused import triton_kernels as tk
+    dm, dk, dn = _dims(probe, m, k, n)
+    dev = probe.device
+    x = torch.randn(dm, dk, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(dn, dk, device=dev, dtype=torch.bfloat16)
+    g = torch.randn(dm, dn, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(r, dk, device=dev) / dk ** 0.5
+    b = torch.randn(dn, r, device=dev) * 0.01
+    p_drop = DROPOUT_P if dropout else 0.0
+    p = tk.project(x, a, 7, p_drop)
+    dp, _, _ = tk.grad_output_pass(g, b, p, 2.0, need_dp=True, need_db=True, need_dbias=False)
+    case = model.Case(method, m, k, n, r, dropout)
+    predicted = dict(model.breakdown("triton", case, probe.code, probe.hw, True))
+    tag = f"{label} r={r} {method} dropout={'on' if dropout else 'off'}"
+    calls = {"project": lambda: tk.project(x, a, 7, p_drop),
+             "fused_linear": lambda: tk.fused_linear(x, w, None, p, b, 2.0),
+             "grad_output_pass": lambda: tk.grad_output_pass(
+                 g, b, p, 2.0, need_dp=True, need_db=True, need_dbias=False),
+             "grad_input": lambda: tk.grad_input(g, w, dp, a, 7, p_drop)}
+    if method == "lora":
+        calls["grad_a"] = lambda: tk.grad_a(dp, x, a.dtype, 7, p_drop)
+    for name, fn in calls.items():
+        probe.add(f"{tag} kernel {name}", predicted.get(name), fn)
+
+
+def _layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device):
+    from torch import nn
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+    base.requires_grad_(False)
+    if impl == "bare":
+        return base
+    if impl == "peft":
+        from peft import LoraConfig, get_peft_model
+        from benchmarks.layers import _Holder
+        layer = get_peft_model(_Holder(base), LoraConfig(
+            r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=DROPOUT_P if dropout else 0.0))
+        if method == "lora_fa":
+            for name, param in layer.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+        return layer
+    from lowrank_fused import LowRankLinear
+    return LowRankLinear.from_linear(base, r, method, backend=impl,
+                                     dropout=DROPOUT_P if dropout else 0.0).train()
+
+
+def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
+    """fwd and fwd+bwd of whole layers under bf16 autocast, with ratios to bare and PEFT."""
+    import importlib.util
+    dm, dk, dn = _dims(probe, m, k, n)
+    dev = probe.device
+    impls = ["bare"] + (["peft"] if importlib.util.find_spec("peft") else []) + list(backends)
+    case = model.Case(method, m, k, n, r, dropout)
+    x = torch.randn(dm, dk, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(dm, dn, device=dev, dtype=torch.bfloat16)
+    tag = f"{label} r={r} {method} dropout={'on' if dropout else 'off'}"
+    times = {}
+    for impl in impls:
+        layer = _layer(impl, dk, dn, r, method, dropout, dev)
+        name = {"bare": "bare", "peft": "peft"}.get(impl, impl)
+
+        def fwd():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return layer(x)
+
+        def fwd_bwd():
+            fwd().backward(g)
+
+        for mode, fn, backward in (("fwd", fwd, False), ("fwd+bwd", fwd_bwd, True)):
+            predicted = model.predict(name, case, probe.code, probe.hw, backward)
+            times[impl, mode] = (probe.add(f"{tag} {mode} {impl}", predicted, fn), predicted)
+    for impl in impls[1:]:
+        for mode in ("fwd", "fwd+bwd"):
+            for ref in ("bare", "peft"):
+                if ref == impl or (ref, mode) not in times:
+                    continue
+                (mine, mine_p), (theirs, theirs_p) = times[impl, mode], times[ref, mode]
+                probe.figures.append({
+                    "name": f"{tag} {mode} {impl}/{ref}",
+                    "predicted_ratio": round(mine_p / theirs_p, 3),
+                    "measured_ratio": None if mine is None else round(mine / theirs, 3)})
+
+
+def run(out: str, quick: bool = False, budget_s: float = 170.0) -> dict:
+    """Probe in order of importance, rewriting ``out`` after every group so a cut-off run
+    still leaves its figures; groups not started within ``budget_s`` are listed as skipped."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    from lowrank_fused import available_backends
+    hw, code = model.Hardware(), model.Code()
+    probe = Probe(device, hw, code)
+    backends = ["triton"] + (["cuda"] if device.type == "cuda"
+                             and "cuda" in available_backends() else [])
+    start = time.time()
+    shapes = SHAPES[:1] if quick or probe.dry else SHAPES
+    ranks = RANKS[:1] if quick else RANKS
+    groups = [(f"gemm {label}", lambda s=shape: probe_gemms(probe, *s))
+              for shape in shapes for label in [shape[0]]]
+    for shape in shapes:
+        for r in ranks:
+            for dropout in (False, True):
+                for method in ("lora_fa", "lora"):
+                    args = (probe, *shape, r, method, dropout)
+                    groups.append((f"{shape[0]} r={r} {method} dropout={dropout}",
+                                   lambda a=args: (probe_kernels(*a), probe_layers(*a, backends))))
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
+              "dry_run": probe.dry, "torch": torch.__version__, "backends": backends,
+              "hardware_assumed": vars(hw), "code_assumed": vars(code),
+              "skipped": [], "figures": probe.figures}
+    for name, group in groups:
+        if time.time() - start > budget_s:
+            result["skipped"].append(name)
+            continue
+        try:
+            group()
+        except Exception as exc:  # noqa: BLE001  (one broken group must not waste the run)
+            result.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+            print(f"probe: {name} failed: {exc}", file=sys.stderr, flush=True)
+            if probe.dry:
+                raise  # on CPU a failure is a bug to fix before any GPU run
+        result["seconds"] = round(time.time() - start, 1)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=0, ensure_ascii=False)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=0, ensure_ascii=False)
+    print(f"probe: {len(probe.figures)} figures in {result.get('seconds')} s, "
+          f"{len(result['skipped'])} groups skipped (budget {budget_s:.0f} s) -> {out}")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, metavar="PATH", help="where to write the JSON")
+    parser.add_argument("--quick", action="store_true", help="first shape and rank only")
+    parser.add_argument("--budget-s", type=float, default=170.0,
+                        help="start no new group after this many seconds (default 170)")
+    args = parser.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    run(args.out, args.quick, args.budget_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

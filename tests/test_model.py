@@ -1,0 +1,62 @@
+"""benchmarks.model: the traffic model's arithmetic on hand-counted passes."""
+import pytest
+
+from benchmarks import model
+
+M, K, N, R = 8192, 4096, 4096, 16
+
+
+def case(method="lora_fa", dropout=False, **kw):
+    return model.Case(method, M, K, N, R, dropout, **kw)
+
+
+def test_bare_linear_ratio_is_one():
+    code, hw = model.Code(), model.Hardware()
+    c = case()
+    lines = model.table(code, hw).splitlines()
+    # A frozen Linear costs two GEMMs fwd+bwd, one fwd: the table's bare column says so.
+    fwd, both = (float(line.split("|")[6]) for line in lines[2:4])
+    assert both / fwd == pytest.approx(2.0, rel=1e-2)
+    # Forward: one GEMM at the assumed cuBLAS rate (compute-bound), plus a launch.
+    assert model.predict("bare", c, code, hw, False) == pytest.approx(
+        2 * M * N * K / 700e12 + 4e-6)
+
+
+def test_known_passes_move_hand_counted_bytes():
+    code = model.Code()
+    seq = {p.name: p for p in model.triton_backend(case(), code, backward=True)}
+    # project reads x (bf16) and A (fp32), writes P (fp32)
+    assert seq["project"].bytes == 2 * M * K + 4 * (R * K + M * R)
+    # fused_linear: x, W, y in bf16, P and B_eff in fp32
+    assert seq["fused_linear"].bytes == 2 * (M * K + N * K + M * N) + 4 * (M * R + N * R)
+    # one read of G, B_eff and P; dP written in fp32
+    assert seq["grad_output_pass"].bytes == 2 * M * N + 4 * (N * R + M * R) + 4 * M * R
+    assert seq["grad_output_pass"].atomics == {"atom": M / 64 * N * R}
+    assert "grad_a" not in seq  # LoRA-FA never needs dA
+    peft = {p.name: p for p in model.peft_lora(case(), code, backward=False)}
+    assert peft["y + lora"].bytes == 3 * 2 * M * N
+
+
+def test_memory_bound_pass_time_and_launch():
+    hw = model.Hardware(hbm_tb_s=1.0, launch_us=10.0)
+    p = model.Pass("copy", bytes=1e9)
+    assert model.pass_time(p, hw) == pytest.approx(1e-3 + 10e-6)
+
+
+def test_a_kernel_change_is_one_field():
+    hw = model.Hardware()
+    before = model.predict("triton", case(), model.Code(), hw, True)
+    after = model.predict("triton", case(), model.Code(triton_fp32_adapter_unit="tc",
+                                                      triton_atomic="red"), hw, True)
+    assert after < before
+    code, hw2 = model._apply(["triton_gemm_efficiency=0.5", "triton_db_memset=false"],
+                             model.Code(), hw)
+    assert hw2.triton_gemm_efficiency == 0.5 and code.triton_db_memset is False
+
+
+def test_table_has_every_case_and_cli_runs(capsys):
+    assert model.main(["--after", "triton_atomic=red"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 4096")]
+    assert len(rows) == 2 * 2 * 3 * 2 * 2  # shapes 4096*, r, method, dropout, direction
+    assert "→" in out
