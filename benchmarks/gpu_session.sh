@@ -44,13 +44,6 @@ export_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp "$@" "$O
 
 probe() {
   name="${1:?probe NAME}"
-  if [ ! -f benchmarks/probe.py ]; then
-    # benchmarks/probe.py comes from another branch; until it is merged only a dry run tolerates
-    # its absence.
-    echo "probe: benchmarks/probe.py is missing (not merged yet)" >&2
-    if [ "$dry" = 1 ]; then echo "[dry run] probe stage skipped"; return 0; fi
-    return 1
-  fi
   python -m benchmarks.probe --out "$results/$name.probe.json"
   gpu_name > "$results/$name.gpu.txt"
   export_out "$results/$name.probe.json" "$results/$name.gpu.txt"
@@ -70,7 +63,7 @@ build() {
 }
 
 run_tests() {
-  files=(tests/test_csrc.py tests/test_triton.py tests/test_peft.py)
+  files=(tests/test_csrc.py tests/test_triton.py tests/test_dropout_mask.py tests/test_peft.py)
   if [ "$dry" = 1 ]; then
     python -m pytest "${files[@]}" -q --collect-only "$@" | tail -n 1
   else

@@ -246,3 +246,30 @@ def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
     skinny = configs._pruner("skinny")(configs.SKINNY_CONFIGS["sm80"], {"g_ptr": x},
                                        RANK_BLOCK=256)
     assert len(skinny) >= 1  # never empty: the smallest config stays
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU: x and dx are 4 GiB each")
+def test_inputs_past_2_31_elements():
+    # Issue 16 item 8 on real memory: x and dx have more than 2^31 elements, so row·K of the
+    # last rows passes int32; a few rows are checked against the reference on those rows alone.
+    m, k, n, r = 2 ** 17 + 256, 2 ** 14, 256, 16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(m, k, generator=g, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    weight = torch.randn(n, k, generator=g, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
+    lora_a = torch.randn(r, k, generator=g, device=DEVICE) * k ** -0.5
+    lora_b = torch.randn(n, r, generator=g, device=DEVICE).requires_grad_()
+    y = low_rank_linear(x, weight, lora_a, lora_b, scaling=0.5, backend="triton")
+    grad_y = torch.randn(m, n, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    (dx,) = torch.autograd.grad(y, [x], grad_y)
+    rows = torch.tensor([0, m // 2, m - 257, m - 1], device=DEVICE)
+    for cast in (lambda t: t, torch.Tensor.double):
+        xs = cast(x.detach()[rows]).requires_grad_()
+        ys = low_rank_linear(xs, cast(weight), cast(lora_a), cast(lora_b.detach()), scaling=0.5,
+                             backend="reference")
+        (dxs,) = torch.autograd.grad(ys, [xs], cast(grad_y[rows]))
+        if cast is torch.Tensor.double:
+            want64 = (ys, dxs)
+        else:
+            torch_low = (ys, dxs)
+    for name, got, want, low in zip(("y", "dx"), (y[rows], dx[rows]), want64, torch_low):
+        assert_kernel_close(got, want, low, f"{name} rows past 2^31 elements")
