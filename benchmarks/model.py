@@ -44,16 +44,22 @@ class Hardware:
 class Code:
     """What the kernels do today; each field is one kernel's property (kern16's changes land
     here as one-line updates)."""
-    rng_int_ops: float = 64.0  # integer ops per element of the dropout mask (Philox)
+    # the hash mask (lowrank_fused/dropout.py): ~22 integer SASS instructions per element inside
+    # the P pass as compiled for sm_90a (Philox `tl.rand` was 64)
+    rng_int_ops: float = 22.0
     peft_rng_int_ops: float = 24.0  # torch dropout: Philox, 4 values per call
-    triton_fp32_adapter_unit: str = "fma"  # ieee dots under allow_tf32=False
-    triton_grad_a_unit: str = "fma"  # grad_a always computes in fp32 "ieee"
-    triton_grad_a_block_n: int = 128  # dA columns per program; M is not split
+    triton_fp32_adapter_unit: str = "tc"  # fp32 adapters rounded to the 16-bit base at load
+    triton_grad_a_unit: str = "tc"  # grad_a on 16-bit operands too
+    triton_grad_a_block_n: int = 128  # dA columns per program
+    # grad_a splits M until ~2 programs per SM, each writing an fp32 r x K partial (summed after)
+    triton_grad_a_split_m: bool = True
     triton_gop_block_m: int = 64  # rows per program of the G pass = atomics divisor
-    triton_atomic: str = "atom"  # "atom" (acq_rel) or "red" (relaxed)
+    triton_atomic: str = "red"  # relaxed fp32 atomics ("atom": acq_rel)
     triton_db_memset: bool = True  # torch.zeros for dB per call
-    cuda_rank_unit: str = "fma"  # csrc rank passes on CUDA cores
-    cuda_second_pass_over_y: bool = True  # y.addmm_ / dx.addmm_ after the cuBLAS GEMM
+    cuda_rank_unit: str = "fma"  # csrc rank passes over fp32 adapters on CUDA cores
+    # False: y.addmm_ / dx.addmm_ re-read and re-write the output after the cuBLAS GEMM; True:
+    # the low-rank term (and bias) is written first and the GEMM adds into it with beta = 1
+    cuda_low_rank_first: bool = True
     cuda_gop_block_m: int = 64
 
 
@@ -168,9 +174,13 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
     seq.append(Pass("grad_input", bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k,
                     flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
     if need_a:
-        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + a * r * k,
+        column_blocks = -(-k // code.triton_grad_a_block_n)
+        splits = max(1, min(-(-2 * 132 // column_blocks), m // 128)) if code.triton_grad_a_split_m else 1
+        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + a * r * k + 4 * splits * r * k,
                         flops={code.triton_grad_a_unit: 2 * m * k * r}, int_ops=rng,
-                        programs=-(-k // code.triton_grad_a_block_n)))
+                        programs=column_blocks * splits))
+        if splits > 1:
+            seq.append(_small("dA partials sum", 4 * (splits + 1) * r * k))
     return seq
 
 
@@ -179,24 +189,33 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
     m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
     ru = code.cuda_rank_unit
     rng = m * k * code.rng_int_ops if c.dropout else 0
-    again = 2 if code.cuda_second_pass_over_y else 0
+    first = code.cuda_low_rank_first
+    # beta = 1: the GEMM reads the low-rank term in its epilogue (bytes inside a compute-bound
+    # pass); before, a separate addmm_ re-read and re-wrote the output
+    epilogue = 1 if first else 0
     seq = [Pass("project", bytes=b * m * k + a * (r * k + m * r), flops={ru: 2 * m * k * r},
                 int_ops=rng),
-           Pass("F.linear", bytes=b * (m * k + n * k + m * n), flops={"gemm": 2 * m * n * k}),
            Pass("P.to, B.T.to", bytes=(a + b) * (m * r + n * r), launches=2),
-           Pass("y.addmm_", bytes=b * (again * m * n + m * r + n * r), flops={"tc": 2 * m * n * r})]
+           Pass("y = s·P·B_effᵀ + bias" if first else "y.addmm_",
+                bytes=b * ((1 if first else 2) * m * n + m * r + n * r),
+                flops={"tc": 2 * m * n * r}),
+           Pass("F.linear" + (" (beta = 1)" if first else ""),
+                bytes=b * (m * k + n * k + (1 + epilogue) * m * n), flops={"gemm": 2 * m * n * k})]
     if not backward:
         return seq
     seq += [Pass("dB memset", bytes=4 * n * r),
             Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
                  flops={ru: 4 * m * n * r},
                  atomics={"atom": (m / code.cuda_gop_block_m) * n * r}),
-            Pass("dx = G@W", bytes=b * (m * n + n * k + m * k), flops={"gemm": 2 * m * n * k})]
+            Pass("dx = G@W" + (" (beta = 1)" if first else ""),
+                 bytes=b * (m * n + n * k + (1 + epilogue) * m * k), flops={"gemm": 2 * m * n * k})]
     if c.dropout:
-        seq.append(Pass("add_dropped_low_rank_", bytes=b * 2 * m * k + 4 * m * r,
+        seq.append(Pass("dropped_low_rank" if first else "add_dropped_low_rank_",
+                        bytes=b * (1 if first else 2) * m * k + 4 * m * r,
                         flops={ru: 2 * m * k * r}, int_ops=rng))
     else:
-        seq.append(Pass("dx.addmm_", bytes=b * (again * m * k + m * r + r * k),
+        seq.append(Pass("dx = dP·A" if first else "dx.addmm_",
+                        bytes=b * ((1 if first else 2) * m * k + m * r + r * k),
                         flops={"tc": 2 * m * k * r}, launches=3))
     if c.method == "lora":
         seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + 4 * r * k,

@@ -31,7 +31,7 @@ def test_known_passes_move_hand_counted_bytes():
     assert seq["fused_linear"].bytes == 2 * (M * K + N * K + M * N) + 4 * (M * R + N * R)
     # one read of G, B_eff and P; dP written in fp32
     assert seq["grad_output_pass"].bytes == 2 * M * N + 4 * (N * R + M * R) + 4 * M * R
-    assert seq["grad_output_pass"].atomics == {"atom": M / 64 * N * R}
+    assert seq["grad_output_pass"].atomics == {"red": M / 64 * N * R}
     assert "grad_a" not in seq  # LoRA-FA never needs dA
     peft = {p.name: p for p in model.peft_lora(case(), code, backward=False)}
     assert peft["y + lora"].bytes == 3 * 2 * M * N
@@ -45,9 +45,9 @@ def test_memory_bound_pass_time_and_launch():
 
 def test_a_kernel_change_is_one_field():
     hw = model.Hardware()
-    before = model.predict("triton", case(), model.Code(), hw, True)
-    after = model.predict("triton", case(), model.Code(triton_fp32_adapter_unit="tc",
-                                                      triton_atomic="red"), hw, True)
+    before = model.predict("triton", case(), model.Code(triton_fp32_adapter_unit="fma",
+                                                       triton_atomic="atom"), hw, True)
+    after = model.predict("triton", case(), model.Code(), hw, True)
     assert after < before
     code, hw2 = model._apply(["triton_gemm_efficiency=0.5", "triton_db_memset=false"],
                              model.Code(), hw)
@@ -55,7 +55,7 @@ def test_a_kernel_change_is_one_field():
 
 
 def test_table_has_every_case_and_cli_runs(capsys):
-    assert model.main(["--after", "triton_atomic=red"]) == 0
+    assert model.main(["--after", "triton_atomic=atom"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 4096")]
     assert len(rows) == 2 * 2 * 3 * 2 * 2  # shapes 4096*, r, method, dropout, direction
