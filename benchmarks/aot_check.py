@@ -137,12 +137,16 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float):
     return [(*launch, case) for launch, case in zip(launches, cases)]
 
 
-def family_configs(family: str, generation: str):
-    """The autotune configs the launcher offers ``family`` on ``generation``, as plain dicts."""
+def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16):
+    """The autotune configs the launcher offers ``family`` on ``generation`` for a base dtype and
+    rank block, as plain dicts: the configs the autotuner sees after its shared-memory pruning."""
+    import torch
     from lowrank_fused.triton_kernels import configs
     table = getattr(configs, f"{family.upper()}_CONFIGS")  # "gemm" -> GEMM_CONFIGS
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in table[generation]]
+    offered = configs.fitting_configs(table[generation], family,
+                                      getattr(torch, base).itemsize, rank_block,
+                                      SMEM_LIMIT[generation])
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in offered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +347,8 @@ def _plan(args) -> list:
         primary = generation == "sm90" and not args.quick
         for point in points if primary else points[::max(1, len(points) // 4)]:
             for module, name, family, a, kw, case in record_launches(*point):
-                configs = family_configs(family, generation)
+                rank_block = kw.get("RANK_BLOCK", ("value", 16))[1]
+                configs = family_configs(family, generation, point[0], rank_block)
                 for config in configs if primary else configs[:2]:
                     key = (name, generation, repr(a), repr(sorted(kw.items())), repr(config))
                     if key in seen:  # identical compile, e.g. LoRA-FA's pass in LoRA's

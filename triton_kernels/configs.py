@@ -101,16 +101,22 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     return stages * (meta["BLOCK_M"] * meta["BLOCK_N"] * base_bytes + rank_tile)
 
 
+def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int):
+    """The configs whose estimated shared memory fits ``limit`` bytes (never none: the smallest
+    stays). What the autotuner sees, and what benchmarks.aot_check compiles."""
+    def estimate(c):
+        return shared_memory_estimate(c, family, base_bytes, rank_block_)
+    return [c for c in configs if estimate(c) <= limit] or [min(configs, key=estimate)]
+
+
 def _pruner(family: str):
     """early_config_prune for triton.autotune: drops configs over the shared-memory limit before
     any is compiled (the autotuner would only skip them after a failed compile)."""
     def prune(configs, named_args, **kwargs):
         base = named_args.get("x_ptr", named_args.get("g_ptr"))
         limit = shared_memory_limit(torch.cuda.get_device_capability(base.device))
-        fitting = [c for c in configs if shared_memory_estimate(
-            c, family, base.element_size(), kwargs.get("RANK_BLOCK", 16)) <= limit]
-        return fitting or [min(configs, key=lambda c: shared_memory_estimate(
-            c, family, base.element_size(), kwargs.get("RANK_BLOCK", 16)))]
+        return fitting_configs(configs, family, base.element_size(),
+                               kwargs.get("RANK_BLOCK", 16), limit)
     return prune
 
 
