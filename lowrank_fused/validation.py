@@ -34,6 +34,9 @@ SEED_LIMIT = 2**63  # seeds travel as int64
 def check_call_arguments(x, scaling, dropout_seed) -> None:
     """The operator's non-tensor arguments and x's type, before anything touches them. Plain
     Python checks: a tensor ``scaling`` costs one sync, as converting it to float does anyway."""
+    if type(scaling) is float and dropout_seed is None and isinstance(x, Tensor) \
+            and math.isfinite(scaling):
+        return  # the common call, without the numbers-ABC checks below (per-call overhead)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}"
                         + (" (convert it with torch.from_numpy or torch.as_tensor)"
