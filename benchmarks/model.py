@@ -44,9 +44,12 @@ class Hardware:
 class Code:
     """What the kernels do today; each field is one kernel's property (kern16's changes land
     here as one-line updates)."""
-    # the hash mask (lowrank_fused/dropout.py): ~22 integer SASS instructions per element inside
-    # the P pass as compiled for sm_90a (Philox `tl.rand` was 64)
-    rng_int_ops: float = 22.0
+    # the hash mask (lowrank_fused/dropout.py): integer SASS instructions it adds per element in
+    # the Triton kernels, measured by benchmarks.aot_check for sm_90a (P pass 8.1, dA 7.1, dx
+    # 4.8; the worst is used; the per-element hash before pairs: 13.7; Philox `tl.rand`: 64)
+    rng_int_ops: float = 8.1
+    # csrc computes keep() per element (one hash each, keys hoisted): the unpaired figure
+    cuda_rng_int_ops: float = 13.7
     peft_rng_int_ops: float = 24.0  # torch dropout: Philox, 4 values per call
     triton_fp32_adapter_unit: str = "tc"  # fp32 adapters rounded to the 16-bit base at load
     triton_grad_a_unit: str = "tc"  # grad_a on 16-bit operands too
@@ -188,7 +191,7 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
     """backends/cuda.py: csrc rank passes + cuBLAS GEMMs through ATen."""
     m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
     ru = code.cuda_rank_unit
-    rng = m * k * code.rng_int_ops if c.dropout else 0
+    rng = m * k * code.cuda_rng_int_ops if c.dropout else 0
     first = code.cuda_low_rank_first
     # beta = 1: the GEMM reads the low-rank term in its epilogue (bytes inside a compute-bound
     # pass); before, a separate addmm_ re-read and re-wrote the output

@@ -12,7 +12,7 @@ try:
     import triton
     import triton.language as tl
     from lowrank_fused.triton_kernels import dropout_keep_mask
-    from lowrank_fused.triton_kernels.dropout import keep_mask as triton_keep_mask
+    from lowrank_fused.triton_kernels.dropout import keep_pairs, pair_columns
 except ImportError:  # the reference tests still run
     triton = None
 needs_triton = pytest.mark.skipif(triton is None, reason="the triton package is not installed")
@@ -35,17 +35,33 @@ def _scalar_keep(seed, p, row, col):
         return tail(x ^ (x >> 16))
 
     s = seed & 0xFFFFFFFF
-    h = tail(mix(row ^ mix(s)) ^ mix(col ^ mix(s ^ 0x9E3779B9)))
-    return h >= round(p * 2 ** 24) << 8
+    group, lane = divmod(col, 32)
+    pair = group * 16 + lane % 16
+    col_key = (pair * 0x9E3779B9 + mix(s ^ 0x9E3779B9)) & 0xFFFFFFFF
+    h = tail(mix(row ^ mix(s)) ^ col_key)
+    bits = h >> 16 if lane >= 16 else h & 0xFFFF
+    return bits >= round(p * 2 ** 16)
 
 
 def test_torch_mask_is_the_written_definition():
-    assert _mask(7, 0.5, 2, 8).tolist() == [[True, False, False, True, False, False, False, True],
-                                             [True, False, True, False, True, False, False, False]]
     for seed, p in [(7, 0.5), (2 ** 40 + 3, 0.1), (123456, 0.05)]:
-        got = _mask(seed, p, 5, 9, row0=2 ** 20)
-        want = [[_scalar_keep(seed, p, 2 ** 20 + r, c) for c in range(9)] for r in range(5)]
+        got = _mask(seed, p, 5, 70, row0=2 ** 20, col0=2 ** 31 - 40)
+        want = [[_scalar_keep(seed, p, 2 ** 20 + r, 2 ** 31 - 40 + c) for c in range(70)]
+                for r in range(5)]
         assert got.tolist() == want
+
+
+def test_columns_16_apart_share_a_hash_but_not_its_bits():
+    """Columns c and c + 16 of a 32-group read the two halves of one hash: with p = 0.5 each is
+    still a fair, independent coin (no correlation between the partners, nor across groups)."""
+    m, k = 2000, 256
+    keep = _mask(13, 0.5, m, k).double()
+    groups = keep.view(m, k // 32, 2, 16)
+    bound = 5 / math.sqrt(groups[:, :, 0].numel())
+    assert abs(_corr(groups[:, :, 0], groups[:, :, 1])) < bound, "pair partners correlate"
+    assert abs(_corr(groups[:, 1:, 0], groups[:, :-1, 1])) < bound, "neighbouring groups"
+    # the two halves are different bits of the hash, not one bit read twice
+    assert not torch.equal(groups[:, :, 0], groups[:, :, 1])
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -93,10 +109,10 @@ def test_no_repetition_past_2_to_the_31_elements():
     assert torch.equal(_mask(5, 0.5, 3, 70, row0=100, col0=30), _mask(5, 0.5, 103, 100)[100:, 30:])
 
 
-def test_p_is_quantised_to_24_bits_and_the_scale_uses_it():
-    assert keep_threshold(0.5) == 2 ** 23
-    assert quantised_p(0.1) == round(0.1 * 2 ** 24) / 2 ** 24
-    assert abs(quantised_p(0.1) - 0.1) <= 2 ** -25
+def test_p_is_quantised_to_16_bits_and_the_scale_uses_it():
+    assert keep_threshold(0.5) == 2 ** 15
+    assert quantised_p(0.1) == round(0.1 * 2 ** 16) / 2 ** 16
+    assert abs(quantised_p(0.1) - 0.1) <= 2 ** -17
     spec = DropoutSpec(0.1, 1)
     assert spec.keep_scale == 1 / (1 - quantised_p(0.1))
     assert quantised_p(1 - 1e-12) < 1  # never drops everything
@@ -136,20 +152,24 @@ def test_triton_mask_is_the_reference_mask(seed, p):
 
 if triton is not None:
     @triton.jit
-    def _tile_kernel(out_ptr, row0, seed, p_drop, BLOCK: tl.constexpr):
+    def _tile_kernel(out_ptr, row0, col0, seed, p_drop, BLOCK: tl.constexpr):
         rows = row0 + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BLOCK)
-        keep = triton_keep_mask(seed, rows, cols, 4096, p_drop)
-        tl.store(out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + cols[None, :], keep.to(tl.int8))
+        cols_lo, cols_hi = pair_columns(col0, BLOCK // 2)
+        keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
+        at = out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK - col0
+        tl.store(at + cols_lo[None, :], keep_lo.to(tl.int8))
+        tl.store(at + cols_hi[None, :], keep_hi.to(tl.int8))
 
 
 @needs_triton
-def test_triton_mask_tile_at_row_offsets():
-    """The kernels' keep_mask on rows starting past 2^31 / K, as a late tile of a tall input."""
-    row0 = 2 ** 31 // 4096 + 3
-    out = torch.empty((32, 32), dtype=torch.int8, device=DEVICE)
-    _tile_kernel[(1,)](out, row0, 5, quantised_p(0.3), BLOCK=32)
-    assert torch.equal(out.bool().cpu(), _mask(5, 0.3, 32, 32, row0=row0))
+@pytest.mark.parametrize("block", [32, 64])
+def test_triton_mask_tile_at_row_and_column_offsets(block):
+    """The kernels' keep_pairs on a tile starting past 2^31 / K rows and at a far column, as a
+    late tile of a tall, wide input, in the halves pair_columns gives."""
+    row0, col0 = 2 ** 31 // 4096 + 3, 2 ** 31 - 64
+    out = torch.empty((block, block), dtype=torch.int8, device=DEVICE)
+    _tile_kernel[(1,)](out, row0, col0, 5, quantised_p(0.3), BLOCK=block)
+    assert torch.equal(out.bool().cpu(), _mask(5, 0.3, block, block, row0=row0, col0=col0))
 
 
 # ---- the seed comes from torch's RNG, so torch.manual_seed reproduces a run ----

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
-from .dropout import keep_mask
-from .mma import mma
+from .dropout import keep_pairs, pair_columns
+from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
 
 
@@ -33,7 +33,7 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
     if NEED_DB:
         p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        p = (p.to(tl.float32) * scaling).to(DOT_DTYPE)
+        p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
     ns = tl.arange(0, BLOCK_N)
     g_ptrs = g_ptr + offsets_2d(rows, ns, stride_gm, stride_gn)
     b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
@@ -47,10 +47,10 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
             # relaxed: only the sums matter, nothing is ordered against them in this kernel
             tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok,
                           sem="relaxed")
-        g = g.to(DOT_DTYPE)
+        g = narrow(g, DOT_DTYPE)
         if NEED_DP:
             b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            gb = mma(g, b.to(DOT_DTYPE), gb, PRECISION)
+            gb = mma(g, narrow(b, DOT_DTYPE), gb, PRECISION)
         if NEED_DB:
             db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
             tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
@@ -87,7 +87,7 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, 
             dbias += tl.sum(g.to(tl.float32), axis=0)
         if NEED_DB:
             p = tl.load(p_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = mma(tl.trans(g.to(DOT_DTYPE)), p.to(DOT_DTYPE), db, PRECISION)
+            db = mma(tl.trans(narrow(g, DOT_DTYPE)), narrow(p, DOT_DTYPE), db, PRECISION)
         g_ptrs += g_step
         p_ptrs += p_step
     if NEED_DB:
@@ -113,50 +113,43 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ranks = tl.arange(0, RANK_BLOCK)
-    dp = tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
-                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0).to(DOT_DTYPE)
+    rank_ok = ranks < R
+    # The low-rank term first, into the accumulator the G·W loop then continues: dP and A are
+    # dead before that loop (and with dropout no second tile waits beside the accumulator).
+    dp = narrow(tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0), DOT_DTYPE)
     if HAS_DROPOUT:
-        # The mask and a second BLOCK_M x BLOCK_N term beside the accumulator spill on sm_90:
-        # the tile is accumulated as two column halves and each is finished on its own.
+        # The tile as the mask's two column halves (one hash per pair of elements).
         HALF_N: tl.constexpr = BLOCK_N // 2
-        cols_lo = pid_k * BLOCK_N + tl.arange(0, HALF_N)
-        cols_hi = cols_lo + HALF_N
-        acc_lo, acc_hi = matmul_tile_halves(g_ptr, w_ptr, rows, cols_lo, cols_hi, row_ok,
-                                            cols_lo < K, cols_hi < K, N, stride_gm, stride_gn,
-                                            stride_wn, stride_wk, PRECISION, BLOCK_M, HALF_N,
-                                            BLOCK_K)
-        _store_with_dropout_term(acc_lo, dp, a_ptr, dx_ptr, rows, cols_lo, row_ok, K, R,
-                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
-                                 LR_PRECISION, RANK_BLOCK)
-        _store_with_dropout_term(acc_hi, dp, a_ptr, dx_ptr, rows, cols_hi, row_ok, K, R,
-                                 stride_ar, stride_ak, seed, p_drop, keep_scale, DOT_DTYPE,
-                                 LR_PRECISION, RANK_BLOCK)
+        cols_lo, cols_hi = pair_columns(pid_k * BLOCK_N, HALF_N)
+        lo_ok = cols_lo < K
+        hi_ok = cols_hi < K
+        keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
+        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_lo, stride_ar, stride_ak),
+                           mask=rank_ok[:, None] & lo_ok[None, :], other=0.0), DOT_DTYPE)
+        acc_lo = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
+        acc_lo = acc_lo * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
+        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_hi, stride_ar, stride_ak),
+                           mask=rank_ok[:, None] & hi_ok[None, :], other=0.0), DOT_DTYPE)
+        acc_hi = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
+        acc_hi = acc_hi * tl.where(keep_hi, keep_scale, 0.0)
+        acc_lo, acc_hi = matmul_tile_halves(acc_lo, acc_hi, g_ptr, w_ptr, rows, cols_lo, cols_hi,
+                                            row_ok, lo_ok, hi_ok, N, stride_gm, stride_gn,
+                                            stride_wn, stride_wk, PRECISION, BLOCK_K)
+        tl.store(dx_ptr + offsets_2d(rows, cols_lo, K, 1), narrow(acc_lo, dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & lo_ok[None, :])
+        tl.store(dx_ptr + offsets_2d(rows, cols_hi, K, 1), narrow(acc_hi, dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & hi_ok[None, :])
     else:
         cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < K
-        acc = matmul_tile(g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
-                          stride_wn, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                    mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = mma(dp, a, acc, LR_PRECISION)  # K-extension: [G | dP]·[W ; A]
-        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
+        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
+                           mask=rank_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE)
+        acc = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
+        acc = matmul_tile(acc, g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
+                          stride_wn, stride_wk, PRECISION, BLOCK_K)  # [dP | G]·[A ; W]
+        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), narrow(acc, dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _store_with_dropout_term(acc, dp, a_ptr, dx_ptr, rows, cols, row_ok, K, R, stride_ar,
-                             stride_ak, seed, p_drop, keep_scale, DOT_DTYPE: tl.constexpr,
-                             LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr):
-    """dx[rows, cols] = acc + dropout(dP·A[:, cols])."""
-    col_ok = cols < K
-    ranks = tl.arange(0, RANK_BLOCK)
-    a = tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
-    low_rank = mma(dp, a, tl.zeros(acc.shape, dtype=tl.float32), LR_PRECISION)
-    keep = keep_mask(seed, rows, cols, K, p_drop)
-    acc += low_rank * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
-    tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -166,32 +159,59 @@ def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, K, R, rows_per_split, stride_x
                    BLOCK_N: tl.constexpr):
     # Program (column block, split) sums dPᵀ·dropout(x) over its split's rows_per_split rows
     # into its own fp32 partial; the launcher adds the partials (no atomics: deterministic).
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < K
     split = tl.program_id(1)
     first_row = split * rows_per_split
     end_row = tl.minimum(first_row + rows_per_split, M)
     ranks = tl.arange(0, RANK_BLOCK)
-    acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
+    rank_ok = ranks < R
     ms = first_row + tl.arange(0, BLOCK_M)
     dp_ptrs = dp_ptr + offsets_2d(ms, ranks, R, 1)
-    x_ptrs = x_ptr + offsets_2d(ms, cols, stride_xm, stride_xk)
     dp_step = tl.full((), BLOCK_M, tl.int64) * R
     x_step = tl.full((), BLOCK_M, tl.int64) * stride_xm
-    for m0 in range(first_row, end_row, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end_row
-        dp = tl.load(dp_ptrs, mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
-        acc = mma(tl.trans(dp.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, PRECISION)
-        dp_ptrs += dp_step
-        x_ptrs += x_step
     partial = partial_ptr + split.to(tl.int64) * R * K
-    tl.store(partial + offsets_2d(ranks, cols, K, 1), acc,
-             mask=(ranks < R)[:, None] & col_ok[None, :])
+    if HAS_DROPOUT:
+        # The column block as the mask's two halves (one hash per pair of elements).
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        cols_lo, cols_hi = pair_columns(tl.program_id(0) * BLOCK_N, HALF_N)
+        lo_ok = cols_lo < K
+        hi_ok = cols_hi < K
+        acc_lo = tl.zeros((RANK_BLOCK, HALF_N), dtype=tl.float32)
+        acc_hi = tl.zeros((RANK_BLOCK, HALF_N), dtype=tl.float32)
+        x_lo = x_ptr + offsets_2d(ms, cols_lo, stride_xm, stride_xk)
+        x_hi = x_ptr + offsets_2d(ms, cols_hi, stride_xm, stride_xk)
+        for m0 in range(first_row, end_row, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end_row
+            dp = tl.load(dp_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            dp_t = tl.trans(narrow(dp, DOT_DTYPE))
+            keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
+            x = tl.load(x_lo, mask=row_ok[:, None] & lo_ok[None, :], other=0.0)
+            x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
+            acc_lo = mma(dp_t, narrow(x, DOT_DTYPE), acc_lo, PRECISION)
+            x = tl.load(x_hi, mask=row_ok[:, None] & hi_ok[None, :], other=0.0)
+            x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
+            acc_hi = mma(dp_t, narrow(x, DOT_DTYPE), acc_hi, PRECISION)
+            dp_ptrs += dp_step
+            x_lo += x_step
+            x_hi += x_step
+        tl.store(partial + offsets_2d(ranks, cols_lo, K, 1), acc_lo,
+                 mask=rank_ok[:, None] & lo_ok[None, :])
+        tl.store(partial + offsets_2d(ranks, cols_hi, K, 1), acc_hi,
+                 mask=rank_ok[:, None] & hi_ok[None, :])
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        acc = tl.zeros((RANK_BLOCK, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + offsets_2d(ms, cols, stride_xm, stride_xk)
+        for m0 in range(first_row, end_row, BLOCK_M):
+            row_ok = (m0 + tl.arange(0, BLOCK_M)) < end_row
+            dp = tl.load(dp_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(tl.trans(narrow(dp, DOT_DTYPE)), narrow(x, DOT_DTYPE), acc, PRECISION)
+            dp_ptrs += dp_step
+            x_ptrs += x_step
+        tl.store(partial + offsets_2d(ranks, cols, K, 1), acc,
+                 mask=rank_ok[:, None] & col_ok[None, :])
 
 
 def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_dbias,

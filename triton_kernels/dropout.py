@@ -1,8 +1,10 @@
 """The dropout keep-mask, derived from (seed, row, column) alone so backward can regenerate it.
 
 The same bits as lowrank_fused/dropout.py's definition (read it there), in uint32 arithmetic.
-``p_drop`` should already be quantised to a multiple of 2^-24 (the backends pass
-``DropoutSpec.quantised_p``), which float32 holds exactly.
+Columns c and c + 16 of each aligned 32-column group share one hash, so a kernel covers a mask
+tile as two column halves (``pair_columns``): one hash per (row, pair), its low 16 bits deciding
+the low column and its high 16 bits the high one. ``p_drop`` should already be quantised to a
+multiple of 2^-16 (the backends pass ``DropoutSpec.quantised_p``), which float32 holds exactly.
 """
 import torch
 import triton
@@ -23,23 +25,38 @@ def _mix(x):
 
 
 @triton.jit
-def keep_mask(seed, rows, cols, n_cols, p_drop):
-    """True where element (row, col) of an (M, n_cols) input survives dropout."""
+def pair_columns(first_col, HALF: tl.constexpr):
+    """(cols_lo, cols_hi), HALF columns each, of the 2·HALF-wide tile starting at ``first_col``
+    (a multiple of 32; HALF a multiple of 16): cols_hi = cols_lo + 16, the columns sharing a hash.
+    cols_lo runs in 16-column contiguous chunks (Triton sees it), so loads through it vectorise."""
+    i = tl.arange(0, HALF)
+    cols_lo = first_col + (i // 16) * 32 + (i % 16)
+    return cols_lo, cols_lo + 16
+
+
+@triton.jit
+def keep_pairs(seed, rows, cols_lo, p_drop):
+    """(keep_lo, keep_hi): True where (row, col) of ``cols_lo`` and of ``cols_lo + 16`` survive
+    dropout, from one hash per pair."""
     s = seed.to(tl.uint32)
     row_key = _mix(rows.to(tl.uint32) ^ _mix(s))
-    col_key = _mix(cols.to(tl.uint32) ^ _mix(s ^ 0x9E3779B9))
-    t = tl.minimum(p_drop * 16777216.0 + 0.5, 16777215.0).to(tl.uint32)
-    return _tail(row_key[:, None] ^ col_key[None, :]) >= (t << 8)
+    c = cols_lo.to(tl.uint32)
+    col_key = (((c >> 5) << 4) | (c & 15)) * 0x9E3779B9 + _mix(s ^ 0x9E3779B9)
+    h = _tail(row_key[:, None] ^ col_key[None, :])
+    t = tl.minimum(p_drop * 65536.0 + 0.5, 65535.0).to(tl.uint32)
+    return (h & 0xFFFF) >= t, (h >> 16) >= t
 
 
 @triton.jit
 def _keep_mask_kernel(out_ptr, M, K, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    inside = (rows < M)[:, None] & (cols < K)[None, :]
-    keep = keep_mask(seed, rows, cols, K, p_drop)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8),
-             mask=inside)
+    cols_lo, cols_hi = pair_columns(tl.program_id(1) * BLOCK_K, BLOCK_K // 2)
+    keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
+    row_off = rows[:, None].to(tl.int64) * K
+    tl.store(out_ptr + row_off + cols_lo[None, :], keep_lo.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols_lo < K)[None, :])
+    tl.store(out_ptr + row_off + cols_hi[None, :], keep_hi.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols_hi < K)[None, :])
 
 
 def dropout_keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:

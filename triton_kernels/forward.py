@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
-from .dropout import keep_mask
-from .mma import mma
+from .dropout import keep_pairs, pair_columns
+from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
@@ -22,24 +22,46 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
     row_ok = rows < M
     ranks = tl.arange(0, RANK_BLOCK)
     rank_ok = ranks < R
-    ks = tl.arange(0, BLOCK_N)
-    x_ptrs = x_ptr + offsets_2d(rows, ks, stride_xm, stride_xk)
-    a_ptrs = a_ptr + offsets_2d(ks, ranks, stride_ak, stride_ar)
-    x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
-    a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
     acc = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_N):
-        cols = k0 + ks
-        col_ok = cols < K
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        a_t = tl.load(a_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, cols, K, p_drop)
-            x = x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
-        acc = mma(x.to(DOT_DTYPE), a_t.to(DOT_DTYPE), acc, PRECISION)
-        x_ptrs += x_step
-        a_ptrs += a_step
-    tl.store(p_ptr + offsets_2d(rows, ranks, R, 1), acc.to(p_ptr.dtype.element_ty),
+    if HAS_DROPOUT:
+        # The tile as the mask's two column halves, one hash per pair of elements.
+        cols_lo, cols_hi = pair_columns(0, BLOCK_N // 2)
+        x_lo = x_ptr + offsets_2d(rows, cols_lo, stride_xm, stride_xk)
+        x_hi = x_ptr + offsets_2d(rows, cols_hi, stride_xm, stride_xk)
+        a_lo = a_ptr + offsets_2d(cols_lo, ranks, stride_ak, stride_ar)
+        a_hi = a_ptr + offsets_2d(cols_hi, ranks, stride_ak, stride_ar)
+        x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
+        a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
+        for k0 in range(0, K, BLOCK_N):
+            lo_ok = (k0 + cols_lo) < K
+            hi_ok = (k0 + cols_hi) < K
+            keep_lo, keep_hi = keep_pairs(seed, rows, k0 + cols_lo, p_drop)
+            x = tl.load(x_lo, mask=row_ok[:, None] & lo_ok[None, :], other=0.0)
+            a_t = tl.load(a_lo, mask=lo_ok[:, None] & rank_ok[None, :], other=0.0)
+            x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
+            acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
+            x = tl.load(x_hi, mask=row_ok[:, None] & hi_ok[None, :], other=0.0)
+            a_t = tl.load(a_hi, mask=hi_ok[:, None] & rank_ok[None, :], other=0.0)
+            x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
+            acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
+            x_lo += x_step
+            x_hi += x_step
+            a_lo += a_step
+            a_hi += a_step
+    else:
+        ks = tl.arange(0, BLOCK_N)
+        x_ptrs = x_ptr + offsets_2d(rows, ks, stride_xm, stride_xk)
+        a_ptrs = a_ptr + offsets_2d(ks, ranks, stride_ak, stride_ar)
+        x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
+        a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
+        for k0 in range(0, K, BLOCK_N):
+            col_ok = (k0 + ks) < K
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a_t = tl.load(a_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
+            x_ptrs += x_step
+            a_ptrs += a_step
+    tl.store(p_ptr + offsets_2d(rows, ranks, R, 1), narrow(acc, p_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
@@ -58,20 +80,22 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = matmul_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
-                      stride_wk, stride_wn, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    # K-extension: r more steps of the same accumulation, [x | s·P]·[W | B_eff]ᵀ.
+    # K-extension, [x | s·P]·[W | B_eff]ᵀ: the r low-rank steps first, so the P and B_eff tiles
+    # are dead before the main loop's pipeline fills.
     ranks = tl.arange(0, RANK_BLOCK)
     p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
     b_t = tl.load(b_ptr + offsets_2d(ranks, cols, stride_br, stride_bn),
                   mask=col_ok[None, :] & (ranks < R)[:, None], other=0.0)
-    p = (p.to(tl.float32) * scaling).to(DOT_DTYPE)
-    acc = mma(p, b_t.to(DOT_DTYPE), acc, LR_PRECISION)
+    p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
+    acc = mma(p, narrow(b_t, DOT_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+              LR_PRECISION)
+    acc = matmul_tile(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
+                      stride_wk, stride_wn, PRECISION, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + offsets_2d(rows, cols, N, 1), acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offsets_2d(rows, cols, N, 1), narrow(acc, y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 

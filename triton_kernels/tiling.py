@@ -27,12 +27,11 @@ def offsets_2d(rows, cols, stride_rows, stride_cols):
 
 
 @triton.jit
-def matmul_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_am, stride_ak,
-                stride_bk, stride_bn, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of a·b over the reduction dimension ``depth``, both operands
-    addressed through strides (so b may be a transposed view)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def matmul_tile(acc, a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_am, stride_ak,
+                stride_bk, stride_bn, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the fp32 tile a[rows, :]·b[:, cols] over the reduction dimension ``depth``, both
+    operands addressed through strides (so b may be a transposed view). Callers start acc with
+    their low-rank term, so nothing but the accumulator is live across the loop."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
     b_ptrs = b_ptr + offsets_2d(ks, cols, stride_bk, stride_bn)
@@ -50,13 +49,11 @@ def matmul_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_am, stri
 
 
 @triton.jit
-def matmul_tile_halves(a_ptr, b_ptr, rows, cols_lo, cols_hi, row_ok, lo_ok, hi_ok, depth,
-                       stride_am, stride_ak, stride_bk, stride_bn, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``matmul_tile`` as two column halves (one read of a per step): an epilogue that needs
-    room can then finish one half while only the other's accumulator waits."""
-    acc_lo = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+def matmul_tile_halves(acc_lo, acc_hi, a_ptr, b_ptr, rows, cols_lo, cols_hi, row_ok, lo_ok,
+                       hi_ok, depth, stride_am, stride_ak, stride_bk, stride_bn,
+                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``matmul_tile`` over two column sets at once (one read of a per step): the two halves of
+    a dropout-mask tile (triton_kernels/dropout.py's pair_columns), each with its accumulator."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
     b_lo_ptrs = b_ptr + offsets_2d(ks, cols_lo, stride_bk, stride_bn)
