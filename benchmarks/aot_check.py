@@ -143,8 +143,7 @@ def family_configs(family: str, generation: str, base: str = "bfloat16", rank_bl
     rank block, as plain dicts: the configs the autotuner sees after its shared-memory pruning."""
     import torch
     from lowrank_fused.triton_kernels import configs
-    table = getattr(configs, f"{family.upper()}_CONFIGS")  # "gemm" -> GEMM_CONFIGS
-    offered = configs.fitting_configs(table[generation], family,
+    offered = configs.fitting_configs(configs.CONFIGS[family][generation], family,
                                       getattr(torch, base).itemsize, rank_block,
                                       SMEM_LIMIT[generation])
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in offered]

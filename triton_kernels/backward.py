@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
+from . import accumulators
+from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
@@ -91,14 +92,15 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, 
         g_ptrs += g_step
         p_ptrs += p_step
     if NEED_DB:
-        tl.store(db_ptr + offsets_2d(cols, ranks, R, 1), db * scaling,
+        tl.store(db_ptr + offsets_2d(cols, ranks, R, 1),
+                 narrow(db * scaling, db_ptr.dtype.element_ty),
                  mask=col_ok[:, None] & rank_ok[None, :])
     if NEED_DBIAS:
-        tl.store(dbias_ptr + cols, dbias, mask=col_ok)
+        tl.store(dbias_ptr + cols, narrow(dbias, dbias_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
+def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R,
                        stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
                        seed, p_drop, keep_scale,
                        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -153,7 +155,8 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, N, K, R,
 
 
 @triton.jit
-def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, K, R, rows_per_split, stride_xm, stride_xk,
+def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, M_BUCKET, K, R, rows_per_split, stride_xm,
+                   stride_xk,
                    seed, p_drop, keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
@@ -221,40 +224,48 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     m, n = grad_y.shape
     r = lora_b_eff.shape[1]
     device = grad_y.device
-    dp = torch.empty((m, r), dtype=torch.float32, device=device) if need_dp else None
-    db = torch.zeros((n, r), dtype=torch.float32, device=device) if need_db else None
-    dbias = torch.zeros((n,), dtype=torch.float32, device=device) if need_dbias else None
+    db_dtype, dbias_dtype = lora_b_eff.dtype, bias_dtype or grad_y.dtype
     fused_reductions = not deterministic
+    dp = torch.empty((m, r), dtype=torch.float32, device=device) if need_dp else None
+    if fused_reductions:  # atomics add into zeroed fp32 accumulators (kept between calls)
+        db = accumulators.acquire((n, r), device, db_dtype) if need_db else None
+        dbias = accumulators.acquire((n,), device, dbias_dtype) if need_dbias else None
+    else:  # _grad_b_kernel stores every element, in the output dtype
+        db = torch.empty((n, r), dtype=db_dtype, device=device) if need_db else None
+        dbias = torch.empty((n,), dtype=dbias_dtype, device=device) if need_dbias else None
     dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_b_eff.dtype)
-    # tuned once per power of two of M: token counts vary from step to step
-    m_bucket = triton.next_power_of_2(m)
     # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
     # db_ptr and dbias_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
-        kernel, meta = launcher(_grad_output_pass_kernel, "skinny", key=["M_BUCKET", "N", "R"],
-                                reset_to_zero=["db_ptr", "dbias_ptr"])
+        kernel, meta = launcher(_grad_output_pass_kernel, "grad_output",
+                                key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
                      dp if need_dp else scratch, db if db is not None else scratch,
                      dbias if dbias is not None else scratch,
-                     m, m_bucket, n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
+                     m, m_bucket(m), n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
                      lora_b_eff.stride(0), lora_b_eff.stride(1),
                      NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
                      NEED_DBIAS=need_dbias and fused_reductions, DOT_DTYPE=dot_dtype,
                      PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
-    if m and deterministic and (need_db or need_dbias):
-        kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M_BUCKET", "N", "R"])
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](grad_y, p if p is not None else scratch, db if db is not None else scratch,
-                     dbias if dbias is not None else scratch, m, m_bucket, n, r, float(scaling),
-                     grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db, NEED_DBIAS=need_dbias,
-                     DOT_DTYPE=dot_dtype, PRECISION=dot_precision(dot_dtype),
-                     RANK_BLOCK=rank_block(r), **meta)
-    if db is not None:
-        db = db.to(lora_b_eff.dtype)
-    if dbias is not None:
-        dbias = dbias.to(bias_dtype or grad_y.dtype)
+    if deterministic and (need_db or need_dbias):
+        if m == 0:  # nothing to reduce: the stores never run
+            for t in (db, dbias):
+                if t is not None:
+                    t.zero_()
+        else:
+            kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M_BUCKET", "N", "R"])
+            grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+            kernel[grid](grad_y, p if p is not None else scratch,
+                         db if db is not None else scratch,
+                         dbias if dbias is not None else scratch, m, m_bucket(m), n, r,
+                         float(scaling), grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db,
+                         NEED_DBIAS=need_dbias, DOT_DTYPE=dot_dtype,
+                         PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
+    elif fused_reductions:
+        db = accumulators.take(db, db_dtype) if db is not None else None
+        dbias = accumulators.take(dbias, dbias_dtype) if dbias is not None else None
     return dp, db, dbias
 
 
@@ -267,10 +278,10 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
     if m == 0:
         return dx
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
-    kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M", "N", "K", "R"])
+    kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](grad_y, weight, dp, lora_a, dx, m, n, k, r, grad_y.stride(0), grad_y.stride(1),
-                 weight.stride(0), weight.stride(1),
+    kernel[grid](grad_y, weight, dp, lora_a, dx, m, m_bucket(m), n, k, r, grad_y.stride(0),
+                 grad_y.stride(1), weight.stride(0), weight.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
                  HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
                  DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
@@ -299,9 +310,10 @@ def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
     splits, rows_per_split = _row_splits(m, k, x.device)
     partials = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
-    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M", "K", "R", "rows_per_split"])
+    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M_BUCKET", "K", "R"])
     grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]), splits)  # noqa: E731
-    kernel[grid](dp, x, partials, m, k, r, rows_per_split, x.stride(0), x.stride(1), seed,
-                 p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
+    kernel[grid](dp, x, partials, m, m_bucket(m), k, r, rows_per_split, x.stride(0),
+                 x.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
+                 DOT_DTYPE=dot_dtype,
                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     return partials.sum(0, dtype=torch.float32).to(lora_a_dtype)

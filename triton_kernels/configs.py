@@ -8,6 +8,12 @@ import triton
 import triton.language as tl
 
 
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two: the autotuners' key, so a new token count (they vary from
+    step to step) reuses the configs tuned for its bucket instead of tuning again."""
+    return triton.next_power_of_2(m)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -61,16 +67,33 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ],
 }
-# Skinny passes (P = x·Aᵀ, the pass over G, dA): rows per program and the streamed tile width.
+# Skinny passes (P = x·Aᵀ, dA, the deterministic dB): rows per program and the streamed tile
+# width. The last, small config of each list is what still fits at r = 128 (see fitting_configs).
 SKINNY_CONFIGS = {
     "sm80": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=128, BLOCK_N=64),
-             _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 4, BLOCK_M=32, BLOCK_N=128)],
+             _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 4, BLOCK_M=32, BLOCK_N=128),
+             _c(8, 2, BLOCK_M=64, BLOCK_N=64)],
     "sm90": [_c(4, 4, BLOCK_M=64, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=128),
              _c(4, 4, BLOCK_M=128, BLOCK_N=64), _c(8, 4, BLOCK_M=64, BLOCK_N=256),
-             _c(4, 4, BLOCK_M=32, BLOCK_N=128)],
+             _c(4, 4, BLOCK_M=32, BLOCK_N=128), _c(8, 3, BLOCK_M=64, BLOCK_N=64)],
+}
+# The pass over G (dP, and dB / dbias by atomics): each program adds (BLOCK_N x r) partials of dB
+# once per BLOCK_N columns, so (M / BLOCK_M)·N·r atomics in all; the 256-row blocks halve that
+# where M is large enough to still fill the GPU (the autotuner decides per M bucket), the 8-warp
+# 64-row ones keep r = 128 within registers.
+GRAD_OUTPUT_CONFIGS = {
+    "sm80": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=128, BLOCK_N=64),
+             _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 4, BLOCK_M=32, BLOCK_N=128),
+             _c(8, 3, BLOCK_M=256, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=64)],
+    "sm90": [_c(4, 4, BLOCK_M=64, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=128),
+             _c(4, 4, BLOCK_M=128, BLOCK_N=64), _c(8, 4, BLOCK_M=64, BLOCK_N=256),
+             _c(4, 4, BLOCK_M=32, BLOCK_N=128), _c(8, 3, BLOCK_M=256, BLOCK_N=64),
+             _c(8, 2, BLOCK_M=256, BLOCK_N=128), _c(8, 2, BLOCK_M=64, BLOCK_N=128),
+             _c(8, 3, BLOCK_M=64, BLOCK_N=64)],
 }
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
+CONFIGS = {"gemm": GEMM_CONFIGS, "skinny": SKINNY_CONFIGS, "grad_output": GRAD_OUTPUT_CONFIGS}
 
 
 def config_family() -> str:
@@ -91,22 +114,64 @@ def shared_memory_limit(capability) -> int:
     return _SHARED_MEMORY.get(tuple(capability), _CONSUMER_SHARED_MEMORY)
 
 
+# Rank tiles are counted at 4 bytes (fp32 adapters, P or dP: the widest the kernels load) plus a
+# 16-bit copy (the dot operand they are rounded to): the estimate must hold for every dtype.
+_RANK_BYTES, _DOT_BYTES = 4, 2
+
+
 def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: int) -> int:
-    """Bytes of the pipelined tiles a config keeps in shared memory: num_stages copies of the
-    streamed operand tiles (base-dtype tiles, and for skinny passes one fp32-sized rank tile)."""
+    """Upper bound of the shared memory a config's kernel uses, bytes: num_stages copies of the
+    streamed tiles, plus the rank tiles held for the whole loop. Fitted on what the compiler
+    allocated in benchmarks.aot_check's builds (sm_90a and sm_80, every kernel of the family):
+    never below it, and the closest within ~5%."""
     meta, stages = config.kwargs, config.num_stages
-    if family == "gemm":
-        return stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * base_bytes
-    rank_tile = max(meta["BLOCK_M"], meta["BLOCK_N"]) * rank_block_ * 4
-    return stages * (meta["BLOCK_M"] * meta["BLOCK_N"] * base_bytes + rank_tile)
+    block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
+        return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
+    streamed = block_m * block_n * base_bytes
+    if family == "grad_output":  # G and B streamed; P and the dB partial's conversion held
+        return (stages * (streamed + block_n * rank_block_ * _RANK_BYTES)
+                + block_n * rank_block_ * _DOT_BYTES + block_m * rank_block_ * _RANK_BYTES)
+    rank_tile = max(block_m, block_n) * rank_block_  # A, dP or P beside the streamed tile
+    return stages * (streamed + rank_tile * _RANK_BYTES) + rank_tile * _DOT_BYTES
+
+
+def register_estimate(config, family: str, rank_block_: int) -> float:
+    """32-bit registers per thread the tiles need at once (fp32 accumulators, rank tiles as
+    loaded, 16-bit streamed tiles), a rough count that ranks configs by register pressure."""
+    meta = config.kwargs
+    block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    threads = 32 * config.num_warps
+    if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
+        return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
+    if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
+        return (2 * block_m * rank_block_ + block_n * rank_block_
+                + block_m * block_n / 2) / threads
+    return ((block_m + block_n) * rank_block_ + block_m * block_n / 2) / threads
+
+
+# Largest register_estimate a family's configs may have: calibrated on the aot_check builds, where
+# configs above it spilled (or sat at 255 registers with nothing left for the epilogue): the
+# GEMMs' 128x256 / 256x128 / 4-warp 128x128 tiles at r = 128, the G pass's 8-warp 128x128 at
+# r = 128 (sm_90a) and 4-warp 128x64 at r = 64 (sm_80), the skinny passes' 4-warp 128x64 and
+# 64x128 at r = 64 (P with dropout, dA) and 8-warp 128x128 at r = 128.
+REGISTER_BUDGET = {"gemm": 256, "grad_output": 160, "skinny": 112}
+
+
+def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int) -> bool:
+    """Whether a config passes both pruning rules: shared memory within ``limit`` bytes, and
+    registers within the family's budget."""
+    return (shared_memory_estimate(config, family, base_bytes, rank_block_) <= limit
+            and register_estimate(config, family, rank_block_) <= REGISTER_BUDGET[family])
 
 
 def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int):
-    """The configs whose estimated shared memory fits ``limit`` bytes (never none: the smallest
-    stays). What the autotuner sees, and what benchmarks.aot_check compiles."""
-    def estimate(c):
-        return shared_memory_estimate(c, family, base_bytes, rank_block_)
-    return [c for c in configs if estimate(c) <= limit] or [min(configs, key=estimate)]
+    """The configs that fit (``fits``); what the autotuner sees, and what benchmarks.aot_check
+    compiles. Every rank up to 128 keeps at least one (tests/test_triton_configs.py); past that
+    (a 256-wide rank block) the config with the least shared memory stays if none fits."""
+    kept = [c for c in configs if fits(c, family, base_bytes, rank_block_, limit)]
+    return kept or [min(configs, key=lambda c: shared_memory_estimate(c, family, base_bytes,
+                                                                       rank_block_))]
 
 
 def _pruner(family: str):
@@ -126,13 +191,14 @@ _tuned = {}
 def launcher(kernel, family: str, key, reset_to_zero=None):
     """(callable kernel, fixed meta-parameters) for this machine: under the interpreter the raw
     kernel and one small config; on a GPU an autotuner over the config family's configs that fit
-    its shared memory, keyed by shape, with nothing fixed."""
+    (``fitting_configs``), keyed by shape, with nothing fixed. ``family``: "gemm", "skinny" or
+    "grad_output"."""
     if interpreting():
         return kernel, dict(INTERPRETER_GEMM if family == "gemm" else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, configs_of)
     if cache_key not in _tuned:
-        configs = (GEMM_CONFIGS if family == "gemm" else SKINNY_CONFIGS)[configs_of]
+        configs = CONFIGS[family][configs_of]
         _tuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=reset_to_zero,
             prune_configs_by={"early_config_prune": _pruner(family)})(kernel)

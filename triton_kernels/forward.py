@@ -5,14 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
+from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
 @triton.jit
-def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
+def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
                     stride_xm, stride_xk, stride_ar, stride_ak,
                     seed, p_drop, keep_scale,
                     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -66,7 +66,8 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, K, R,
 
 
 @triton.jit
-def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, N, K, R, scaling,
+def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, R,
+                         scaling,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
                          stride_bias,
                          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -108,9 +109,9 @@ def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float 
     if m == 0:
         return p
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a.dtype)
-    kernel, meta = launcher(_project_kernel, "skinny", key=["M", "K", "R"])
+    kernel, meta = launcher(_project_kernel, "skinny", key=["M_BUCKET", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](x, lora_a, p, m, k, r, x.stride(0), x.stride(1),
+    kernel[grid](x, lora_a, p, m, m_bucket(m), k, r, x.stride(0), x.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop,
                  1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
@@ -127,9 +128,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
     if m == 0:
         return y
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
-    kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M", "N", "K", "R"])
+    kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, n, k, r,
+    kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, m_bucket(m),
+                 n, k, r,
                  float(scaling), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                  lora_b_eff.stride(0), lora_b_eff.stride(1),
                  bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None,
