@@ -61,6 +61,16 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ],
 }
+# Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
+# Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
+GEMM_TMA_CONFIGS = {
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    ],
+}
 # Skinny passes (P = x·Aᵀ, the pass over G, dA): rows per program and the streamed tile width.
 SKINNY_CONFIGS = {
     "sm80": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=128, BLOCK_N=64),
@@ -93,20 +103,37 @@ def shared_memory_limit(capability) -> int:
 
 def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: int) -> int:
     """Bytes of the pipelined tiles a config keeps in shared memory: num_stages copies of the
-    streamed operand tiles (base-dtype tiles, and for skinny passes one fp32-sized rank tile)."""
+    streamed operand tiles (base-dtype tiles, and for skinny passes one fp32-sized rank tile;
+    the persistent TMA GEMMs add their output tile and one rank tile)."""
     meta, stages = config.kwargs, config.num_stages
     if family == "gemm":
         return stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * base_bytes
+    if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
+        edges = meta["BLOCK_M"] + meta["BLOCK_N"]
+        return base_bytes * (stages * edges * meta["BLOCK_K"] + meta["BLOCK_M"] * meta["BLOCK_N"]
+                             + meta["BLOCK_N"] * rank_block_)
     rank_tile = max(meta["BLOCK_M"], meta["BLOCK_N"]) * rank_block_ * 4
     return stages * (meta["BLOCK_M"] * meta["BLOCK_N"] * base_bytes + rank_tile)
 
 
+def registers_fit(config, family: str, rank_block_: int) -> bool:
+    """gemm_tma only: the fp32 accumulator and an fp32 low-rank tile (BLOCK_M x rank block) fit
+    192 registers per thread (AOT: 4 warps at 128 x 128 spill at r = 128, not at r = 64)."""
+    if family != "gemm_tma":
+        return True
+    meta = config.kwargs
+    per_thread = meta["BLOCK_M"] * (meta["BLOCK_N"] + rank_block_) / (32 * config.num_warps)
+    return per_thread <= 192
+
+
 def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int):
-    """The configs whose estimated shared memory fits ``limit`` bytes (never none: the smallest
-    stays). What the autotuner sees, and what benchmarks.aot_check compiles."""
+    """The configs whose estimated shared memory fits ``limit`` bytes and whose registers fit
+    (``registers_fit``); never none: the smallest stays. What the autotuner sees, and what
+    benchmarks.aot_check compiles."""
     def estimate(c):
         return shared_memory_estimate(c, family, base_bytes, rank_block_)
-    return [c for c in configs if estimate(c) <= limit] or [min(configs, key=estimate)]
+    return [c for c in configs if estimate(c) <= limit and registers_fit(c, family, rank_block_)
+            ] or [min(configs, key=estimate)]
 
 
 def _pruner(family: str):
@@ -120,6 +147,7 @@ def _pruner(family: str):
     return prune
 
 
+_TABLES = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS}
 _tuned = {}
 
 
@@ -128,11 +156,11 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     kernel and one small config; on a GPU an autotuner over the config family's configs that fit
     its shared memory, keyed by shape, with nothing fixed."""
     if interpreting():
-        return kernel, dict(INTERPRETER_GEMM if family == "gemm" else INTERPRETER_SKINNY)
+        return kernel, dict(INTERPRETER_SKINNY if family == "skinny" else INTERPRETER_GEMM)
     configs_of = config_family()
     cache_key = (kernel, configs_of)
     if cache_key not in _tuned:
-        configs = (GEMM_CONFIGS if family == "gemm" else SKINNY_CONFIGS)[configs_of]
+        configs = _TABLES[family][configs_of]
         _tuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=reset_to_zero,
             prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
