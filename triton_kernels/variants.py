@@ -50,11 +50,11 @@ def use_tma(name: str, operands, variant, launch, key) -> bool:
     """Whether this call of launcher ``name`` runs the persistent TMA kernel. ``operands``: the
     2-D tensors the descriptors address (inputs and output); ``launch(variant)``: runs the call
     with "tiled" or "tma" forced (what "auto" times); ``key``: the shape key of the choice."""
+    variant = requested(variant)
     device = operands[0].device
-    if (not describable(*operands) or len({t.dtype for t in operands}) != 1
+    if (variant == "tiled" or not describable(*operands) or len({t.dtype for t in operands}) != 1
             or not tma_supported(device)):
         return False
-    variant = requested(variant)
     if variant == "auto":
         if interpreting() or device.type != "cuda":
             return False
