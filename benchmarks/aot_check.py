@@ -1,13 +1,16 @@
 """Ahead-of-time compile check of every Triton kernel for sm_90a and sm_80, no GPU needed.
 
-    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--json PATH] [--report-only]
+    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--only KERNELS] [--json PATH]
+                                   [--report-only]
 
 The kernel launches are discovered by running the Triton backend's forward and backward on meta
 tensors with the kernels' ``launcher`` replaced by a recorder, so every kernel the backend calls,
 with the exact arguments it passes, is compiled at every autotune config of its family in
 triton_kernels/configs.py. One row per build: registers, spill bytes, shared memory, what the
-dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Exit status 1 on a
-compile error, a spill, shared memory over the limit or a dot off the tensor cores (0 with
+dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Both main-GEMM
+variants are recorded (triton_kernels/variants.py: tiled, and the persistent TMA kernels, rows
+``*_tma``, sm_90a only). Exit status 1 on a compile error, a spill, shared memory over the
+limit, a dot off the tensor cores or a TMA kernel without TMA instructions (0 with
 ``--report-only``). Also prints the integer instructions the dropout keep-mask adds per element
 in each kernel that draws it, and fails past MASK_BUDGET.
 
@@ -42,6 +45,10 @@ SHAPE = (8192, 4096, 4096)
 # Backward variants: (name, need_a, need_bias, deterministic). LoRA-XS launches what LoRA-FA does.
 BACKWARD_VARIANTS = (("lora", True, True, False), ("lora_fa", False, False, False),
                      ("deterministic", True, True, True))
+# Main-GEMM variants (triton_kernels/variants.py): each forward/backward is recorded with each.
+GEMM_VARIANTS = ("tiled", "tma")
+# Config families compiled only for some targets, and why the others are skipped.
+TARGET_ONLY = {"gemm_tma": ("sm90", "TMA tensor descriptors need sm_90 or later")}
 
 
 @dataclass
@@ -86,8 +93,9 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float):
     import torch
     from lowrank_fused.backends import triton as backend
     from lowrank_fused.dropout import DropoutSpec
+    from lowrank_fused.triton_kernels import variants
 
-    launches = []
+    launches = []  # the same skinny launches twice (one per GEMM variant): _plan dedupes
 
     class Recorder:
         def __init__(self, kernel, family):
@@ -114,36 +122,47 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float):
     dropout = DropoutSpec(p=p_drop, seed=1234) if p_drop else None
     patched = [mod for mod in _kernel_modules() if hasattr(mod, "launcher")]
     saved = [mod.launcher for mod in patched]
+    saved_variant = os.environ.get(variants.ENV)
     cases = []
     try:
         for mod in patched:
             mod.launcher = fake_launcher
-        before = len(launches)
-        _, p = backend.forward(x, weight, bias, lora_a, lora_b, 2.0, dropout)
-        cases += ["fwd"] * (len(launches) - before)
-        for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+        for gemm in GEMM_VARIANTS:
+            os.environ[variants.ENV] = gemm
             before = len(launches)
-            was = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(deterministic)
-            try:
-                backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
-                                 lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
-                                 need_b=True, need_bias=need_bias)
-            finally:
-                torch.use_deterministic_algorithms(was)
-            cases += [f"bwd:{name}"] * (len(launches) - before)
+            _, p = backend.forward(x, weight, bias, lora_a, lora_b, 2.0, dropout)
+            cases += ["fwd"] * (len(launches) - before)
+            for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+                before = len(launches)
+                was = torch.are_deterministic_algorithms_enabled()
+                torch.use_deterministic_algorithms(deterministic)
+                try:
+                    backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
+                                     lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
+                                     need_b=True, need_bias=need_bias)
+                finally:
+                    torch.use_deterministic_algorithms(was)
+                cases += [f"bwd:{name}"] * (len(launches) - before)
     finally:
         for mod, launcher in zip(patched, saved):
             mod.launcher = launcher
+        if saved_variant is None:
+            os.environ.pop(variants.ENV, None)
+        else:
+            os.environ[variants.ENV] = saved_variant
     return [(*launch, case) for launch, case in zip(launches, cases)]
 
 
 def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16):
     """The autotune configs the launcher offers ``family`` on ``generation`` for a base dtype and
-    rank block, as plain dicts: the configs the autotuner sees after its shared-memory pruning."""
+    rank block, as plain dicts: the configs the autotuner sees after its shared-memory pruning;
+    none where the family has no configs for ``generation`` (TARGET_ONLY)."""
     import torch
     from lowrank_fused.triton_kernels import configs
-    offered = configs.fitting_configs(configs.CONFIGS[family][generation], family,
+    table = configs.CONFIGS[family]
+    if generation not in table:
+        return []
+    offered = configs.fitting_configs(table[generation], family,
                                       getattr(torch, base).itemsize, rank_block,
                                       SMEM_LIMIT[generation])
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in offered]
@@ -240,6 +259,8 @@ def check_build(job) -> Build:
                               f"{SMEM_LIMIT[generation] // 1024} KB")
     if build.dots["fma"]:
         build.problems.append(f"{build.dots['fma']} dot(s) on CUDA cores")
+    if family == "gemm_tma" and not build.ptx["tma"]:
+        build.problems.append("no TMA (cp.async.bulk.tensor) in a TMA kernel")
     return build
 
 
@@ -349,7 +370,8 @@ QUICK_POINTS = [("bfloat16", "float32", 16, 0.1), ("float16", "bfloat16", 64, 0.
 
 def _plan(args) -> list:
     """Every (launch, target, config) job, deduplicated: sm90 at every config of each point,
-    other targets at a sample of points and the first two configs."""
+    other targets at a sample of points and the first two configs. Kernels a target cannot run
+    go to ``args.skipped`` as (kernel, target, reason)."""
     if args.quick:
         points = QUICK_POINTS
     elif args.full:
@@ -361,6 +383,12 @@ def _plan(args) -> list:
         primary = generation == "sm90" and not args.quick
         for point in points if primary else points[::max(1, len(points) // 4)]:
             for module, name, family, a, kw, case in record_launches(*point):
+                row = name.strip("_").removesuffix("_kernel")
+                if args.only and row not in args.only:
+                    continue
+                if family in TARGET_ONLY and generation not in TARGET_ONLY[family]:
+                    args.skipped.add((row, generation, TARGET_ONLY[family][1]))
+                    continue
                 rank_block = kw.get("RANK_BLOCK", ("value", 16))[1]
                 configs = family_configs(family, generation, point[0], rank_block)
                 for config in configs if primary else configs[:2]:
@@ -428,16 +456,21 @@ def main(argv=None) -> int:
                         help="2 dtype/rank/dropout points, 2 configs per kernel (seconds)")
     parser.add_argument("--full", action="store_true",
                         help="every base x adapter dtype x r x dropout point (tens of minutes)")
+    parser.add_argument("--only", default="", metavar="KERNELS",
+                        help="comma-separated kernel rows to build, e.g. fused_linear_tma,"
+                             "grad_input_tma (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--report-only", action="store_true",
                         help="print the findings but exit 0 (until the kernels are clean)")
     args = parser.parse_args(argv)
+    args.only = {k.strip() for k in args.only.split(",") if k.strip()}
     args.arch = [a.strip().replace("sm_90a", "sm90").replace("sm_80", "sm80")
                  for a in args.arch.split(",")]
     unknown = [a for a in args.arch if a not in TARGETS]
     if unknown:
         parser.error(f"--arch: expected targets among {sorted(TARGETS)}, got {unknown}")
+    args.skipped = set()
     cache = tempfile.mkdtemp(prefix="aot_check_cache_")
     os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the spawned workers
     start = time.time()
@@ -448,6 +481,8 @@ def main(argv=None) -> int:
     print(format_table(builds))
     print()
     print(summarize(builds))
+    for kernel, generation, reason in sorted(args.skipped):
+        print(f"{kernel} {generation}: skipped ({reason})")
     print()
     print(format_mask(mask))
     mask_failed = "error" in mask or mask["worst_per_element"] > MASK_BUDGET

@@ -35,11 +35,16 @@ def test_every_kernel_the_backend_launches_is_discovered():
     launches = aot_check.record_launches("bfloat16", "float32", 16, 0.1)
     kernels = {launch[1] for launch in launches}
     assert {"_project_kernel", "_fused_linear_kernel", "_grad_output_pass_kernel",
-            "_grad_input_kernel", "_grad_a_kernel", "_grad_b_kernel"} <= kernels
+            "_grad_input_kernel", "_grad_a_kernel", "_grad_b_kernel",
+            "_fused_linear_tma_kernel"} <= kernels
+    # without dropout, the persistent dx kernel too
+    assert "_grad_input_tma_kernel" in {x[1] for x in aot_check.record_launches(
+        "bfloat16", "float32", 16, 0.0)}
     families = {launch[2] for launch in launches}
     for generation in aot_check.TARGETS:
         for family in families:
-            assert aot_check.family_configs(family, generation)
+            only = aot_check.TARGET_ONLY.get(family, (generation,))[0]
+            assert bool(aot_check.family_configs(family, generation)) == (generation == only)
 
 
 def test_a_real_build_compiles_for_sm90_without_a_gpu():
@@ -56,6 +61,18 @@ def test_a_real_build_compiles_for_sm90_without_a_gpu():
     assert 0 < build.registers <= 255
     assert build.shared_bytes > 0
     assert sum(build.dots.values()) >= 1
+
+
+def test_a_persistent_build_uses_tma_and_wgmma():
+    launch = next(x for x in aot_check.record_launches("bfloat16", "float32", 16, 0.0)
+                  if x[1] == "_grad_input_tma_kernel")
+    module, name, family, args, kwargs, case = launch
+    config = aot_check.family_configs(family, "sm90")[-1]  # the smallest tile: fastest build
+    job = (module, name, family, args, kwargs, case, "sm90", config)
+    with multiprocessing.get_context("spawn").Pool(1, initializer=aot_check._worker_init) as pool:
+        build = pool.apply(aot_check.check_build, (job,))
+    assert build.problems == [] and build.error == ""
+    assert build.ptx["tma"] > 0 and build.dots["wgmma"] >= 2 and build.spill_bytes == 0
 
 
 def test_sass_integer_pattern():

@@ -19,8 +19,8 @@ def _config(warps, stages, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-@pytest.mark.parametrize("generation", sorted(LIMITS))
-@pytest.mark.parametrize("family", sorted(configs.CONFIGS))
+@pytest.mark.parametrize("family,generation", [(f, g) for f in sorted(configs.CONFIGS)
+                                               for g in sorted(configs.CONFIGS[f])])
 def test_every_rank_and_dtype_has_a_fitting_config(family, generation):
     # fitting_configs falls back to the smallest config when none fits; up to r = 128 no
     # fallback may be needed (the fallback would overflow shared memory or spill).
@@ -46,7 +46,7 @@ def test_fitting_configs_keep_only_what_fits():
 
 @pytest.mark.parametrize("family", sorted(configs.CONFIGS))
 def test_estimates_grow_with_every_tile_dimension(family):
-    for config in configs.CONFIGS[family]["sm90"] + configs.CONFIGS[family]["sm80"]:
+    for config in [c for table in configs.CONFIGS[family].values() for c in table]:
         def smem(stages=config.num_stages, base=2, rank=32, **scale):
             meta = {k: v * scale.get(k, 1) for k, v in config.kwargs.items()}
             return configs.shared_memory_estimate(_config(config.num_warps, stages, **meta),

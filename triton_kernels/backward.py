@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import accumulators
+from . import accumulators, persistent, variants
 from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
@@ -269,14 +269,21 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     return dp, db, dbias
 
 
-def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0):
-    """dx = G·W + dropout(dP·A), shape (M, K), in W's dtype."""
+def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0, variant=None):
+    """dx = G·W + dropout(dP·A), shape (M, K), in W's dtype. ``variant`` (without dropout):
+    "tiled" (the kernel above), "tma" (persistent.py's) or "auto"; None: the environment's
+    (variants.py)."""
     m, n = grad_y.shape
     k = weight.shape[1]
     r = lora_a.shape[0]
     dx = torch.empty((m, k), dtype=weight.dtype, device=grad_y.device)
     if m == 0:
         return dx
+    if p_drop == 0.0 and variants.use_tma("grad_input", (grad_y, weight, dx), variant, lambda v:
+                                          grad_input(grad_y, weight, dp, lora_a, variant=v),
+                                          key=(triton.next_power_of_2(m), n, k, r,
+                                               lora_a.dtype)):
+        return persistent.grad_input(grad_y, weight, dp, lora_a, dx)
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
     kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731

@@ -67,6 +67,17 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ],
 }
+# Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
+# Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
+GEMM_TMA_CONFIGS = {
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),  # what fits fp32 at r = 128
+    ],
+}
 # Skinny passes (P = x·Aᵀ, dA, the deterministic dB): rows per program and the streamed tile
 # width. The last, small config of each list is what still fits at r = 128 (see fitting_configs).
 SKINNY_CONFIGS = {
@@ -93,7 +104,8 @@ GRAD_OUTPUT_CONFIGS = {
 }
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
-CONFIGS = {"gemm": GEMM_CONFIGS, "skinny": SKINNY_CONFIGS, "grad_output": GRAD_OUTPUT_CONFIGS}
+CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
+           "grad_output": GRAD_OUTPUT_CONFIGS}
 
 
 def config_family() -> str:
@@ -128,6 +140,9 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
+    if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
+        return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
+                             + block_n * rank_block_)
     streamed = block_m * block_n * base_bytes
     if family == "grad_output":  # G and B streamed; P and the dB partial's conversion held
         return (stages * (streamed + block_n * rank_block_ * _RANK_BYTES)
@@ -144,6 +159,8 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     threads = 32 * config.num_warps
     if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
+    if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
+        return block_m * (block_n + rank_block_) / threads
     if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
         return (2 * block_m * rank_block_ + block_n * rank_block_
                 + block_m * block_n / 2) / threads
@@ -155,7 +172,8 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
 # GEMMs' 128x256 / 256x128 / 4-warp 128x128 tiles at r = 128, the G pass's 8-warp 128x128 at
 # r = 128 (sm_90a) and 4-warp 128x64 at r = 64 (sm_80), the skinny passes' 4-warp 128x64 and
 # 64x128 at r = 64 (P with dropout, dA) and 8-warp 128x128 at r = 128.
-REGISTER_BUDGET = {"gemm": 256, "grad_output": 160, "skinny": 112}
+# gemm_tma: 4 warps at 128 x 128 spill at r = 128, not at r = 64.
+REGISTER_BUDGET = {"gemm": 256, "gemm_tma": 192, "grad_output": 160, "skinny": 112}
 
 
 def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int) -> bool:
@@ -191,10 +209,10 @@ _tuned = {}
 def launcher(kernel, family: str, key, reset_to_zero=None):
     """(callable kernel, fixed meta-parameters) for this machine: under the interpreter the raw
     kernel and one small config; on a GPU an autotuner over the config family's configs that fit
-    (``fitting_configs``), keyed by shape, with nothing fixed. ``family``: "gemm", "skinny" or
-    "grad_output"."""
+    (``fitting_configs``), keyed by shape, with nothing fixed. ``family``: a key of CONFIGS."""
     if interpreting():
-        return kernel, dict(INTERPRETER_GEMM if family == "gemm" else INTERPRETER_SKINNY)
+        gemm_like = family in ("gemm", "gemm_tma")
+        return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, configs_of)
     if cache_key not in _tuned:

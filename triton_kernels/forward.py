@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import persistent, variants
 from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
@@ -119,14 +120,19 @@ def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float 
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
-                 lora_b_eff: torch.Tensor, scaling: float) -> torch.Tensor:
-    """y = x·Wᵀ + bias + s·P·B_effᵀ, shape (M, N), in x's dtype."""
+                 lora_b_eff: torch.Tensor, scaling: float, variant=None) -> torch.Tensor:
+    """y = x·Wᵀ + bias + s·P·B_effᵀ, shape (M, N), in x's dtype. ``variant``: "tiled" (the
+    kernel above), "tma" (persistent.py's) or "auto"; None: the environment's (variants.py)."""
     m, k = x.shape
     n = weight.shape[0]
     r = p.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if variants.use_tma("fused_linear", (x, weight, y), variant, lambda v: fused_linear(
+            x, weight, bias, p, lora_b_eff, scaling, v), key=(
+            triton.next_power_of_2(m), n, k, r, lora_b_eff.dtype, bias is not None)):
+        return persistent.fused_linear(x, weight, bias, p, lora_b_eff, scaling, y)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
     kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
