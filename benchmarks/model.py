@@ -59,11 +59,17 @@ class Code:
     triton_gop_block_m: int = 64  # rows per program of the G pass = atomics divisor
     triton_atomic: str = "red"  # relaxed fp32 atomics ("atom": acq_rel)
     triton_db_memset: bool = True  # torch.zeros for dB per call
-    cuda_rank_unit: str = "fma"  # csrc rank passes over fp32 adapters on CUDA cores
+    # csrc over a 16-bit base: every rank pass on mma.sync, fp32 operands rounded at load ("fma":
+    # the CUDA-core kernels, as before issue 16 item 5; an fp32 base always runs on them)
+    cuda_fp32_adapter_unit: str = "tc"  # P and G passes over fp32 adapters
+    cuda_grad_a_unit: str = "tc"  # dA = dPᵀ·dropout(x)
+    cuda_dropout_term_unit: str = "tc"  # dropout(dP·A), dx's low-rank term under dropout
     # False: y.addmm_ / dx.addmm_ re-read and re-write the output after the cuBLAS GEMM; True:
     # the low-rank term (and bias) is written first and the GEMM adds into it with beta = 1
     cuda_low_rank_first: bool = True
     cuda_gop_block_m: int = 64
+    # csrc's atomicAdd with its result unused compiles to relaxed RED (SASS for sm_90a)
+    cuda_atomic: str = "red"
 
 
 @dataclass
@@ -190,7 +196,10 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
 def cuda_backend(c: Case, code: Code, backward: bool) -> list:
     """backends/cuda.py: csrc rank passes + cuBLAS GEMMs through ATen."""
     m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
-    ru = code.cuda_rank_unit
+    ru = _lr_unit(c, code.cuda_fp32_adapter_unit)
+    # dA and the dropout term multiply dP (fp32) with x or A: on tensor cores over a 16-bit base
+    grad_a_unit = code.cuda_grad_a_unit if b == 2 else "fma"
+    term_unit = code.cuda_dropout_term_unit if b == 2 else "fma"
     rng = m * k * code.cuda_rng_int_ops if c.dropout else 0
     first = code.cuda_low_rank_first
     # beta = 1: the GEMM reads the low-rank term in its epilogue (bytes inside a compute-bound
@@ -209,20 +218,20 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
     seq += [Pass("dB memset", bytes=4 * n * r),
             Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
                  flops={ru: 4 * m * n * r},
-                 atomics={"atom": (m / code.cuda_gop_block_m) * n * r}),
+                 atomics={code.cuda_atomic: (m / code.cuda_gop_block_m) * n * r}),
             Pass("dx = G@W" + (" (beta = 1)" if first else ""),
                  bytes=b * (m * n + n * k + (1 + epilogue) * m * k), flops={"gemm": 2 * m * n * k})]
     if c.dropout:
         seq.append(Pass("dropped_low_rank" if first else "add_dropped_low_rank_",
                         bytes=b * (1 if first else 2) * m * k + 4 * m * r,
-                        flops={ru: 2 * m * k * r}, int_ops=rng))
+                        flops={term_unit: 2 * m * k * r}, int_ops=rng))
     else:
         seq.append(Pass("dx = dP·A" if first else "dx.addmm_",
                         bytes=b * ((1 if first else 2) * m * k + m * r + r * k),
                         flops={"tc": 2 * m * k * r}, launches=3))
     if c.method == "lora":
         seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + 4 * r * k,
-                        flops={ru: 2 * m * k * r}, int_ops=rng))
+                        flops={grad_a_unit: 2 * m * k * r}, int_ops=rng))
         if a != 4:
             seq.append(_small("dA.to", (4 + a) * r * k))
     if a != 4:

@@ -1,10 +1,12 @@
 // Hand-written CUDA for the rank-r parts of the operator; the M x N and M x K GEMMs stay on
-// cuBLAS (backends/cuda.py). Each kernel streams x or G once, in 16-byte vector loads where the
-// rows allow it, through shared-memory tiles, accumulating in fp32. At 2r flops per 2-byte
-// element, CUDA cores fed from shared memory fall behind the memory stream from about r = 16 on
-// an H100, so the rank pass uses tensor cores (mma.sync) whenever its operands share a half type
-// and are thus exact MMA inputs; fp32 operands (fp32 adapters, and dP in the dA and dx kernels)
-// stay on CUDA cores, where they keep fp32 accuracy.
+// cuBLAS (backends/cuda.py). Each kernel streams x or G once (or writes dx's low-rank term
+// once), in 16-byte vectors where the rows allow it, through shared-memory tiles, accumulating
+// in fp32. At 2r flops per 2-byte element, CUDA cores fed from shared memory fall behind the
+// memory stream from about r = 16 on an H100, so over a 16-bit base (x, G or dx in fp16/bf16)
+// every kernel runs on tensor cores (mma.sync m16n8k16, fp32 accumulators): the other operands
+// (fp32 adapters, P, and the fp32 dP of the dA and dx kernels) are rounded to the base's dtype as
+// they are loaded, the math the Triton backend and PEFT's autocast run. Over an fp32 base the
+// kernels stay on CUDA cores in fp32.
 #include "lowrank_kernels.cuh"
 #include "keep_mask.cuh"
 
@@ -35,6 +37,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+template <typename T> __host__ __device__ constexpr DType dtype_of() {
+  return std::is_same_v<T, __half> ? kFloat16
+                                   : (std::is_same_v<T, __nv_bfloat16> ? kBFloat16 : kFloat32);
+}
+
 // For the small operands (f, p, a), whose dtype is a runtime argument.
 __device__ __forceinline__ float load_float(const void* base, DType dt, int64_t i) {
   switch (dt) {
@@ -42,6 +49,12 @@ __device__ __forceinline__ float load_float(const void* base, DType dt, int64_t 
     case kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(base)[i]);
     default: return static_cast<const float*>(base)[i];
   }
+}
+
+// Element i of a runtime-dtype operand as an MMA input of type T: rounded to T unless it is one.
+template <typename T> __device__ __forceinline__ T load_as(const void* base, DType dt, int64_t i) {
+  if (dt == dtype_of<T>()) return static_cast<const T*>(base)[i];
+  return from_float<T>(load_float(base, dt, i));
 }
 
 __device__ __forceinline__ void store_float(void* base, DType dt, int64_t i, float v) {
@@ -55,14 +68,13 @@ __device__ __forceinline__ void store_float(void* base, DType dt, int64_t i, flo
 // Loads rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a strided T matrix into a float (or T)
 // shared-memory tile, zero outside rows < row_end and columns < col_end. Each thread loads 8
 // consecutive columns of one row: one or two 16-byte loads when the row is contiguous and
-// aligned. Dropout keeps (row, col) where keep(seed, row, col, p) (keep_mask.cuh; mask_ld is
-// unused since the mask takes (row, col)), and the kept value is rounded to T, as the
-// reference's dropout(x) is.
+// aligned. Dropout keeps (row, col) where keep(seed, row, col, p) (keep_mask.cuh), and the kept
+// value is rounded to T, as the reference's dropout(x) is.
 template <typename T, int ROWS, int COLS, int PITCH, typename S>
 __device__ __forceinline__ void load_tile(S (*tile)[PITCH], const T* src, int64_t stride_r,
                                           int64_t stride_c, int64_t r0, int64_t c0,
-                                          int64_t row_end, int64_t col_end, int64_t mask_ld,
-                                          uint64_t seed, float p_drop, float keep_scale) {
+                                          int64_t row_end, int64_t col_end, uint64_t seed,
+                                          float p_drop, float keep_scale) {
   static_assert(ROWS * COLS == kThreads * 8, "one 8-wide strip per thread");
   static_assert(16 % sizeof(T) == 0, "16-byte vectors of T");
   constexpr int kVecs = 8 * sizeof(T) / 16;
@@ -128,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
   float acc[kRowsPerThread][kRanksPerThread] = {};
   for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
     load_tile<T, BM, BK, BK + 1>(in_tile, static_cast<const T*>(a.in), a.in_stride_m,
-                                 a.in_stride_k, m0, k0, a.M, a.K, a.K, a.seed, a.p_drop,
+                                 a.in_stride_k, m0, k0, a.M, a.K, a.seed, a.p_drop,
                                  keep_scale);
     for (int i = t; i < RB * BK; i += kThreads) {
       const int jj = i / BK, kk = i % BK;
@@ -187,12 +199,12 @@ __global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
   }
 }
 
-// ---- the rank pass on tensor cores, when in, f (and p) all share a half type ----
+// ---- the rank pass on tensor cores, over a 16-bit `in` ----
 //
 // mma.sync m16n8k16 (fp32 accumulators): at r = 64 the CUDA-core pass above is bound by its
 // shared-memory operand loads at several times x's memory time; on tensor cores it is
-// memory-bound. The operands are exact in T, so results differ from the CUDA-core pass only in
-// summation order.
+// memory-bound. f and p are rounded to in's type T as they are loaded (exact when they are T);
+// results keep their dtypes (out in out_dtype, db in fp32).
 
 // d += a·b for one m16n8k16 tile, with the PTX fragment layout (g = lane / 4, t = lane % 4):
 // a[0..3] hold A(g, 2t..2t+1), A(g+8, 2t..), A(g, 2t+8..), A(g+8, 2t+8..); b[0..1] hold
@@ -259,20 +271,20 @@ __global__ void __launch_bounds__(kThreads) rank_pass_mma_kernel(RankPassArgs a)
     for (int i = t; i < RB * BM; i += kThreads) {
       const int jj = i / BM, mm = i % BM;
       pt_tile[jj][mm] = m0 + mm < a.M && j0 + jj < a.R
-                            ? static_cast<const T*>(a.p)[(m0 + mm) * a.R + j0 + jj]
+                            ? load_as<T>(a.p, a.p_dtype, (m0 + mm) * a.R + j0 + jj)
                             : from_float<T>(0.f);
     }
   }
   float acc[kTiles][4] = {};
   for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
     load_tile<T, BM, BK, kMmaPitch>(in_tile, static_cast<const T*>(a.in), a.in_stride_m,
-                                    a.in_stride_k, m0, k0, a.M, a.K, a.K, a.seed, a.p_drop,
+                                    a.in_stride_k, m0, k0, a.M, a.K, a.seed, a.p_drop,
                                     keep_scale);
     for (int i = t; i < RB * BK; i += kThreads) {
       const int jj = i / BK, kk = i % BK;
       f_tile[jj][kk] = j0 + jj < a.R && k0 + kk < a.K
-                           ? static_cast<const T*>(a.f)[(j0 + jj) * a.f_stride_j +
-                                                        (k0 + kk) * a.f_stride_k]
+                           ? load_as<T>(a.f, a.f_dtype,
+                                        (j0 + jj) * a.f_stride_j + (k0 + kk) * a.f_stride_k)
                            : from_float<T>(0.f);
     }
     __syncthreads();
@@ -352,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_kernel(const float* dp, const
   const float keep_scale = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
   float acc[kRanksPerThread] = {};
   for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
-    load_tile<T, BM, BK, BK + 1>(x_tile, x, x_sm, x_sk, m0, k0, m_end, K, K, seed, p_drop,
+    load_tile<T, BM, BK, BK + 1>(x_tile, x, x_sm, x_sk, m0, k0, m_end, K, seed, p_drop,
                                  keep_scale);
     for (int i = t; i < BM * RB; i += kThreads) {
       const int mm = i / RB, jj = i % RB;
@@ -375,6 +387,71 @@ __global__ void __launch_bounds__(kThreads) grad_a_kernel(const float* dp, const
     if (j >= R) continue;
     if (atomic) atomicAdd(da + j * K + k, acc[c]);
     else da[j * K + k] = acc[c];
+  }
+}
+
+// dA on tensor cores, over a 16-bit x: D = dPᵀ·drop(x) in m16n8k16 tiles, ranks as the MMA rows,
+// x's columns as its columns and x's rows as the reduction; dP is rounded to T as it is loaded
+// (dpt_tile, rank-major, so that each A-fragment register is one 4-byte read). Warp w owns the
+// 16 ranks from 16·(w % RB/16) and RB / 16 n-tiles of 8 columns from 8·(RB / 16)·(w / (RB / 16)):
+// one dP fragment and RB / 16 x fragments per 16 rows, x's element pairs along a column packed
+// from two reads (pitch 72: conflict-free).
+template <typename T, int RB>
+__global__ void __launch_bounds__(kThreads) grad_a_mma_kernel(const float* dp, const T* x,
+                                                              int64_t x_sm, int64_t x_sk,
+                                                              float* da, int64_t M, int64_t K,
+                                                              int64_t R, int64_t rows_per_split,
+                                                              bool atomic, uint64_t seed,
+                                                              float p_drop) {
+  constexpr int BM = kGradARows, BK = kGradACols, kRankTiles = RB / 16, kColTiles = RB / 16;
+  static_assert(BM % 16 == 0 && kRankTiles * (BK / 8 / kColTiles) == kThreads / 32,
+                "every warp owns one rank tile and kColTiles column tiles");
+  alignas(16) __shared__ T x_tile[BM][BK + 8];
+  alignas(16) __shared__ T dpt_tile[RB][BM + 8];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+  const int rank0 = 16 * (warp % kRankTiles), col0 = 8 * kColTiles * (warp / kRankTiles);
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BK;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RB;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.z) * rows_per_split;
+  const int64_t m_end = m_begin + rows_per_split < M ? m_begin + rows_per_split : M;
+  const float keep_scale = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
+  float acc[kColTiles][4] = {};
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
+    load_tile<T, BM, BK, BK + 8>(x_tile, x, x_sm, x_sk, m0, k0, m_end, K, seed, p_drop,
+                                 keep_scale);
+    for (int i = t; i < BM * RB; i += kThreads) {
+      const int mm = i / RB, jj = i % RB;  // coalesced over dP's rows
+      dpt_tile[jj][mm] =
+          from_float<T>(m0 + mm < m_end && j0 + jj < R ? dp[(m0 + mm) * R + j0 + jj] : 0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int mm = 0; mm < BM; mm += 16) {
+      const uint32_t frag_a[4] = {pair_at(&dpt_tile[rank0 + g][mm + 2 * q]),
+                                  pair_at(&dpt_tile[rank0 + g + 8][mm + 2 * q]),
+                                  pair_at(&dpt_tile[rank0 + g][mm + 2 * q + 8]),
+                                  pair_at(&dpt_tile[rank0 + g + 8][mm + 2 * q + 8])};
+      const int r = mm + 2 * q;
+#pragma unroll
+      for (int n = 0; n < kColTiles; ++n) {
+        const int c = col0 + 8 * n + g;
+        const uint32_t frag_b[2] = {pack(x_tile[r][c], x_tile[r + 1][c]),
+                                    pack(x_tile[r + 8][c], x_tile[r + 9][c])};
+        mma_m16n8k16<T>(acc[n], frag_a, frag_b);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int n = 0; n < kColTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = j0 + rank0 + g + 8 * (e / 2);
+      const int64_t k = k0 + col0 + 8 * n + 2 * q + e % 2;
+      if (j >= R || k >= K) continue;
+      if (atomic) atomicAdd(da + j * K + k, acc[n][e]);
+      else da[j * K + k] = acc[n][e];
+    }
   }
 }
 
@@ -427,6 +504,91 @@ __global__ void __launch_bounds__(kThreads) dropped_low_rank_kernel(
   }
 }
 
+// The term on tensor cores, for a 16-bit out: a block computes kAddMmaRows x kAddCols of out in
+// m16n8k16 tiles, rows of dP as the MMA rows and ranks as the reduction, kAddRanks ranks per
+// step; dP and A are rounded to T as they are loaded (A rank-minor, at_tile[k][j], so that each
+// B-fragment register is one 4-byte read). Warp w owns the 16 rows from 16·(w % 4) and the four
+// n-tiles from 32·(w / 4). The fp32 sums go through out_tile, so that the mask (applied in fp32,
+// then rounded once, as the CUDA-core kernel does) and the 16-byte stores run by 8-column strips.
+constexpr int kAddMmaRows = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dropped_low_rank_mma_kernel(
+    T* out, const float* dp, const void* a, DType a_dt, int64_t a_sj, int64_t a_sk, int64_t M,
+    int64_t K, int64_t R, uint64_t seed, float p_drop) {
+  constexpr int BM = kAddMmaRows, BK = kAddCols, RB = kAddRanks, kColTiles = 4;
+  constexpr int kStrips = BM * BK / (8 * kThreads);
+  static_assert((BM / 16) * (BK / 8 / kColTiles) == kThreads / 32 && BM * BK % (8 * kThreads) == 0,
+                "one 16-row tile of kColTiles n-tiles per warp, whole strips per thread");
+  alignas(16) __shared__ T dp_tile[BM][RB + 8];
+  alignas(16) __shared__ T at_tile[BK][RB + 8];
+  alignas(16) __shared__ float out_tile[BM][BK + 8];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+  const int row0 = 16 * (warp % (BM / 16)), col0 = 8 * kColTiles * (warp / (BM / 16));
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * BK;
+  float acc[kColTiles][4] = {};
+  for (int64_t j0 = 0; j0 < R; j0 += RB) {
+    for (int i = t; i < BM * RB; i += kThreads) {
+      const int mm = i / RB, jj = i % RB;
+      dp_tile[mm][jj] =
+          from_float<T>(m0 + mm < M && j0 + jj < R ? dp[(m0 + mm) * R + j0 + jj] : 0.f);
+    }
+    for (int i = t; i < RB * BK; i += kThreads) {
+      const int jj = i / BK, kk = i % BK;  // coalesced over A's columns when a_sk = 1
+      at_tile[kk][jj] = j0 + jj < R && k0 + kk < K
+                            ? load_as<T>(a, a_dt, (j0 + jj) * a_sj + (k0 + kk) * a_sk)
+                            : from_float<T>(0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jk = 0; jk < RB; jk += 16) {
+      if (j0 + jk >= R) break;  // all-zero ranks (block-uniform)
+      const uint32_t frag_a[4] = {pair_at(&dp_tile[row0 + g][jk + 2 * q]),
+                                  pair_at(&dp_tile[row0 + g + 8][jk + 2 * q]),
+                                  pair_at(&dp_tile[row0 + g][jk + 2 * q + 8]),
+                                  pair_at(&dp_tile[row0 + g + 8][jk + 2 * q + 8])};
+#pragma unroll
+      for (int n = 0; n < kColTiles; ++n) {
+        const T* a_col = at_tile[col0 + 8 * n + g];
+        const uint32_t frag_b[2] = {pair_at(a_col + jk + 2 * q), pair_at(a_col + jk + 2 * q + 8)};
+        mma_m16n8k16<T>(acc[n], frag_a, frag_b);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int n = 0; n < kColTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      out_tile[row0 + g + 8 * (e / 2)][col0 + 8 * n + 2 * q + e % 2] = acc[n][e];
+  }
+  __syncthreads();
+  const float keep_scale = 1.f / (1.f - p_drop);
+#pragma unroll
+  for (int s = 0; s < kStrips; ++s) {
+    const int strip = t + s * kThreads, row = strip / (BK / 8), col = (strip % (BK / 8)) * 8;
+    const int64_t gr = m0 + row, gc = k0 + col;
+    if (gr >= M) continue;
+    T v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool kept = keep(seed, gr, gc + i, p_drop);
+      v[i] = from_float<T>(out_tile[row][col + i] * (kept ? keep_scale : 0.f));  // NaN·0 = NaN
+    }
+    T* ptr = out + gr * K + gc;
+    if (gc + 8 <= K && reinterpret_cast<uintptr_t>(ptr) % 16 == 0) {
+      uint4 raw;
+      memcpy(&raw, v, sizeof raw);
+      *reinterpret_cast<uint4*>(ptr) = raw;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (gc + i < K) ptr[i] = v[i];
+    }
+  }
+}
+
 __global__ void keep_mask_kernel(uint8_t* out, int64_t total, int64_t K, uint64_t seed, float p) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -457,22 +619,20 @@ void launch_rank_pass(const RankPassArgs& args, cudaStream_t stream) {
   if (args.M == 0 || args.R == 0) return;
   const int rb = rank_group(args.R);
   const dim3 grid(blocks_for(args.M, kPassRows), blocks_for(args.R, rb));
-  // Tensor cores when in, f and p share a half type: their values are then exact MMA operands.
-  const bool mma = args.in_dtype != kFloat32 && args.f_dtype == args.in_dtype &&
-                   (args.db == nullptr || args.p_dtype == args.in_dtype);
+  // A 16-bit `in` runs on tensor cores, f and p rounded to its type; an fp32 one on CUDA cores.
   with_type(args.in_dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (mma) {
-        if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 16>)(args);
-        else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 32>)(args);
-        else LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 64>)(args);
-        return;
-      }
+      if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 16>)(args);
+      else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 32>)(args);
+      else LF_LAUNCH(grid, kThreads, stream, rank_pass_mma_kernel<T, 64>)(args);
+    } else if (rb == 16) {
+      LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 16>)(args);
+    } else if (rb == 32) {
+      LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 32>)(args);
+    } else {
+      LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 64>)(args);
     }
-    if (rb == 16) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 16>)(args);
-    else if (rb == 32) LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 32>)(args);
-    else LF_LAUNCH(grid, kThreads, stream, rank_pass_kernel<T, 64>)(args);
   });
 }
 
@@ -486,10 +646,22 @@ void launch_grad_a(const float* dp, const void* x, DType x_dtype, int64_t x_stri
   const int rb = rank_group(R);
   const dim3 grid(blocks_for(K, kGradACols), blocks_for(R, rb), blocks_for(M, rows));
   const bool atomic = grid.z > 1;
+  // A 16-bit x runs on tensor cores, dP rounded to its type; an fp32 one on CUDA cores.
   with_type(x_dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
-    if (rb == 16) {
+    if constexpr (!std::is_same_v<T, float>) {
+      if (rb == 16) {
+        LF_LAUNCH(grid, kThreads, stream, grad_a_mma_kernel<T, 16>)(
+            dp, xt, x_stride_m, x_stride_k, da, M, K, R, rows, atomic, seed, p_drop);
+      } else if (rb == 32) {
+        LF_LAUNCH(grid, kThreads, stream, grad_a_mma_kernel<T, 32>)(
+            dp, xt, x_stride_m, x_stride_k, da, M, K, R, rows, atomic, seed, p_drop);
+      } else {
+        LF_LAUNCH(grid, kThreads, stream, grad_a_mma_kernel<T, 64>)(
+            dp, xt, x_stride_m, x_stride_k, da, M, K, R, rows, atomic, seed, p_drop);
+      }
+    } else if (rb == 16) {
       LF_LAUNCH(grid, kThreads, stream, grad_a_kernel<T, 16>)(
           dp, xt, x_stride_m, x_stride_k, da, M, K, R, rows, atomic, seed, p_drop);
     } else if (rb == 32) {
@@ -507,11 +679,18 @@ void launch_dropped_low_rank(void* out, DType out_dtype, const float* dp, const 
                              int64_t K, int64_t R, uint64_t seed, float p_drop,
                              cudaStream_t stream) {
   if (M == 0 || K == 0) return;  // R = 0 still launches: the term is written as zeros
-  const dim3 grid(blocks_for(M, kAddRows), blocks_for(K, kAddCols));
+  // A 16-bit out runs on tensor cores, dP and A rounded to its type; an fp32 one on CUDA cores.
   with_type(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    LF_LAUNCH(grid, kThreads, stream, dropped_low_rank_kernel<T>)(
-        static_cast<T*>(out), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
+    if constexpr (!std::is_same_v<T, float>) {
+      const dim3 grid(blocks_for(M, kAddMmaRows), blocks_for(K, kAddCols));
+      LF_LAUNCH(grid, kThreads, stream, dropped_low_rank_mma_kernel<T>)(
+          static_cast<T*>(out), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
+    } else {
+      const dim3 grid(blocks_for(M, kAddRows), blocks_for(K, kAddCols));
+      LF_LAUNCH(grid, kThreads, stream, dropped_low_rank_kernel<T>)(
+          static_cast<T*>(out), dp, a, a_dtype, a_stride_j, a_stride_k, M, K, R, seed, p_drop);
+    }
   });
 }
 

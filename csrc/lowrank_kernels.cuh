@@ -1,7 +1,9 @@
 // Launchers of the hand-written CUDA kernels (lowrank_kernels.cu). Plain CUDA, no torch headers,
 // so nvcc compile-checks them anywhere, and tests/cuda_emulation/ runs them on the CPU.
 // Dtype codes: 0 float32, 1 float16, 2 bfloat16. Every matrix is row-major unless strides say
-// otherwise; "contiguous" means row-major with no padding.
+// otherwise; "contiguous" means row-major with no padding. Numerics: over a 16-bit base (`in`, x
+// or out in fp16/bf16) the products run on tensor cores with every other operand (f, p, dp, a)
+// rounded to the base's dtype as it is loaded, fp32 accumulation; over an fp32 base, in fp32.
 #pragma once
 #include <cstdint>
 #ifndef LOWRANK_FUSED_EMULATION

@@ -85,13 +85,21 @@ def _extension_built():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _extension_built(),
                     reason="needs a GPU and the built extension lowrank_fused._C")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype,adapter_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("rank", [1, 12, 25, 64])
-@pytest.mark.parametrize("m", [1, 37, 128])
-def test_cuda_backend_matches_reference(m, rank, p, dtype):
+@pytest.mark.parametrize("m", [1, 37, 128, 1500])  # M = 1500: dA split over M
+def test_cuda_backend_matches_reference(m, rank, p, dtype, adapter_dtype, deterministic):
     """Against the float64 reference within the tolerance rule; the reference draws its own
-    mask, which is the kernels' mask bit for bit."""
+    mask, which is the kernels' mask bit for bit. Over a 16-bit base the kernels (tensor cores)
+    multiply the low-rank operands in the base's dtype, so PyTorch's low-precision run of the
+    same math is the reference with the adapters in the base dtype (as in test_triton.py)."""
+    import dataclasses
+
     from helpers import as_float64, make_case
     from lowrank_fused import low_rank_linear
     from lowrank_fused.backends import cuda as cuda_backend
@@ -99,16 +107,30 @@ def test_cuda_backend_matches_reference(m, rank, p, dtype):
     from tolerance import assert_kernel_close
 
     case = make_case((m,), 100, 80, rank, trainable={"lora_a", "lora_b", "latent", "bias"},
-                     latent=True, dtype=dtype, adapter_dtype=torch.float32, device="cuda")
+                     latent=True, dtype=dtype, adapter_dtype=adapter_dtype, device="cuda")
+
+    def adapters_in(dt):
+        def cast(t):
+            return t.detach().to(dt).requires_grad_(t.requires_grad)
+        return dataclasses.replace(case, lora_a=cast(case.lora_a), lora_b=cast(case.lora_b),
+                                   latent=cast(case.latent))
+
     results = {}
     for name, backend, c in (("reference", "reference", case), ("cuda", "cuda", case),
+                             ("same math", "reference", adapters_in(dtype)),
                              ("float64", "reference", as_float64(case))):
-        y = low_rank_linear(c.x, c.weight, c.lora_a, c.lora_b, bias=c.bias, latent=c.latent,
-                            scaling=c.scaling, dropout_p=p, dropout_seed=5, backend=backend)
-        names = [n for n, t in c.tensors().items() if t.requires_grad]
-        grads = torch.autograd.grad(y, [c.tensors()[n] for n in names], torch.ones_like(y))
+        # cuBLAS only warns on a GPU without CUBLAS_WORKSPACE_CONFIG
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            y = low_rank_linear(c.x, c.weight, c.lora_a, c.lora_b, bias=c.bias, latent=c.latent,
+                                scaling=c.scaling, dropout_p=p, dropout_seed=5, backend=backend)
+            names = [n for n, t in c.tensors().items() if t.requires_grad]
+            grads = torch.autograd.grad(y, [c.tensors()[n] for n in names], torch.ones_like(y))
+        finally:
+            torch.use_deterministic_algorithms(False)
         results[name] = dict(y=y, **dict(zip(names, grads)))
-    for name, torch_low in results["reference"].items():
+    for name, torch_low in results["same math"].items():
+        assert results["cuda"][name].dtype == results["reference"][name].dtype, name
         assert_kernel_close(results["cuda"][name], results["float64"][name], torch_low, name,
                             dtype)
     if p:

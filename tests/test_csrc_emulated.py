@@ -68,11 +68,18 @@ def _dropped(x, seed, p):
     return x * keep * spec.keep_scale
 
 
-def _check(got, formula, inputs, dtype, what):
+def _check(got, formula, inputs, dtype, what, same_math=None):
     """The kernel's ``got`` against ``formula`` of ``inputs`` in float64, within the tolerance
-    rule (tests/tolerance.py): PyTorch's error is ``formula`` run on the inputs as they are."""
+    rule (tests/tolerance.py): PyTorch's error is ``formula`` run on ``same_math`` (the inputs as
+    the kernel multiplies them; default: as they are)."""
     want64 = formula(*(t.double() for t in inputs))
-    assert_kernel_close(got, want64, formula(*inputs), what, dtype)
+    assert_kernel_close(got, want64, formula(*(same_math or inputs)), what, dtype)
+
+
+def _in_base(t, base_dtype):
+    """t's values as the kernels multiply them over a ``base_dtype`` base: rounded to a 16-bit
+    base's dtype (tensor-core operands), unchanged over fp32; t keeps its dtype."""
+    return t if base_dtype == torch.float32 else t.to(base_dtype).to(t.dtype)
 
 
 def _strided(x, layout):
@@ -106,7 +113,8 @@ def test_projection(lib, m, k, r, dtype, adapter_dtype, p, layout):
     lib.rank_pass(x.data_ptr(), CODES[dtype], x.stride(0), x.stride(1), a.data_ptr(),
                   CODES[adapter_dtype], a.stride(0), a.stride(1), None, 0, out.data_ptr(),
                   CODES[adapter_dtype], None, None, m, k, r, 1.0, 7, quantised_p(p))
-    _check(out, lambda x, a: _dropped(x, 7, p).to(a.dtype) @ a.T, (x, a), dtype, "P")
+    _check(out, lambda x, a: _dropped(x, 7, p).to(a.dtype) @ a.T, (x, a), dtype, "P",
+           same_math=(x, _in_base(a, dtype)))
 
 
 GRAD_OUTPUT_CASES = [
@@ -135,11 +143,13 @@ def test_grad_output_pass(lib, m, n, r, dtype, adapter_dtype, outputs):
                   CODES[adapter_dtype], dp.data_ptr() if with_dp else None, 0, db.data_ptr(),
                   dbias.data_ptr() if with_dp else None, m, n, r, scaling, 0, 0.0)
     if with_dp:
-        _check(dp, lambda g, b: scaling * (g.to(b.dtype) @ b), (g, b), dtype, "dP")
+        _check(dp, lambda g, b: scaling * (g.to(b.dtype) @ b), (g, b), dtype, "dP",
+               same_math=(g, _in_base(b, dtype)))
         _check(dbias, lambda g: g.sum(0), (g,), dtype, "dbias")
     else:
         assert torch.isnan(dp).all(), "dP was written although not asked for"
-    _check(db, lambda g, p: scaling * (g.to(p.dtype).T @ p), (g, p), dtype, "dB")
+    _check(db, lambda g, p: scaling * (g.to(p.dtype).T @ p), (g, p), dtype, "dB",
+           same_math=(g, _in_base(p, dtype)))
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -154,26 +164,35 @@ def test_grad_a(lib, dtype, r, p, splits, layout):
     da = torch.zeros((r, k), dtype=torch.float32)
     lib.grad_a(dp.data_ptr(), x.data_ptr(), CODES[dtype], x.stride(0), x.stride(1),
                da.data_ptr(), m, k, r, splits, 11, quantised_p(p))
-    _check(da, lambda dp, x: dp.T @ _dropped(x, 11, p).to(dp.dtype), (dp, x), dtype, "dA")
+    # over a 16-bit x, dP is rounded to x's dtype at load (tensor cores)
+    _check(da, lambda dp, x: dp.T @ _dropped(x, 11, p).to(dp.dtype), (dp, x), dtype, "dA",
+           same_math=(_in_base(dp, dtype), x))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("r", [1, 12, 25, 64, 80])
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
                                                  (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float16)])
-def test_dropped_low_rank(lib, dtype, adapter_dtype, r):
-    m, k, p = 37, 100, 0.25
+                                                 (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("m", [37, 133])  # one block of rows; three, the last ragged
+def test_dropped_low_rank(lib, m, dtype, adapter_dtype, r, p):
+    k = 100
     out = torch.full((m, k), float("nan"), dtype=dtype)  # written, never read
     dp = _rand(m, r, dtype=torch.float32, seed=9)
     a = _rand(r, k, dtype=adapter_dtype, seed=10)
     lib.dropped_low_rank(out.data_ptr(), CODES[dtype], dp.data_ptr(), a.data_ptr(),
-                         CODES[adapter_dtype], a.stride(0), a.stride(1), m, k, r, 13, p)
-    _check(out, lambda dp, a: _dropped(dp.to(a.dtype) @ a, 13, p), (dp, a), dtype, "drop(dP·A)")
+                         CODES[adapter_dtype], a.stride(0), a.stride(1), m, k, r, 13,
+                         quantised_p(p))
+    # over a 16-bit out, dP and A are rounded to out's dtype at load (tensor cores)
+    _check(out, lambda dp, a: _dropped(dp.to(a.dtype) @ a, 13, p), (dp, a), dtype, "drop(dP·A)",
+           same_math=(_in_base(dp, dtype), _in_base(a, dtype)))
 
 
-def test_dropped_low_rank_of_rank_zero_writes_zeros(lib):
-    out = torch.full((5, 7), float("nan"))
-    lib.dropped_low_rank(out.data_ptr(), 0, torch.empty((5, 0)).data_ptr(),
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropped_low_rank_of_rank_zero_writes_zeros(lib, dtype):
+    out = torch.full((5, 7), float("nan"), dtype=dtype)
+    lib.dropped_low_rank(out.data_ptr(), CODES[dtype], torch.empty((5, 0)).data_ptr(),
                          torch.empty((0, 7)).data_ptr(), 0, 7, 1, 5, 7, 0, 13, 0.25)
     assert (out == 0).all()
 
@@ -324,7 +343,9 @@ def cuda_backend(lib, monkeypatch):
 def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_dtype, p,
                                              deterministic):
     """The cuda backend against the float64 reference backend, within the tolerance rule; the
-    reference draws its own mask, which is the kernels' mask bit for bit."""
+    reference draws its own mask, which is the kernels' mask bit for bit. Over a 16-bit base the
+    kernels multiply the low-rank operands in the base's dtype, so PyTorch's low-precision run of
+    the same math is the reference with the adapters in the base dtype (as in test_triton.py)."""
     from lowrank_fused.backends import reference
     from lowrank_fused.dropout import DropoutSpec
 
@@ -336,12 +357,15 @@ def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_
     lora_b = _rand(n, r, dtype=adapter_dtype, seed=5) * r ** -0.5
     grad_y = _rand(m, n, dtype=dtype, seed=6)
     dropout = DropoutSpec(p=p, seed=17) if p else None
-    inputs = (x, weight, bias, lora_a, lora_b, grad_y)
+    adapters_in_base = (lambda t: t.to(dtype)) if dtype != torch.float32 else (lambda t: t)
     results = {}
-    runs = (("reference", reference, lambda t: t), ("float64", reference, torch.Tensor.double),
-            ("cuda", cuda_backend, lambda t: t))
-    for name, backend, cast in runs:
-        x_, w_, bias_, a_, b_, g_ = map(cast, inputs)
+    runs = (("reference", reference, lambda t: t, lambda t: t),
+            ("same math", reference, lambda t: t, adapters_in_base),
+            ("float64", reference, torch.Tensor.double, torch.Tensor.double),
+            ("cuda", cuda_backend, lambda t: t, lambda t: t))
+    for name, backend, cast, cast_adapter in runs:
+        x_, w_, bias_, g_ = map(cast, (x, weight, bias, grad_y))
+        a_, b_ = map(cast_adapter, (lora_a, lora_b))
         torch.use_deterministic_algorithms(deterministic)
         try:
             y, saved_p = backend.forward(x_, w_, bias_, a_, b_, scaling, dropout)
@@ -350,9 +374,9 @@ def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_
         finally:
             torch.use_deterministic_algorithms(False)
         results[name] = dict(zip(("y", "p", "dx", "da", "db", "dbias"), (y, saved_p) + grads))
-    for what, torch_low in results["reference"].items():
+    for what, torch_low in results["same math"].items():
         got = results["cuda"][what]
-        assert got.dtype == torch_low.dtype, what
+        assert got.dtype == results["reference"][what].dtype, what
         assert_kernel_close(got, results["float64"][what], torch_low, what, dtype)
     if m == 600:
         expected = 1 if deterministic else 2
@@ -394,12 +418,16 @@ def test_op_project_grad_a_and_dropped_low_rank_read_any_layout(lib, layout):
     x = _strided(_rand(m, k, dtype=torch.bfloat16, seed=1), layout)
     a = _strided(_rand(r, k, dtype=torch.float32, seed=2), layout)
     dp = _rand(m, r, dtype=torch.float32, seed=3)
+    a16, dp16 = _in_base(a, torch.bfloat16), _in_base(dp, torch.bfloat16)
     _check(ops.project(x, a, 0.5, seed, p, torch.float32, 0),
-           lambda x, a: 0.5 * _dropped(x, seed, p).to(a.dtype) @ a.T, (x, a), torch.bfloat16, "P")
+           lambda x, a: 0.5 * _dropped(x, seed, p).to(a.dtype) @ a.T, (x, a), torch.bfloat16, "P",
+           same_math=(x, a16))
     _check(ops.grad_a(dp, x, seed, p, 2, 0),
-           lambda dp, x: dp.T @ _dropped(x, seed, p).to(dp.dtype), (dp, x), torch.bfloat16, "dA")
+           lambda dp, x: dp.T @ _dropped(x, seed, p).to(dp.dtype), (dp, x), torch.bfloat16, "dA",
+           same_math=(dp16, x))
     _check(ops.dropped_low_rank(dp, a, seed, p, torch.bfloat16, 0),
-           lambda dp, a: _dropped(dp @ a, seed, p), (dp, a), torch.bfloat16, "drop(dP·A)")
+           lambda dp, a: _dropped(dp @ a, seed, p), (dp, a), torch.bfloat16, "drop(dP·A)",
+           same_math=(dp16, a16))
 
 
 def test_op_arguments_are_checked(lib):
@@ -441,7 +469,8 @@ def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
         patched.setattr(torch.Tensor, "new_empty",
                         lambda self, shape: torch.full(shape, float("nan"), dtype=self.dtype))
         got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
-    torch_low, _ = reference.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
+    same_math = [t.to(dtype) for t in (lora_a, lora_b)]  # adapters in the base dtype
+    torch_low, _ = reference.forward(x, weight, None, *same_math, scaling, dropout)
     want64, _ = reference.forward(*(t.double() for t in (x, weight)), None,
                                   *(t.double() for t in (lora_a, lora_b)), scaling, dropout)
     assert_kernel_close(got, want64, torch_low, "y", dtype)

@@ -37,6 +37,24 @@ def test_known_passes_move_hand_counted_bytes():
     assert peft["y + lora"].bytes == 3 * 2 * M * N
 
 
+def test_cuda_passes_run_on_the_units_of_the_kernels():
+    # csrc over a 16-bit base: every rank pass on tensor cores, fp32 adapters rounded at load;
+    # over an fp32 base, CUDA cores; atomicAdd compiles to RED
+    def units(c, code=model.Code()):
+        return {p.name: set(p.flops) for p in model.cuda_backend(c, code, backward=True)}
+    on_bf16 = units(case("lora", dropout=True))
+    for name in ("project", "grad_output_pass", "dropped_low_rank", "grad_a"):
+        assert on_bf16[name] == {"tc"}, name
+    on_fp32 = units(case("lora", dropout=True, base_bytes=4))
+    assert on_fp32["grad_a"] == on_fp32["dropped_low_rank"] == {"fma"}
+    old = model.Code(cuda_fp32_adapter_unit="fma", cuda_grad_a_unit="fma",
+                     cuda_dropout_term_unit="fma")
+    assert units(case("lora"), old)["project"] == {"fma"}
+    assert units(case("lora", adapter_bytes=2), old)["project"] == {"tc"}  # 16-bit adapters
+    seq = {p.name: p for p in model.cuda_backend(case(), model.Code(), backward=True)}
+    assert seq["grad_output_pass"].atomics == {"red": M / 64 * N * R}
+
+
 def test_memory_bound_pass_time_and_launch():
     hw = model.Hardware(hbm_tb_s=1.0, launch_us=10.0)
     p = model.Pass("copy", bytes=1e9)

@@ -8,7 +8,9 @@ precision the low-rank term plus bias is rounded once before the GEMM adds it, a
 rounds its low-rank term. Backward: one read of G gives dP = s·G·B_eff and the dB_eff and dbias
 sums (fp32 atomics; cuBLAS and torch.sum instead under deterministic algorithms); dx is written
 as dropout(dP·A) first (kernel, or cuBLAS without dropout), then G·W is added into it (beta = 1);
-dA = dPᵀ·dropout(x) with M split across the GPU.
+dA = dPᵀ·dropout(x) with M split across the GPU. Over a 16-bit base every kernel runs on tensor
+cores with the low-rank operands (fp32 adapters, P, dP) rounded to the base's dtype as they are
+loaded, fp32 accumulation: the Triton backend's numerics, and the GEMMs' here.
 """
 from __future__ import annotations
 
