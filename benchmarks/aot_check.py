@@ -153,9 +153,10 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float):
     return [(*launch, case) for launch, case in zip(launches, cases)]
 
 
-def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16):
-    """The autotune configs the launcher offers ``family`` on ``generation`` for a base dtype and
-    rank block, as plain dicts: the configs the autotuner sees after its shared-memory pruning;
+def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16,
+                   dropout: bool = False):
+    """The autotune configs the launcher offers ``family`` on ``generation`` for a base dtype,
+    rank block and dropout, as plain dicts: the configs the autotuner sees after its pruning;
     none where the family has no configs for ``generation`` (TARGET_ONLY)."""
     import torch
     from lowrank_fused.triton_kernels import configs
@@ -164,7 +165,7 @@ def family_configs(family: str, generation: str, base: str = "bfloat16", rank_bl
         return []
     offered = configs.fitting_configs(table[generation], family,
                                       getattr(torch, base).itemsize, rank_block,
-                                      SMEM_LIMIT[generation])
+                                      SMEM_LIMIT[generation], generation, dropout)
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in offered]
 
 
@@ -320,7 +321,7 @@ def mask_instructions(generation: str = "sm90") -> dict:
         if on is None or off is None:
             return {"error": f"no {case} launch of {name} recorded"}
         family = on[2]
-        config = family_configs(family, generation, "bfloat16", 16)[0]
+        config = family_configs(family, generation, "bfloat16", 16, True)[0]
         counts = []
         for module, kname, _, args, kwargs, _ in (on, off):
             compiled, _ = _compile(module, kname, args, {**kwargs, **{
@@ -390,7 +391,8 @@ def _plan(args) -> list:
                     args.skipped.add((row, generation, TARGET_ONLY[family][1]))
                     continue
                 rank_block = kw.get("RANK_BLOCK", ("value", 16))[1]
-                configs = family_configs(family, generation, point[0], rank_block)
+                dropout = bool(kw.get("HAS_DROPOUT", ("value", False))[1])
+                configs = family_configs(family, generation, point[0], rank_block, dropout)
                 for config in configs if primary else configs[:2]:
                     key = (name, generation, repr(a), repr(sorted(kw.items())), repr(config))
                     if key in seen:  # identical compile, e.g. LoRA-FA's pass in LoRA's

@@ -58,7 +58,9 @@ class Code:
     triton_grad_a_split_m: bool = True
     triton_gop_block_m: int = 64  # rows per program of the G pass = atomics divisor
     triton_atomic: str = "red"  # relaxed fp32 atomics ("atom": acq_rel)
-    triton_db_memset: bool = True  # torch.zeros for dB per call
+    # dB's fp32 accumulator: True: torch.zeros per call; False: kept zeroed between calls
+    # (triton_kernels/accumulators.py), which a 16-bit dB uses; an fp32 dB is always fresh
+    triton_db_memset: bool = False
     # csrc over a 16-bit base: every rank pass on mma.sync, fp32 operands rounded at load ("fma":
     # the CUDA-core kernels, as before issue 16 item 5; an fp32 base always runs on them)
     cuda_fp32_adapter_unit: str = "tc"  # P and G passes over fp32 adapters
@@ -174,12 +176,14 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
         return seq
     need_a = c.method == "lora"
     atomics = (m / code.triton_gop_block_m) * n * r
-    if code.triton_db_memset:
+    if code.triton_db_memset or a == 4:
         seq.append(Pass("dB memset", bytes=4 * n * r))
     seq.append(Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
                     flops={lr: 4 * m * n * r}, atomics={code.triton_atomic: atomics}))
-    if a != 4:  # fp32 adapters: .to is a no-op
-        seq.append(_small("dB.to(dtype)", (4 + a) * n * r))
+    if a != 4:  # fp32 adapters: .to is a no-op; a kept accumulator is re-zeroed by the same pass
+        kept = 0 if code.triton_db_memset else 4
+        seq.append(_small("dB.to(dtype)" if code.triton_db_memset else "dB take",
+                          (4 + a + kept) * n * r))
     seq.append(Pass("grad_input", bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k,
                     flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
     if need_a:

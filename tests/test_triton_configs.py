@@ -21,15 +21,28 @@ def _config(warps, stages, **meta):
 
 @pytest.mark.parametrize("family,generation", [(f, g) for f in sorted(configs.CONFIGS)
                                                for g in sorted(configs.CONFIGS[f])])
-def test_every_rank_and_dtype_has_a_fitting_config(family, generation):
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+def test_every_rank_and_dtype_has_a_fitting_config(family, generation, dropout):
     # fitting_configs falls back to the smallest config when none fits; up to r = 128 no
     # fallback may be needed (the fallback would overflow shared memory or spill).
     table = configs.CONFIGS[family][generation]
     for rank in range(1, 129):
         for base_bytes in BASE_BYTES:
             block = configs.rank_block(rank)
-            assert any(configs.fits(c, family, base_bytes, block, LIMITS[generation])
-                       for c in table), (family, generation, rank, base_bytes)
+            assert any(configs.fits(c, family, base_bytes, block, LIMITS[generation],
+                                    generation, dropout)
+                       for c in table), (family, generation, rank, base_bytes, dropout)
+
+
+def test_dropout_prunes_the_tiles_that_spilled_with_its_mask():
+    # configs.py's budgets: aot_check saw these spill with dropout only
+    wide_4_warps = next(c for c in configs.CONFIGS["gemm"]["sm90"]
+                        if c.num_warps == 4 and c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128)
+    assert configs.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", False)
+    assert not configs.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", True)
+    wide_skinny = next(c for c in configs.CONFIGS["skinny"]["sm90"] if c.kwargs["BLOCK_N"] == 256)
+    assert configs.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", False)
+    assert not configs.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", True)
 
 
 def test_fitting_configs_keep_only_what_fits():

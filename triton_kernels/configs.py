@@ -58,6 +58,7 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),  # dx with dropout at r = 128
     ],
     "sm90": [
         _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -65,6 +66,7 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),  # dx with dropout at r = 128
     ],
 }
 # Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
@@ -174,20 +176,40 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
 # 64x128 at r = 64 (P with dropout, dA) and 8-warp 128x128 at r = 128.
 # gemm_tma: 4 warps at 128 x 128 spill at r = 128, not at r = 64.
 REGISTER_BUDGET = {"gemm": 256, "gemm_tma": 192, "grad_output": 160, "skinny": 112}
+# The tiled GEMMs by target and dropout (the dx kernel's mask and scaled low-rank halves): over
+# the budget the aot_check builds spilled (sm_90a: 4-warp 128x128 at r = 64 without dropout;
+# with dropout 4-warp 128x128 and 8-warp 256x128 from r = 1; sm_80, whose mma.sync keeps
+# operands in registers: 4-warp 128x128 from r = 16, 8-warp 128x256 with dropout).
+GEMM_REGISTER_BUDGET = {("sm90", False): 240, ("sm90", True): 144,
+                        ("sm80", False): 152, ("sm80", True): 144}
 
 
-def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int) -> bool:
-    """Whether a config passes both pruning rules: shared memory within ``limit`` bytes, and
-    registers within the family's budget."""
+def register_budget(family: str, generation: str = "sm90", dropout: bool = False) -> float:
+    """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
+    if family == "gemm":
+        return GEMM_REGISTER_BUDGET[(generation, dropout)]
+    return REGISTER_BUDGET[family]
+
+
+def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int,
+         generation: str = "sm90", dropout: bool = False) -> bool:
+    """Whether a config passes the pruning rules: shared memory within ``limit`` bytes, registers
+    within the budget, and with dropout a skinny pass's streamed tile at most 128 wide (dA's
+    8-warp 64x256 spills at 128 registers)."""
+    if dropout and family == "skinny" and config.kwargs["BLOCK_N"] > 128:
+        return False
     return (shared_memory_estimate(config, family, base_bytes, rank_block_) <= limit
-            and register_estimate(config, family, rank_block_) <= REGISTER_BUDGET[family])
+            and register_estimate(config, family, rank_block_)
+            <= register_budget(family, generation, dropout))
 
 
-def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int):
+def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int,
+                    generation: str = "sm90", dropout: bool = False):
     """The configs that fit (``fits``); what the autotuner sees, and what benchmarks.aot_check
     compiles. Every rank up to 128 keeps at least one (tests/test_triton_configs.py); past that
     (a 256-wide rank block) the config with the least shared memory stays if none fits."""
-    kept = [c for c in configs if fits(c, family, base_bytes, rank_block_, limit)]
+    kept = [c for c in configs
+            if fits(c, family, base_bytes, rank_block_, limit, generation, dropout)]
     return kept or [min(configs, key=lambda c: shared_memory_estimate(c, family, base_bytes,
                                                                        rank_block_))]
 
@@ -197,9 +219,11 @@ def _pruner(family: str):
     any is compiled (the autotuner would only skip them after a failed compile)."""
     def prune(configs, named_args, **kwargs):
         base = named_args.get("x_ptr", named_args.get("g_ptr"))
-        limit = shared_memory_limit(torch.cuda.get_device_capability(base.device))
+        capability = torch.cuda.get_device_capability(base.device)
         return fitting_configs(configs, family, base.element_size(),
-                               kwargs.get("RANK_BLOCK", 16), limit)
+                               kwargs.get("RANK_BLOCK", 16), shared_memory_limit(capability),
+                               "sm90" if capability[0] >= 9 else "sm80",
+                               bool(kwargs.get("HAS_DROPOUT", False)))
     return prune
 
 
