@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of every Triton kernel for sm_90a and sm_80, no GPU needed.
 
-    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--only KERNELS] [--json PATH]
-                                   [--report-only]
+    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--every-target] [--only KERNELS]
+                                   [--json PATH] [--report-only]
 
 The kernel launches are discovered by running the Triton backend's forward and backward on meta
 tensors with the kernels' ``launcher`` replaced by a recorder, so every kernel the backend calls,
@@ -381,7 +381,7 @@ def _plan(args) -> list:
         points = DEFAULT_POINTS
     jobs, seen = [], set()
     for generation in args.arch:
-        primary = generation == "sm90" and not args.quick
+        primary = (generation == "sm90" or args.every_target) and not args.quick
         for point in points if primary else points[::max(1, len(points) // 4)]:
             for module, name, family, a, kw, case in record_launches(*point):
                 row = name.strip("_").removesuffix("_kernel")
@@ -463,6 +463,8 @@ def main(argv=None) -> int:
                              "grad_input_tma (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--every-target", action="store_true",
+                        help="every point and config on every target, not a sample off sm_90a")
     parser.add_argument("--report-only", action="store_true",
                         help="print the findings but exit 0 (until the kernels are clean)")
     args = parser.parse_args(argv)

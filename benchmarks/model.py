@@ -45,9 +45,9 @@ class Code:
     """What the kernels do today; each field is one kernel's property (kern16's changes land
     here as one-line updates)."""
     # the hash mask (lowrank_fused/dropout.py): integer SASS instructions it adds per element in
-    # the Triton kernels, measured by benchmarks.aot_check for sm_90a (P pass 8.1, dA 7.1, dx
-    # 4.8; the worst is used; the per-element hash before pairs: 13.7; Philox `tl.rand`: 64)
-    rng_int_ops: float = 8.1
+    # the Triton kernels, measured by benchmarks.aot_check for sm_90a (P pass 7.0, dA 6.8, dx
+    # 4.6; the worst is used; the per-element hash before pairs: 13.7; Philox `tl.rand`: 64)
+    rng_int_ops: float = 7.0
     # csrc computes keep() per element (one hash each, keys hoisted): the unpaired figure
     cuda_rng_int_ops: float = 13.7
     peft_rng_int_ops: float = 24.0  # torch dropout: Philox, 4 values per call
@@ -72,6 +72,10 @@ class Code:
     cuda_gop_block_m: int = 64
     # csrc's atomicAdd with its result unused compiles to relaxed RED (SASS for sm_90a)
     cuda_atomic: str = "red"
+    # LoRA-XS's dR: False: Pᵀ·(s·G·B) from the G pass's r-wide result, so with B frozen the pass
+    # computes no dB (no atomics, no accumulator); True: through dB_eff = s·Gᵀ·P (N x r, atomics)
+    # and dR = dB_effᵀ·B, as before
+    xs_db_eff: bool = False
 
 
 @dataclass
@@ -175,12 +179,14 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
     if not backward:
         return seq
     need_a = c.method == "lora"
-    atomics = (m / code.triton_gop_block_m) * n * r
-    if code.triton_db_memset or a == 4:
+    need_db = _needs_db(c, code)
+    atomics = (m / code.triton_gop_block_m) * n * r if need_db else 0
+    if need_db and (code.triton_db_memset or a == 4):
         seq.append(Pass("dB memset", bytes=4 * n * r))
     seq.append(Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
-                    flops={lr: 4 * m * n * r}, atomics={code.triton_atomic: atomics}))
-    if a != 4:  # fp32 adapters: .to is a no-op; a kept accumulator is re-zeroed by the same pass
+                    flops={lr: (4 if need_db else 2) * m * n * r},
+                    atomics={code.triton_atomic: atomics}))
+    if need_db and a != 4:  # fp32 adapters: .to is a no-op; a kept accumulator is re-zeroed
         kept = 0 if code.triton_db_memset else 4
         seq.append(_small("dB.to(dtype)" if code.triton_db_memset else "dB take",
                           (4 + a + kept) * n * r))
@@ -219,10 +225,12 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
                 bytes=b * (m * k + n * k + (1 + epilogue) * m * n), flops={"gemm": 2 * m * n * k})]
     if not backward:
         return seq
-    seq += [Pass("dB memset", bytes=4 * n * r),
-            Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
-                 flops={ru: 4 * m * n * r},
-                 atomics={code.cuda_atomic: (m / code.cuda_gop_block_m) * n * r}),
+    need_db = _needs_db(c, code)
+    if need_db:
+        seq.append(Pass("dB memset", bytes=4 * n * r))
+    seq += [Pass("grad_output_pass", bytes=b * m * n + a * (n * r + m * r) + 4 * m * r,
+                 flops={ru: (4 if need_db else 2) * m * n * r},
+                 atomics={code.cuda_atomic: (m / code.cuda_gop_block_m) * n * r * need_db}),
             Pass("dx = G@W" + (" (beta = 1)" if first else ""),
                  bytes=b * (m * n + n * k + (1 + epilogue) * m * k), flops={"gemm": 2 * m * n * k})]
     if c.dropout:
@@ -238,21 +246,32 @@ def cuda_backend(c: Case, code: Code, backward: bool) -> list:
                         flops={grad_a_unit: 2 * m * k * r}, int_ops=rng))
         if a != 4:
             seq.append(_small("dA.to", (4 + a) * r * k))
-    if a != 4:
+    if need_db and a != 4:
         seq.append(_small("dB.to", (4 + a) * n * r))
     return seq
 
 
+def _needs_db(c: Case, code: Code) -> bool:
+    """Whether our backward reduces an N x r dB over M: LoRA and LoRA-FA train B; LoRA-XS (B
+    frozen) takes dR from s·G·B instead, unless ``code.xs_db_eff``."""
+    return c.method != "lora_xs" or code.xs_db_eff
+
+
 def _with_latent(sequence):
-    """LoRA-XS on our backends: B_eff = B·Rᵀ formed once per call, dR = dB_effᵀ·B after."""
+    """LoRA-XS on our backends: B_eff = B·Rᵀ formed once per call; after the G pass (on B, not
+    B_eff) dP = T·Rᵀ and dR = Pᵀ·T from its T = s·G·B (or dR = dB_effᵀ·B, ``xs_db_eff``)."""
     def wrapped(c: Case, code: Code, backward: bool) -> list:
         seq = sequence(c, code, backward)
         if c.method == "lora_xs":
             small = c.adapter_bytes * 2 * c.n * c.r
             seq.insert(0, Pass("B_eff = B·Rᵀ", bytes=small, flops={"tc": 2 * c.n * c.r * c.r}))
-            if backward:
+            if backward and code.xs_db_eff:
                 seq.append(Pass("dR = dB_effᵀ·B", bytes=small,
                                 flops={"tc": 2 * c.n * c.r * c.r}))
+            elif backward:  # two r-wide products over fp32 M x r tensors
+                rank_bytes = 4 * 3 * c.m * c.r
+                seq.append(Pass("dP = T·Rᵀ", bytes=rank_bytes, flops={"tc": 2 * c.m * c.r ** 2}))
+                seq.append(Pass("dR = Pᵀ·T", bytes=rank_bytes, flops={"tc": 2 * c.m * c.r ** 2}))
         return seq
     wrapped.__doc__ = sequence.__doc__
     return wrapped

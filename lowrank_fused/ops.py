@@ -3,8 +3,9 @@ implementations, so torch.compile traces it without graph breaks.
 
 What is saved follows what needs a gradient: x only for lora_a's (or an unfrozen weight's)
 gradient; with lora_a frozen (LoRA-FA, LoRA-XS) only P = dropout(x)·Aᵀ (M x r). LoRA-XS's latent
-R is folded into B_eff = B·Rᵀ inside the ops, so every backend sees one low-rank shape and no
-N x r product is kept. Dropout keeps its seed, never its mask.
+R is folded into B_eff = B·Rᵀ for the forward, so every backend's forward sees one low-rank
+shape and no N x r product is kept; the backward hands R to the backend, which takes dR from the
+r-wide s·G·B it computes anyway (reference.latent_gradients). Dropout keeps its seed, never its mask.
 """
 from __future__ import annotations
 
@@ -89,17 +90,10 @@ def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_
     """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
     op, shared with the eager path."""
     impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
-    dx, da, db_eff, dbias = _without_autocast(
-        grad_y, impl.backward, grad_y, x, p, weight, lora_a, effective_lora_b(lora_b, latent),
-        scaling, _dropout(dropout_p, seed), need_x=need_x, need_a=need_a,
-        need_b=need_b or need_latent, need_bias=need_bias)
-    db = dr = None
-    if latent is None:
-        db = db_eff
-    else:
-        # B_eff = B·Rᵀ: dB = dB_eff·R and dR = dB_effᵀ·B, r x r and N x r work.
-        db = db_eff @ latent if need_b else None
-        dr = db_eff.T @ lora_b if need_latent else None
+    dx, da, db, dr, dbias = _without_autocast(
+        grad_y, impl.backward, grad_y, x, p, weight, lora_a, lora_b, scaling,
+        _dropout(dropout_p, seed), latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
+        need_latent=need_latent, need_bias=need_bias)
     return dx, da, db, dr, dbias
 
 

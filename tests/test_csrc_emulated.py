@@ -342,6 +342,19 @@ def cuda_backend(lib, monkeypatch):
                                                  (torch.bfloat16, torch.bfloat16)])
 def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_dtype, p,
                                              deterministic):
+    check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float16)])
+def test_cuda_backend_glue_with_a_latent_matches_reference(cuda_backend, dtype, adapter_dtype,
+                                                           deterministic):
+    # LoRA-XS's R (trainable A and B too): the pass over G on B and P·R, then dP and dR from it
+    check_glue(cuda_backend, 37, 25, dtype, adapter_dtype, 0.2, deterministic, with_latent=True)
+
+
+def check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic, with_latent=False):
     """The cuda backend against the float64 reference backend, within the tolerance rule; the
     reference draws its own mask, which is the kernels' mask bit for bit. Over a 16-bit base the
     kernels multiply the low-rank operands in the base's dtype, so PyTorch's low-precision run of
@@ -357,6 +370,7 @@ def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_
     lora_b = _rand(n, r, dtype=adapter_dtype, seed=5) * r ** -0.5
     grad_y = _rand(m, n, dtype=dtype, seed=6)
     dropout = DropoutSpec(p=p, seed=17) if p else None
+    latent = _rand(r, r, dtype=adapter_dtype, seed=7) * r ** -0.5 if with_latent else None
     adapters_in_base = (lambda t: t.to(dtype)) if dtype != torch.float32 else (lambda t: t)
     results = {}
     runs = (("reference", reference, lambda t: t, lambda t: t),
@@ -366,14 +380,19 @@ def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_
     for name, backend, cast, cast_adapter in runs:
         x_, w_, bias_, g_ = map(cast, (x, weight, bias, grad_y))
         a_, b_ = map(cast_adapter, (lora_a, lora_b))
+        r_ = cast_adapter(latent) if with_latent else None
+        b_eff = b_ @ r_.T if with_latent else b_  # what the ops hand the forward
         torch.use_deterministic_algorithms(deterministic)
         try:
-            y, saved_p = backend.forward(x_, w_, bias_, a_, b_, scaling, dropout)
-            grads = backend.backward(g_, x_, saved_p, w_, a_, b_, scaling, dropout, need_x=True,
-                                     need_a=True, need_b=True, need_bias=True)
+            y, saved_p = backend.forward(x_, w_, bias_, a_, b_eff, scaling, dropout)
+            grads = backend.backward(g_, x_, saved_p, w_, a_, b_, scaling, dropout, latent=r_,
+                                     need_x=True, need_a=True, need_b=True,
+                                     need_latent=with_latent, need_bias=True)
         finally:
             torch.use_deterministic_algorithms(False)
-        results[name] = dict(zip(("y", "p", "dx", "da", "db", "dbias"), (y, saved_p) + grads))
+        results[name] = {what: t for what, t in zip(("y", "p", "dx", "da", "db", "dr", "dbias"),
+                                                    (y, saved_p) + grads) if t is not None}
+    assert ("dr" in results["cuda"]) == with_latent
     for what, torch_low in results["same math"].items():
         got = results["cuda"][what]
         assert got.dtype == results["reference"][what].dtype, what

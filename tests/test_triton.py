@@ -21,17 +21,15 @@ METHOD_TRAINABLE = {"lora": {"lora_a", "lora_b"}, "lora_fa": {"lora_b"}, "lora_x
 K, N = 100, 80  # not multiples of any block size
 
 
-def run(case, backend, p=0.0, seed=11, grad_dtype=None, grad_power=1):
+def run(case, backend, p=0.0, seed=11, grad_dtype=None):
     """y and the gradients of the trainable tensors, for one backend; grad_y's values are
-    rounded to ``grad_dtype`` (default y's dtype), and raised to ``grad_power``."""
+    rounded to ``grad_dtype`` (default y's dtype)."""
     names = [n for n, t in case.tensors().items() if t.requires_grad]
     y = low_rank_linear(case.x, case.weight, case.lora_a, case.lora_b, bias=case.bias,
                         latent=case.latent, scaling=case.scaling, dropout_p=p,
                         dropout_seed=seed, backend=backend)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
                          dtype=torch.float32).to(grad_dtype or y.dtype).to(y)
-    if grad_power != 1:
-        grad_y = grad_y ** grad_power
     grads = torch.autograd.grad(y, [case.tensors()[n] for n in names], grad_y)
     return dict(y=y, **dict(zip(names, grads)))
 
@@ -48,17 +46,6 @@ def with_adapters_in(case, dtype):
                                latent=cast(case.latent))
 
 
-def squared(case):
-    """The float64 case with every operand squared (and scaling): the reference on it gives each
-    output's sum of squared terms (every output is a sum of products of operands; the dropout
-    scale enters once, not squared, which only makes the bound tighter)."""
-    def sq(t):
-        return None if t is None else (t.detach().double() ** 2).requires_grad_(t.requires_grad)
-    return dataclasses.replace(case, x=sq(case.x), weight=sq(case.weight), bias=sq(case.bias),
-                               lora_a=sq(case.lora_a), lora_b=sq(case.lora_b),
-                               latent=sq(case.latent), scaling=case.scaling ** 2)
-
-
 def check(case, dtype, p=0.0):
     """Triton against the float64 reference, within the tolerance rule (tests/tolerance.py);
     the reference draws its own mask, which is the kernels' mask bit for bit. Over a 16-bit
@@ -68,13 +55,10 @@ def check(case, dtype, p=0.0):
     same_math = case if dtype == torch.float32 else with_adapters_in(case, dtype)
     torch_low = run(same_math, "reference", p, grad_dtype=reference_low["y"].dtype)
     want64 = run(as_float64(case), "reference", p, grad_dtype=reference_low["y"].dtype)
-    squares = run(squared(case), "reference", p, grad_dtype=reference_low["y"].dtype,
-                  grad_power=2)
     assert set(got) == set(want64)
     for name in want64:
         assert got[name].dtype == reference_low[name].dtype, name
-        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype,
-                            square_magnitude=squares[name])
+        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -183,7 +167,8 @@ def test_backend_reads_strided_operands(operand):
         grads = backend.backward(given["grad_y"], given["x"], p, given["weight"],
                                  given["lora_a"], given["lora_b_eff"], 0.5, None, need_x=True,
                                  need_a=True, need_b=True, need_bias=True)
-        results[name] = (y, *grads)
+        dx, da, db, _, dbias = grads  # no latent: dR is None
+        results[name] = (y, dx, da, db, dbias)
     for label, got, want64, torch_low in zip(["y", "dx", "dA", "dB", "dbias"], results["got"],
                                              results["want64"], results["torch_low"]):
         assert_kernel_close(got, want64, torch_low, f"{label} with a strided {operand}")

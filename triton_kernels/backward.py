@@ -36,14 +36,22 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
     ns = tl.arange(0, BLOCK_N)
-    g_ptrs = g_ptr + offsets_2d(rows, ns, stride_gm, stride_gn)
+    # dP alone (deterministic mode, LoRA-XS with B frozen): rows past M read row M - 1 again
+    # instead of a row mask, as their dP is never stored. One predicate fewer in the loop, where
+    # ptxas spilled row_ok (sm_80, 4-warp 64x64 at r = 64); dB and dbias keep the mask.
+    ROWS_MASKED: tl.constexpr = NEED_DB or NEED_DBIAS
+    g_rows = rows if ROWS_MASKED else tl.minimum(rows, M - 1)
+    g_ptrs = g_ptr + offsets_2d(g_rows, ns, stride_gm, stride_gn)
     b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
     g_step = tl.full((), BLOCK_N, tl.int64) * stride_gn
     b_step = tl.full((), BLOCK_N, tl.int64) * stride_bn
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + ns
         col_ok = cols < N
-        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if ROWS_MASKED:
+            g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
         if NEED_DBIAS:
             # relaxed: only the sums matter, nothing is ordered against them in this kernel
             tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok,

@@ -58,7 +58,9 @@ GEMM_CONFIGS = {
         _c(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),  # dx with dropout at r = 128
+        # dx with dropout at r = 128; 4 stages: at 3, ptxas settles at 80 registers and spills
+        # a loop-invariant index over fp32 adapters at r = 64
+        _c(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     ],
     "sm90": [
         _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -82,9 +84,10 @@ GEMM_TMA_CONFIGS = {
 }
 # Skinny passes (P = x·Aᵀ, dA, the deterministic dB): rows per program and the streamed tile
 # width. The last, small config of each list is what still fits at r = 128 (see fitting_configs).
-SKINNY_CONFIGS = {
+SKINNY_CONFIGS = {  # sm80's 32-row blocks at 3 stages: at 4, ptxas settles at 80 registers
+    # and spills the P pass with dropout at r = 1
     "sm80": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=128, BLOCK_N=64),
-             _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 4, BLOCK_M=32, BLOCK_N=128),
+             _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 3, BLOCK_M=32, BLOCK_N=128),
              _c(8, 2, BLOCK_M=64, BLOCK_N=64)],
     "sm90": [_c(4, 4, BLOCK_M=64, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=128),
              _c(4, 4, BLOCK_M=128, BLOCK_N=64), _c(8, 4, BLOCK_M=64, BLOCK_N=256),
@@ -98,9 +101,11 @@ GRAD_OUTPUT_CONFIGS = {
     "sm80": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=128, BLOCK_N=64),
              _c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(4, 4, BLOCK_M=32, BLOCK_N=128),
              _c(8, 3, BLOCK_M=256, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=64)],
+    # sm90's 32-row blocks on 8 warps: on 4, ptxas settles at 72 registers and spills the
+    # dP-only pass at r = 64
     "sm90": [_c(4, 4, BLOCK_M=64, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=128),
              _c(4, 4, BLOCK_M=128, BLOCK_N=64), _c(8, 4, BLOCK_M=64, BLOCK_N=256),
-             _c(4, 4, BLOCK_M=32, BLOCK_N=128), _c(8, 3, BLOCK_M=256, BLOCK_N=64),
+             _c(8, 4, BLOCK_M=32, BLOCK_N=128), _c(8, 3, BLOCK_M=256, BLOCK_N=64),
              _c(8, 2, BLOCK_M=256, BLOCK_N=128), _c(8, 2, BLOCK_M=64, BLOCK_N=128),
              _c(8, 3, BLOCK_M=64, BLOCK_N=64)],
 }

@@ -20,15 +20,18 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
                     RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # BLOCK_N is the width of the streamed K tile.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
     ranks = tl.arange(0, RANK_BLOCK)
     rank_ok = ranks < R
+    # Rows past M read row M - 1 again instead of a row mask (each row of P is its own sum, and
+    # those rows are never stored): one predicate fewer in the loop, where ptxas spilled the
+    # row mask (sm_80, with dropout). row_ok is formed after the loop, for the store.
+    x_rows = tl.minimum(rows, M - 1)
     acc = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
     if HAS_DROPOUT:
         # The tile as the mask's two column halves, one hash per pair of elements.
         cols_lo, cols_hi = pair_columns(0, BLOCK_N // 2)
-        x_lo = x_ptr + offsets_2d(rows, cols_lo, stride_xm, stride_xk)
-        x_hi = x_ptr + offsets_2d(rows, cols_hi, stride_xm, stride_xk)
+        x_lo = x_ptr + offsets_2d(x_rows, cols_lo, stride_xm, stride_xk)
+        x_hi = x_ptr + offsets_2d(x_rows, cols_hi, stride_xm, stride_xk)
         a_lo = a_ptr + offsets_2d(cols_lo, ranks, stride_ak, stride_ar)
         a_hi = a_ptr + offsets_2d(cols_hi, ranks, stride_ak, stride_ar)
         x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
@@ -37,11 +40,11 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
             lo_ok = (k0 + cols_lo) < K
             hi_ok = (k0 + cols_hi) < K
             keep_lo, keep_hi = keep_pairs(seed, rows, k0 + cols_lo, p_drop)
-            x = tl.load(x_lo, mask=row_ok[:, None] & lo_ok[None, :], other=0.0)
+            x = tl.load(x_lo, mask=lo_ok[None, :], other=0.0)
             a_t = tl.load(a_lo, mask=lo_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
-            x = tl.load(x_hi, mask=row_ok[:, None] & hi_ok[None, :], other=0.0)
+            x = tl.load(x_hi, mask=hi_ok[None, :], other=0.0)
             a_t = tl.load(a_hi, mask=hi_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
@@ -51,17 +54,18 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
             a_hi += a_step
     else:
         ks = tl.arange(0, BLOCK_N)
-        x_ptrs = x_ptr + offsets_2d(rows, ks, stride_xm, stride_xk)
+        x_ptrs = x_ptr + offsets_2d(x_rows, ks, stride_xm, stride_xk)
         a_ptrs = a_ptr + offsets_2d(ks, ranks, stride_ak, stride_ar)
         x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
         a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
         for k0 in range(0, K, BLOCK_N):
             col_ok = (k0 + ks) < K
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
             a_t = tl.load(a_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x_ptrs += x_step
             a_ptrs += a_step
+    row_ok = rows < M
     tl.store(p_ptr + offsets_2d(rows, ranks, R, 1), narrow(acc, p_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 

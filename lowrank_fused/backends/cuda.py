@@ -19,6 +19,7 @@ import functools
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
+from .reference import latent_gradients, latent_operands
 from ._gpu_common import check_dtypes, seed_and_p
 
 _ops = torch.ops.lowrank_fused_C
@@ -68,12 +69,14 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     return y, p
 
 
-def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
-             need_x, need_a, need_b, need_bias):
+def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
+             need_x, need_a, need_b, need_latent=False, need_bias):
     seed, p_drop = seed_and_p(dropout)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    n, r = lora_b_eff.shape
-    dx = da = db_eff = dbias = None
+    n, r = lora_b.shape
+    need_latent = need_latent and latent is not None
+    p_for_db = latent_operands(p, latent, need_b)
+    dx = da = db = dr = dbias = None
     with _current(grad_y.device):
         stream = _stream(grad_y.device)
         need_dp = need_x or need_a
@@ -84,9 +87,11 @@ def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
             if need_bias:
                 dbias32 = torch.zeros((n,), dtype=torch.float32, device=grad_y.device)
         dp = None
-        if need_dp or db32 is not None or dbias32 is not None:
-            dp = _ops.grad_output_pass(grad_y, lora_b_eff, p if db32 is not None else None,
-                                       scaling, need_dp, db32, dbias32, stream)
+        if need_dp or need_latent or db32 is not None or dbias32 is not None:
+            dp = _ops.grad_output_pass(grad_y, lora_b, p_for_db if db32 is not None else None,
+                                       scaling, need_dp or need_latent, db32, dbias32, stream)
+        if latent is not None:
+            dp, dr = latent_gradients(dp, p, latent, need_dp, need_latent)
         if need_x:
             if dropout is None:
                 dx = dp.to(grad_y.dtype) @ lora_a.to(grad_y.dtype)
@@ -100,8 +105,8 @@ def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
             da = _ops.grad_a(dp, x, seed, p_drop, splits, stream).to(lora_a.dtype)
         if need_b:
             if db32 is None:
-                db32 = scaling * (grad_y.T @ p.to(grad_y.dtype)).float()
-            db_eff = db32.to(lora_b_eff.dtype)
+                db32 = scaling * (grad_y.T @ p_for_db.to(grad_y.dtype)).float()
+            db = db32.to(lora_b.dtype)
         if need_bias:
             dbias = (dbias32 if dbias32 is not None else grad_y.sum(0)).to(weight.dtype)
-    return dx, da, db_eff, dbias
+    return dx, da, db, dr, dbias

@@ -6,6 +6,7 @@ import torch
 
 from .. import triton_kernels as kernels
 from ._gpu_common import check_dtypes, seed_and_p
+from .reference import latent_gradients, latent_operands
 
 
 def dropout_keep_mask(dropout, shape, device):
@@ -20,13 +21,18 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     return y, p
 
 
-def backward(grad_y, x, p, weight, lora_a, lora_b_eff, scaling, dropout, *,
-             need_x, need_a, need_b, need_bias):
+def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
+             need_x, need_a, need_b, need_latent=False, need_bias):
     seed, p_drop = seed_and_p(dropout)
-    dp, db_eff, dbias = kernels.grad_output_pass(
-        grad_y, lora_b_eff, p, scaling, need_dp=need_x or need_a, need_db=need_b,
-        need_dbias=need_bias, bias_dtype=weight.dtype,
-        deterministic=torch.are_deterministic_algorithms_enabled())
+    need_latent = need_latent and latent is not None
+    need_dp = need_x or need_a
+    dp, db, dbias = kernels.grad_output_pass(
+        grad_y, lora_b, latent_operands(p, latent, need_b), scaling,
+        need_dp=need_dp or need_latent, need_db=need_b, need_dbias=need_bias,
+        bias_dtype=weight.dtype, deterministic=torch.are_deterministic_algorithms_enabled())
+    dr = None
+    if latent is not None:
+        dp, dr = latent_gradients(dp, p, latent, need_dp, need_latent)
     dx = kernels.grad_input(grad_y, weight, dp, lora_a, seed, p_drop) if need_x else None
     da = kernels.grad_a(dp, x, lora_a.dtype, seed, p_drop) if need_a else None
-    return dx, da, db_eff, dbias
+    return dx, da, db, dr, dbias
