@@ -23,6 +23,9 @@ namespace lowrank_fused {
 namespace {
 
 constexpr int kThreads = 256;
+// Blocks per SM the streaming rank passes ask ptxas to keep (at most 80 registers): left to
+// itself it settled lower (48-64) and spilled 4 bytes around the main loop.
+constexpr int kMinBlocks = 3;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -119,7 +122,7 @@ constexpr int kPassCols = 32;  // columns of `in` per step of the streamed loop
 // 16 x 16 grid accumulates rows ty + 16·i and ranks tx + 16·c, so that a warp reads one row of
 // in_tile (broadcast) and 16 consecutive rows of f_tile (pitch 33: distinct banks).
 template <typename T, int RB>
-__global__ void __launch_bounds__(kThreads) rank_pass_kernel(RankPassArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) rank_pass_kernel(RankPassArgs a) {
   constexpr int BM = kPassRows, BK = kPassCols;
   constexpr int kRowsPerThread = BM / 16, kRanksPerThread = RB / 16;
   __shared__ float in_tile[BM][BK + 1];
@@ -255,7 +258,7 @@ constexpr int kMmaPitch = kPassCols + 8;  // halves per tile row: 4-byte pairs, 
 // Σ_m in[m, k]·p[m, j] is cut into 16 x 8 tiles taken by the warps in turn, with in_tile read
 // transposed as the A operand and p kept rank-major (pt_tile) as the B operand.
 template <typename T, int RB>
-__global__ void __launch_bounds__(kThreads) rank_pass_mma_kernel(RankPassArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) rank_pass_mma_kernel(RankPassArgs a) {
   constexpr int BM = kPassRows, BK = kPassCols, kTiles = RB / 16;
   constexpr int kDbTiles = (BK / 16) * (RB / 8), kWarps = kThreads / 32;
   alignas(16) __shared__ T in_tile[BM][kMmaPitch];
@@ -397,7 +400,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_kernel(const float* dp, const
 // one dP fragment and RB / 16 x fragments per 16 rows, x's element pairs along a column packed
 // from two reads (pitch 72: conflict-free).
 template <typename T, int RB>
-__global__ void __launch_bounds__(kThreads) grad_a_mma_kernel(const float* dp, const T* x,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) grad_a_mma_kernel(const float* dp, const T* x,
                                                               int64_t x_sm, int64_t x_sk,
                                                               float* da, int64_t M, int64_t K,
                                                               int64_t R, int64_t rows_per_split,

@@ -46,9 +46,15 @@ def test_compiled_sources_define_every_launcher_the_bindings_call():
 def test_cu_compiles_with_nvcc(source, arch, tmp_path):
     done = subprocess.run(
         ["nvcc", "-std=c++17", "-O3", "-Werror", "all-warnings", "-c", str(source), "-o",
-         str(tmp_path / "out.o"), f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+         str(tmp_path / "out.o"), f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    # ptxas -v: one "N bytes spill stores" per kernel; every kernel must keep its registers
+    kernels = re.split(r"Compiling entry function '([^']+)'", done.stderr + done.stdout)
+    spilling = [name for name, log in zip(kernels[1::2], kernels[2::2])
+                if int(re.search(r"(\d+) bytes spill stores", log).group(1))]
+    assert len(kernels) > 1 or "__global__" not in source.read_text(), "no ptxas -v report"
+    assert not spilling, f"{source.name} for sm_{arch}: spills in {spilling}"
 
 
 def _torch_includes():
