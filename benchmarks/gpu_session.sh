@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # A GPU session in stages, each short enough for one 10-minute command on a lent machine
-# (offline: torch, triton, pytest and peft must already be installed there). In this order:
+# (offline: torch, triton, pytest and peft must already be installed there).
+#
+# A lending of about 15 minutes (machine start included) takes one stage, run first:
+#
+#   bash benchmarks/gpu_session.sh first NAME       # <= 7 min from a cold cache, by its own
+#                                                   # budget: env, correctness, speed, CUDA build
+#                                                   # -> results/NAME.first.jsonl (benchmarks/first.py)
+#
+# It runs from the tree as copied, installs nothing, and writes each figure as it is made.
+# The other stages need the package installed and suit longer lendings, in this order:
 #
 #   bash benchmarks/gpu_session.sh probe NAME       # design-deciding figures -> results/NAME.probe.json
 #   bash benchmarks/gpu_session.sh build            # lowrank_fused._C for this GPU only
@@ -21,7 +30,9 @@ cd "$(dirname "$0")/.."
 dry="${GPU_SESSION_DRY_RUN:-0}"
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 [ "$dry" = "0" ] || dry=1
-usage="stage: probe NAME | build | test | bench NAME [-k EXPR] | policy NAME | all NAME"
+usage="stage: first NAME | probe NAME | build | test | bench NAME [-k EXPR] | policy NAME | all NAME"
+# The device machines' Python is python3; a plain python may be absent there.
+python() { if command -v python >/dev/null 2>&1; then command python "$@"; else python3 "$@"; fi; }
 stage="${1:?$usage}"
 shift
 
@@ -93,7 +104,15 @@ policy() {
   export_out "$results/$name.md" "$results/$name.png" "$policy_out" "$readme"
 }
 
+first() {
+  name="${1:?first NAME}"
+  flag=()
+  [ "$dry" = 0 ] || flag=(--dry-run)
+  python -m benchmarks.first "$name" --results "$results" "${flag[@]}"
+}
+
 case "$stage" in
+  first) first "$@" ;;
   probe) probe "$@" ;;
   build) build ;;
   test) run_tests "$@" ;;

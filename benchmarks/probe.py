@@ -48,28 +48,44 @@ def cuda_median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
 
 
 class Probe:
-    """Collects figures: name, predicted ms (model), measured ms (None on a dry run)."""
+    """Collects figures: name, predicted ms (model), measured ms (None on a dry run), and the
+    cold first call's wall time (compile and autotuning included). ``sink``: called with each
+    row as it is made (benchmarks.first writes it out at once)."""
 
-    def __init__(self, device: torch.device, hw: model.Hardware, code: model.Code):
+    def __init__(self, device: torch.device, hw: model.Hardware, code: model.Code, sink=None):
         self.device, self.hw, self.code = device, hw, code
         self.dry = device.type != "cuda"
         self.figures = []
+        self.sink = sink
+
+    def record(self, row: dict) -> None:
+        self.figures.append(row)
+        if self.sink is not None:
+            self.sink(row)
 
     def measure(self, fn):
+        """(median ms, first call ms): (None, None) on a dry run, which runs fn once."""
         if self.dry:
             fn()  # the same path, once, untimed
-            return None
-        return cuda_median_ms(fn)
+            return None, None
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - start) * 1e3
+        return cuda_median_ms(fn), first
 
     def add(self, name: str, predicted_s, fn, **extra):
-        measured = self.measure(fn)
+        measured, first = self.measure(fn)
         row = {"name": name, "predicted_ms": None if predicted_s is None else
                round(predicted_s * 1e3, 4),
-               "measured_ms": None if measured is None else round(measured, 4), **extra}
-        self.figures.append(row)
-        shown = "n/a" if measured is None else f"{measured:.3f}"
-        pred = "-" if predicted_s is None else f"{predicted_s * 1e3:.3f}"
-        print(f"{name:60s} predicted {pred:>8s} ms   measured {shown:>8s} ms", flush=True)
+               "measured_ms": None if measured is None else round(measured, 4),
+               "first_call_ms": None if first is None else round(first, 1), **extra}
+        self.record(row)
+        if self.sink is None:  # a sink prints its own lines
+            shown = "n/a" if measured is None else f"{measured:.3f}"
+            pred = "-" if predicted_s is None else f"{predicted_s * 1e3:.3f}"
+            print(f"{name:60s} predicted {pred:>8s} ms   measured {shown:>8s} ms", flush=True)
         return measured
 
 
@@ -93,11 +109,20 @@ def probe_gemms(probe: Probe, label, m, k, n):
     triton_gemm = 2 * m * n * k / (probe.hw.gemm_tflops * 1e12 * probe.hw.triton_gemm_efficiency)
     triton_gemm += probe.hw.launch_us * 1e-6
     probe.add(f"{label} cuBLAS F.linear", gemm, lambda: torch.nn.functional.linear(x, w))
-    probe.add(f"{label} Triton fused_linear (r=1, s=0)", triton_gemm,
-              lambda: tk.fused_linear(x, w, None, p1, b1, 0.0))
+    variants = ("tiled", "tma") if tk_tma(probe.device) else ("tiled",)
+    for v in variants:
+        probe.add(f"{label} Triton fused_linear {v} (r=1, s=0)", triton_gemm,
+                  lambda v=v: tk.fused_linear(x, w, None, p1, b1, 0.0, variant=v))
     probe.add(f"{label} cuBLAS G@W", gemm, lambda: g @ w)
-    probe.add(f"{label} Triton grad_input (r=1)", triton_gemm,
-              lambda: tk.grad_input(g, w, dp1, a1))
+    for v in variants:
+        probe.add(f"{label} Triton grad_input {v} (r=1)", triton_gemm,
+                  lambda v=v: tk.grad_input(g, w, dp1, a1, variant=v))
+
+
+def tk_tma(device) -> bool:
+    """Whether the persistent TMA GEMMs can run here (on the interpreter they are emulated)."""
+    from lowrank_fused.triton_kernels import variants
+    return variants.tma_supported(device)
 
 
 def probe_kernels(probe: Probe, label, m, k, n, r, method, dropout):
@@ -180,10 +205,44 @@ def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
                 if ref == impl or (ref, mode) not in times:
                     continue
                 (mine, mine_p), (theirs, theirs_p) = times[impl, mode], times[ref, mode]
-                probe.figures.append({
+                probe.record({
                     "name": f"{tag} {mode} {impl}/{ref}",
                     "predicted_ratio": round(mine_p / theirs_p, 3),
                     "measured_ratio": None if mine is None else round(mine / theirs, 3)})
+
+
+SHAPE_11008_4096 = ("11008→4096", 8192, 11008, 4096)
+METHODS = ("lora_fa", "lora", "lora_xs")
+
+
+def first_groups(probe: Probe, dry: bool) -> list:
+    """(name, callable) groups of benchmarks.first's speed step, most decisive first: the Triton
+    GEMMs against cuBLAS, then each method against bare and PEFT at 4096², r = 16, dropout off
+    and on, the per-kernel breakdown there, the FFN shapes, r = 64. A dry run keeps the groups
+    whose code differs (the rest only repeat them at other shapes)."""
+    square, wide = SHAPES
+    groups = [(f"gemm {square[0]}", lambda: probe_gemms(probe, *square))]
+
+    def layers(shape, r, dropout):
+        return (f"layers {shape[0]} r={r} dropout={'on' if dropout else 'off'}",
+                lambda: [probe_layers(probe, *shape, r, method, dropout, ["triton"])
+                         for method in METHODS])
+
+    def kernels(shape, r, dropout):
+        return (f"kernels {shape[0]} r={r} lora dropout={'on' if dropout else 'off'}",
+                lambda: probe_kernels(probe, *shape, r, "lora", dropout))
+
+    groups += [layers(square, 16, False), layers(square, 16, True),
+               kernels(square, 16, False), kernels(square, 16, True)]
+    if dry:
+        return groups
+    groups += [layers(wide, 16, False), layers(SHAPE_11008_4096, 16, False),
+               layers(square, 64, False), layers(square, 64, True),
+               layers(wide, 16, True), layers(SHAPE_11008_4096, 16, True),
+               (f"gemm {wide[0]}", lambda: probe_gemms(probe, *wide)),
+               layers(wide, 64, False), layers(SHAPE_11008_4096, 64, False),
+               layers(wide, 64, True), layers(SHAPE_11008_4096, 64, True)]
+    return groups
 
 
 def run(out: str, quick: bool = False, budget_s: float = 170.0) -> dict:
