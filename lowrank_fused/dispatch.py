@@ -168,6 +168,8 @@ def call_choice(backend: str, device: torch.device, kind: str = DEFAULT_KIND) ->
     (``kind`` is "<method>:<mode>" from ``call_kind``). Raises BackendUnavailableError if it
     cannot run."""
     name = requested_choice(backend)
+    if device.type == "meta":  # any backend: shapes propagate through the reference ops
+        return name if name != "auto" else "reference"
     if name == "auto":
         name = _auto_on_cuda(kind) if device.type == "cuda" else "reference"
     backend_module(name, device)  # fail now, with the reason, rather than inside the op
@@ -196,6 +198,8 @@ def shape_choice(tag: str, device: torch.device, dtype: torch.dtype, m: int, n: 
 def backend_module(name: str, device: torch.device, shape: Optional[tuple] = None) -> ModuleType:
     """The backend module for a name from ``call_choice`` on ``device``; a policy tag needs
     ``shape`` = (dtype, M, N, K, r) and checks only the fallback without it."""
+    if device.type == "meta":  # no data, only shapes: the reference ops propagate them
+        return _reference_module()
     if is_policy_tag(name):
         name = shape_choice(name, device, *shape) if shape is not None else "triton"
     if name == "triton":

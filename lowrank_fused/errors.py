@@ -3,3 +3,8 @@
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that is not usable here; the message says how to get it."""
+
+
+class DoubleBackwardError(RuntimeError):
+    """create_graph=True through the operator: its backward is not differentiable, so
+    second-order gradients are refused rather than returned wrong."""

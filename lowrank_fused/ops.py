@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import dispatch
 from .dropout import DropoutSpec
+from .errors import DoubleBackwardError
 
 
 def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
@@ -135,7 +136,22 @@ def _setup_context(ctx, inputs, output):
     ctx.seed = seed  # kept off save_for_backward: one integer, not an activation
 
 
+def _refuse_double_backward() -> None:
+    """Autograd runs a backward with grad mode on only for create_graph=True. The kernels'
+    gradients carry no graph, and P is saved without one (x is not even kept when A is frozen),
+    so second-order gradients would come out silently wrong: refuse them instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise DoubleBackwardError(
+            "lowrank_fused does not support double backward: torch.autograd.grad(..., "
+            "create_graph=True) or backward(create_graph=True) through low_rank_linear / "
+            "LowRankLinear (gradient penalties, gradgradcheck, higher-order gradients) would give "
+            "wrong second-order gradients, so it is refused. Compute the first-order gradients "
+            "without create_graph, or use an unfused nn.Linear + low-rank composition for the "
+            "layers that need second-order gradients")
+
+
 def _backward(ctx, grad_y, grad_p, backward_fn=None):
+    _refuse_double_backward()
     x, p, weight, lora_a, lora_b, latent = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
     grad_y = grad_y.contiguous()
