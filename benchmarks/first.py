@@ -387,8 +387,10 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
         for path in sink.paths:  # a fresh file per run
             open(path, "w").close()
     budgets = {s: b for s, b in STEPS if steps is None or s in steps}
-    scale = 1.0 if budget_s is None else budget_s / sum(budgets.values())
-    budgets = {s: b * scale for s, b in budgets.items()}
+    if budget_s is not None:  # env keeps its own (start-up) up to a quarter; the rest share
+        env = min(budgets.get("env", 0), budget_s / 4)
+        scale = (budget_s - env) / (sum(budgets.values()) - budgets.get("env", 0))
+        budgets = {s: env if s == "env" else b * scale for s, b in budgets.items()}
     start = time.time()
     sink(step="plan", kind="plan", steps={s: round(b, 1) for s, b in budgets.items()},
          budget_s=round(sum(budgets.values()), 1), limit_s=TOTAL_BUDGET_S, dry_run=dry,
