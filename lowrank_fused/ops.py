@@ -6,6 +6,8 @@ gradient; with lora_a frozen (LoRA-FA, LoRA-XS) only P = dropout(x)·Aᵀ (M x r
 R is folded into B_eff = B·Rᵀ for the forward, so every backend's forward sees one low-rank
 shape and no N x r product is kept; the backward hands R to the backend, which takes dR from the
 r-wide s·G·B it computes anyway (reference.latent_gradients). Dropout keeps its seed, never its mask.
+Each backend call goes through ``verification``, which checks the first call of each kernel key
+on a GPU backend against the reference backend (``LOWRANK_FUSED_VERIFY``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, verification
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
 
@@ -67,8 +69,9 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, see
     """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
     tagged = dispatch.is_policy_tag(backend)  # only a policy tag needs the shape
     impl = dispatch.backend_module(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
-    return _without_autocast(x, impl.forward, x, weight, bias, lora_a,
-                             effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed))
+    return _without_autocast(x, verification.forward, impl, x, weight, bias, lora_a,
+                             effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed),
+                             has_latent=latent is not None)
 
 
 @torch.library.custom_op("lowrank_fused::forward", mutates_args=())
@@ -92,7 +95,7 @@ def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_
     op, shared with the eager path."""
     impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
     dx, da, db, dr, dbias = _without_autocast(
-        grad_y, impl.backward, grad_y, x, p, weight, lora_a, lora_b, scaling,
+        grad_y, verification.backward, impl, grad_y, x, p, weight, lora_a, lora_b, scaling,
         _dropout(dropout_p, seed), latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
         need_latent=need_latent, need_bias=need_bias)
     return dx, da, db, dr, dbias
