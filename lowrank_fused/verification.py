@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .backends import reference
 from .dropout import keep_mask
+from .errors import BackendUnavailableError
 from .tolerance import kernel_mismatch
 
 try:
@@ -179,8 +180,10 @@ def _first_use(key, run_kernel, run_reference, args, kwargs, find_mismatch, desc
     reference's (after one warning)."""
     try:
         outputs = run_kernel(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise  # not the kernel's fault, and the reference would not fit either
+    except (torch.cuda.OutOfMemoryError, TypeError, BackendUnavailableError):
+        # not the kernel's fault: no memory (the reference would not fit either), or arguments
+        # the backend refuses (its message says what to change), which the user must see
+        raise
     except Exception as err:  # noqa: BLE001 - any failure of the kernel sends it to reference
         error = f"raised {type(err).__name__}: {err}"
     else:

@@ -215,3 +215,16 @@ def test_skipped_while_tracing(monkeypatch, check_calls):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     y2, p2 = verification.forward(triton_backend, *args)
     assert check_calls["forward"] == 1 and torch.equal(y, y2) and torch.equal(p, p2)
+
+
+def test_an_argument_error_reaches_the_user(monkeypatch, check_calls):
+    """A backend refusing its arguments (its message says what to change) is not a kernel fault:
+    the error propagates instead of a silent switch to the reference."""
+    def refuse(original):
+        def bad(*a, **k):
+            raise TypeError("backend 'triton' supports float16, bfloat16 and float32")
+        return bad
+    corrupt(monkeypatch, "fused_linear", refuse)
+    with pytest.raises(TypeError, match="supports float16"):
+        run(case_of(37))
+    assert verification.verdicts() == {}
