@@ -1,9 +1,12 @@
 """Turn a pytest-benchmark JSON file into markdown tables of ratios and a PNG plot.
 
-    python -m benchmarks.report RESULTS.json [--markdown OUT.md] [--plot OUT.png] [--readme README.md]
+    python -m benchmarks.report RESULTS.json [--markdown OUT.md] [--plot OUT.png]
+        [--model-plot OUT.png] [--readme README.md]
 
 --readme rewrites the table between the README's "results" markers with the headline cases
-(LLaMA-7B shapes, M = 8192, r in {16, 64}) of RESULTS.json.
+(LLaMA-7B shapes, M = 8192, r in {16, 64}) of RESULTS.json, and, when RESULTS.json holds
+model-level cases (benchmarks/test_model_level.py), the table between the "model-results"
+markers; a file with model-level cases only leaves the "results" markers alone.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+MODEL_START, MODEL_END = "<!-- model-results:start -->", "<!-- model-results:end -->"
 
 
 def load(path) -> tuple[dict, list[dict]]:
@@ -73,18 +77,80 @@ def overhead_table(infos: list[dict]) -> str:
                    "ratio"], rows)
 
 
+def model_cases(infos: list[dict]) -> list[dict]:
+    """The model-level cases (benchmarks/test_model_level.py), in a stable order."""
+    order = {"lora": 0, "lora_fa": 1, "lora_xs": 2}
+    return sorted((i for i in infos if i.get("model_level")),
+                  key=lambda i: (i["model"], i["base_dtype"] != "float32", i["dropout"],
+                                 order.get(i["setup"], 9), i["setup"]))
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def model_table(infos: list[dict]) -> str:
+    """One row per case and contender against the baseline (the first contender: PEFT):
+    saved-activation MiB, training-step ms, CUDA peak MiB, each with its ratio, and the largest
+    relative difference of the loss and the gradients (dropout off)."""
+    rows = []
+    for i in model_cases(infos):
+        base, *others = i["contenders"]
+        b = i["contenders"][base]
+        for name in others:
+            o = i["contenders"][name]
+            diff = i.get(f"loss_rel_diff_{name}"), i.get(f"grad_rel_diff_{name}")
+            rows.append([
+                i["model"], i["setup"], i["base_dtype"], f"{i['dropout']:g}", name,
+                f"{_mib(b['saved_bytes'])} / {_mib(o['saved_bytes'])}",
+                _ratio(i.get(f"saved_bytes_{name}_over_{base}")),
+                f"{b['step_ms']:.1f} / {o['step_ms']:.1f}",
+                _ratio(i.get(f"step_ms_{name}_over_{base}")),
+                f"{_mib(b['peak_bytes'])} / {_mib(o['peak_bytes'])}",
+                _ratio(i.get(f"peak_bytes_{name}_over_{base}")),
+                "n/a (dropout)" if diff[0] is None else f"{diff[0]:.1e} / {diff[1]:.1e}"])
+    return _table(["model", "setup", "base", "dropout", "vs PEFT", "saved MiB PEFT / ours",
+                   "bytes ×PEFT", "step ms PEFT / ours", "time ×PEFT", "peak MiB PEFT / ours",
+                   "peak ×PEFT", "max rel. diff loss / grads"], rows)
+
+
+def model_caption(infos: list[dict]) -> str:
+    cases = model_cases(infos)
+    if not cases:
+        return ""
+    shapes = {}
+    for i in cases:
+        s = i["shape"]
+        shapes[i["model"]] = (f"{i['model']}: {s['layers']} layers, d = {s['d']}, FFN {s['ff']}, "
+                              f"r = {s['rank']}, batch {s['batch']} x {s['seq']}")
+    first = cases[0]
+    return (f"Device: {first['device']}, {first['threads']} thread(s); "
+            + "; ".join(shapes.values())
+            + f". Adapters fp32 over the base dtype; step = forward + backward + AdamW step, "
+            f"median of {first['repeats']} (the contenders alternate); ratios are ours / PEFT "
+            "in the same run (lower is better).")
+
+
 def markdown(machine: dict, infos: list[dict]) -> str:
     device = next((i["device"] for i in infos if "device" in i), "unknown")
-    return "\n\n".join([
+    sections = [
+        ("## Throughput", throughput_table(infos)),
+        ("## Saved activations and peak memory per layer", memory_table(infos)),
+        ("## LLaMA-style stack, all seven projections adapted, until out of memory",
+         stack_table(infos)),
+        ("## Python-layer overhead per call (tiny CPU tensors, same run)", overhead_table(infos)),
+        ("## Whole models: PEFT vs enable_fused\n\n" + model_caption(infos), model_table(infos)),
+    ]
+    # a results file of one suite alone (e.g. the model-level one) leaves the others' tables out
+    kept = [f"{title}\n\n{table}" for title, table in sections if table.count("\n") > 1]
+    header = [] if not any("ratio_to_linear" in i for i in infos) and model_cases(infos) else [
         f"Device: {device}. Ratios are median times over the bare frozen nn.Linear of the same "
-        "shape, measured in the same run (lower is better; 1.0 is the floor).",
-        "## Throughput\n\n" + throughput_table(infos),
-        "## Saved activations and peak memory per layer\n\n" + memory_table(infos),
-        "## LLaMA-style stack, all seven projections adapted, until out of memory\n\n"
-        + stack_table(infos),
-        "## Python-layer overhead per call (tiny CPU tensors, same run)\n\n"
-        + overhead_table(infos),
-    ]) + "\n"
+        "shape, measured in the same run (lower is better; 1.0 is the floor)."]
+    return "\n\n".join(header + kept) + "\n"
 
 
 def plot(infos: list[dict], out: Path) -> None:
@@ -94,6 +160,8 @@ def plot(infos: list[dict], out: Path) -> None:
 
     cases = [i for i in infos if "ratio_to_linear" in i and i["impl"] != "linear"]
     modes = sorted({i["mode"] for i in cases})
+    if not modes:  # no throughput case in this file (e.g. model-level results only)
+        return
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         chosen = [i for i in cases if i["mode"] == mode]
@@ -108,14 +176,57 @@ def plot(infos: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def plot_models(infos: list[dict], out: Path) -> None:
+    """Bars per model-level case: saved bytes, step time (and CUDA peak) as ours / PEFT."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = model_cases(infos)
+    if not cases:
+        return
+    labels = [f"{i['model']} {i['setup']}\n"
+              f"{_SHORT.get(i['base_dtype'], i['base_dtype'])} p={i['dropout']:g}" for i in cases]
+    series = [("saved bytes", "saved_bytes"), ("step time", "step_ms"), ("CUDA peak", "peak_bytes")]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cases)), 4.5))
+    width = 0.8 / len(series)
+    for k, (label, key) in enumerate(series):
+        values = [i.get(f"{key}_fused_over_peft") for i in cases]
+        if all(v is None for v in values):
+            continue
+        ax.bar([x + (k - 1) * width for x in range(len(cases))],
+               [float("nan") if v is None else v for v in values], width, label=label)
+    ax.axhline(1.0, color="grey", linestyle="--")
+    ax.set_xticks(range(len(cases)), labels, fontsize=7, rotation=60)
+    ax.set_ylabel("enable_fused / plain PEFT")
+    ax.set_title(f"Whole models, {cases[0]['device']}: ours / PEFT (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
+    if start not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+
+
 def update_readme(readme: Path, infos: list[dict], source: str) -> None:
     text = readme.read_text()
-    table = throughput_table(infos, headline) if any(map(headline, infos)) else throughput_table(infos)
-    block = f"{START}\nFrom `{source}`:\n\n{table}\n{END}"
-    if START not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
-                             flags=re.S))
+    models = model_cases(infos)
+    if not models or any("ratio_to_linear" in i for i in infos):
+        table = (throughput_table(infos, headline) if any(map(headline, infos))
+                 else throughput_table(infos))
+        text = _replace_block(text, START, END, f"{START}\nFrom `{source}`:\n\n{table}\n{END}",
+                              readme)
+    if models:
+        block = (f"{MODEL_START}\nFrom `{source}`. {model_caption(infos)}\n\n"
+                 f"{model_table(infos)}\n{MODEL_END}")
+        text = _replace_block(text, MODEL_START, MODEL_END, block, readme)
+    readme.write_text(text)
 
 
 def main(argv=None) -> None:
@@ -123,7 +234,9 @@ def main(argv=None) -> None:
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the ratios here")
-    parser.add_argument("--readme", type=Path, help="refresh this README's results table")
+    parser.add_argument("--model-plot", type=Path,
+                        help="write a PNG plot of the model-level ratios (ours / PEFT) here")
+    parser.add_argument("--readme", type=Path, help="refresh this README's results tables")
     args = parser.parse_args(argv)
     machine, infos = load(args.results)
     text = markdown(machine, infos)
@@ -133,6 +246,8 @@ def main(argv=None) -> None:
         print(text)
     if args.plot:
         plot(infos, args.plot)
+    if args.model_plot:
+        plot_models(infos, args.model_plot)
     if args.readme:
         update_readme(args.readme, infos, args.results.as_posix())
 
