@@ -215,6 +215,16 @@ SHAPE_11008_4096 = ("11008→4096", 8192, 11008, 4096)
 METHODS = ("lora_fa", "lora", "lora_xs")
 
 
+def probe_model(probe: Probe, dry: bool) -> None:
+    """The model benchmark's fastest case (benchmarks/model_level.py): a BERT-style encoder at
+    RoBERTa-large width, LoRA-FA, bf16 base, lora_dropout 0.05, PEFT against enable_fused."""
+    from benchmarks import model_level as ml
+    shape = ml.PRESETS["tiny" if dry else "compass"].shapes["bert"]
+    case = ml.Case("bert", "lora_fa", "bfloat16", 0.05, shape)
+    figures = ml.run_case(case, probe.device, warmup=0 if dry else 1, repeats=1 if dry else 5)
+    probe.record({"name": f"model {case.id}", **figures})
+
+
 def first_groups(probe: Probe, dry: bool) -> list:
     """(name, callable) groups of benchmarks.first's speed step, most decisive first: the Triton
     GEMMs against cuBLAS, then each method against bare and PEFT at 4096², r = 16, dropout off
@@ -233,7 +243,8 @@ def first_groups(probe: Probe, dry: bool) -> list:
                 lambda: probe_kernels(probe, *shape, r, "lora", dropout))
 
     groups += [layers(square, 16, False), layers(square, 16, True),
-               kernels(square, 16, False), kernels(square, 16, True)]
+               kernels(square, 16, False), kernels(square, 16, True),
+               ("model bert lora_fa bf16 dropout=0.05", lambda: probe_model(probe, dry))]
     if dry:
         return groups
     groups += [layers(wide, 16, False), layers(SHAPE_11008_4096, 16, False),
