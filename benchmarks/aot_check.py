@@ -11,8 +11,10 @@ dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Both m
 variants are recorded (triton_kernels/variants.py: tiled, and the persistent TMA kernels, rows
 ``*_tma``, sm_90a only). Exit status 1 on a compile error, a spill, shared memory over the
 limit, a dot off the tensor cores or a TMA kernel without TMA instructions (0 with
-``--report-only``). Also prints the integer instructions the dropout keep-mask adds per element
-in each kernel that draws it, and fails past MASK_BUDGET.
+``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
+"ieee" fp32 dot must stay on CUDA cores, with no TF32 instruction in its kernel; a "tf32" one
+must become TF32 tensor-core instructions. Also prints the integer instructions the dropout
+keep-mask adds per element in each kernel that draws it, and fails past MASK_BUDGET.
 
 Compilation runs in freshly spawned worker processes with TRITON_INTERPRET=0 and an empty,
 temporary Triton cache: the kernels must be compiled, not interpreted, and nothing is reused
@@ -36,7 +38,9 @@ from dataclasses import asdict, dataclass, field
 
 TARGETS = {"sm90": (90, 128), "sm80": (80, 64)}
 SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
-BASE_DTYPES = ("bfloat16", "float16")
+BASE_DTYPES = ("bfloat16", "float16", "float32")
+# What fp32 dots run as (configs.dot_precision, from torch's TF32 setting): both are built.
+FP32_PRECISIONS = ("ieee", "tf32")
 ADAPTER_DTYPES = ("bfloat16", "float16", "float32")
 RANKS = (1, 16, 64, 128)
 DROPOUT = (0.0, 0.1)
@@ -87,9 +91,29 @@ def _arg_spec(value):
     return ("value", value)
 
 
-def record_launches(base: str, adapter: str, rank: int, p_drop: float):
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str):
+    """torch's fp32 matmul precision ("ieee" or "tf32", what configs.dot_precision reads) set
+    for the block, then restored: the fp32_precision API where torch has it, else allow_tf32."""
+    import torch
+    matmul = torch.backends.cuda.matmul
+    if hasattr(torch.backends, "fp32_precision"):
+        name, value = "fp32_precision", precision
+    else:
+        name, value = "allow_tf32", precision == "tf32"
+    saved = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
+
+
+def record_launches(base: str, adapter: str, rank: int, p_drop: float,
+                    fp32_precision: str = "ieee"):
     """[(module, kernel name, family, args, kwargs, case)] the Triton backend launches for one
-    forward and each backward variant, on meta tensors (nothing runs)."""
+    forward and each backward variant, on meta tensors (nothing runs), with fp32 dots at
+    ``fp32_precision``."""
     import torch
     from lowrank_fused.backends import triton as backend
     from lowrank_fused.dropout import DropoutSpec
@@ -127,22 +151,23 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float):
     try:
         for mod in patched:
             mod.launcher = fake_launcher
-        for gemm in GEMM_VARIANTS:
-            os.environ[variants.ENV] = gemm
-            before = len(launches)
-            _, p = backend.forward(x, weight, bias, lora_a, lora_b, 2.0, dropout)
-            cases += ["fwd"] * (len(launches) - before)
-            for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+        with fp32_matmul_precision(fp32_precision):
+            for gemm in GEMM_VARIANTS:
+                os.environ[variants.ENV] = gemm
                 before = len(launches)
-                was = torch.are_deterministic_algorithms_enabled()
-                torch.use_deterministic_algorithms(deterministic)
-                try:
-                    backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
-                                     lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
-                                     need_b=True, need_bias=need_bias)
-                finally:
-                    torch.use_deterministic_algorithms(was)
-                cases += [f"bwd:{name}"] * (len(launches) - before)
+                _, p = backend.forward(x, weight, bias, lora_a, lora_b, 2.0, dropout)
+                cases += ["fwd"] * (len(launches) - before)
+                for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+                    before = len(launches)
+                    was = torch.are_deterministic_algorithms_enabled()
+                    torch.use_deterministic_algorithms(deterministic)
+                    try:
+                        backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
+                                         lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
+                                         need_b=True, need_bias=need_bias)
+                    finally:
+                        torch.use_deterministic_algorithms(was)
+                    cases += [f"bwd:{name}"] * (len(launches) - before)
     finally:
         for mod, launcher in zip(patched, saved):
             mod.launcher = launcher
@@ -203,27 +228,60 @@ def _compile(module: str, name: str, args, kwargs, generation: str):
     return compiled, log.getvalue()
 
 
-_DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<[^>]*#(\w+)")
+_DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\b.*?(?:tensor|memdesc)<(?:\d+x)+(\w+)[,>]"
+                  r".*->\s*tensor<[^>]*#(\w+)")
 
 
 def classify_dots(ttgir: str) -> dict:
     """tl.dot sites by what they lowered to: wgmma (warp_group_dot), mma (mma.sync: an #mma
-    result layout) or fma (any other layout: CUDA cores)."""
-    counts = {"wgmma": 0, "mma": 0, "fma": 0}
-    for op, layout in _DOT.findall(ttgir):
+    result layout) or fma (any other layout: CUDA cores); and the dots on fp32 operands among
+    them, on tensor cores (fp32_tc: TF32) or on CUDA cores (fp32_fma)."""
+    counts = {"wgmma": 0, "mma": 0, "fma": 0, "fp32_tc": 0, "fp32_fma": 0}
+    for op, operand, layout in _DOT.findall(ttgir):
         if op == "ttng.warp_group_dot":
-            counts["wgmma"] += 1
+            lowering = "wgmma"
         elif layout.startswith("mma"):
-            counts["mma"] += 1
+            lowering = "mma"
         else:
-            counts["fma"] += 1
+            lowering = "fma"
+        counts[lowering] += 1
+        if operand == "f32":
+            counts["fp32_fma" if lowering == "fma" else "fp32_tc"] += 1
     return counts
+
+
+def fp32_precision_of(kwargs) -> str:
+    """The precision a launch asked of its fp32 dots: "ieee" if any precision constexpr says so
+    (configs.dot_precision gives it to fp32 dots only), else "tf32"."""
+    return "ieee" if ("value", "ieee") in kwargs.values() else "tf32"
+
+
+def dot_problems(dots: dict, ptx: dict, fp32_precision: str) -> list:
+    """What is wrong with where a kernel's dots run: a 16-bit dot on CUDA cores; an "ieee" fp32
+    dot on tensor cores or any TF32 instruction beside it; a "tf32" fp32 dot on CUDA cores, or
+    fp32 dots with no TF32 instruction."""
+    problems = []
+    half_on_fma = dots["fma"] - dots["fp32_fma"]
+    if half_on_fma:
+        problems.append(f"{half_on_fma} 16-bit dot(s) on CUDA cores")
+    if fp32_precision == "ieee":
+        if dots["fp32_tc"]:
+            problems.append(f"{dots['fp32_tc']} ieee fp32 dot(s) on tensor cores")
+        if ptx["tf32"]:
+            problems.append(f"{ptx['tf32']} TF32 instruction(s) in an ieee kernel")
+    else:
+        if dots["fp32_fma"]:
+            problems.append(f"{dots['fp32_fma']} tf32 dot(s) on CUDA cores")
+        if dots["fp32_tc"] and not ptx["tf32"]:
+            problems.append("tf32 dots without a TF32 instruction")
+    return problems
 
 
 def count_ptx(ptx: str) -> dict:
     """Instruction counts that tell how the kernel runs."""
     count = lambda pattern: len(re.findall(pattern, ptx, re.M))  # noqa: E731
     return {"wgmma": count(r"^\s*wgmma\.mma_async"), "mma_sync": count(r"^\s*mma\.sync"),
+            "tf32": count(r"^\s*(?:wgmma\.mma_async|mma\.sync)\S*\.tf32"),
             "fma_f32": count(r"^\s*fma\.rn\.f32"), "red": count(r"^\s*(?:@%p\d+\s+)?red\."),
             "atom": count(r"^\s*(?:@%p\d+\s+)?atom\."),
             "tma": count(r"cp\.async\.bulk\.tensor"),
@@ -258,8 +316,7 @@ def check_build(job) -> Build:
     if build.shared_bytes > SMEM_LIMIT[generation]:
         build.problems.append(f"smem {build.shared_bytes // 1024} KB > "
                               f"{SMEM_LIMIT[generation] // 1024} KB")
-    if build.dots["fma"]:
-        build.problems.append(f"{build.dots['fma']} dot(s) on CUDA cores")
+    build.problems += dot_problems(build.dots, build.ptx, fp32_precision_of(kwargs))
     if family == "gemm_tma" and not build.ptx["tma"]:
         build.problems.append("no TMA (cp.async.bulk.tensor) in a TMA kernel")
     return build
@@ -366,23 +423,33 @@ def format_mask(mask: dict) -> str:
 DEFAULT_POINTS = [("bfloat16", a, r, p) for a in ADAPTER_DTYPES for r in (16, 64) for p in DROPOUT]
 DEFAULT_POINTS += [("bfloat16", "bfloat16", 1, 0.1), ("bfloat16", "float32", 128, 0.1),
                    ("float16", "float16", 128, 0.1)]
+# fp32 bases (configs.FP32_CONFIGS): tf32 dots at the widest rank, with dropout, on every target
+# (sm_80's mma.sync differs) and every config. Left out until it is clean: ieee (CUDA-core dots),
+# which still spills in some builds at r = 64 and 128 (the pass over G with dB, dx with dropout,
+# up to 7.8 KB); --full builds it.
+FP32_POINTS = [("float32", "float32", 128, 0.1, "tf32")]
 QUICK_POINTS = [("bfloat16", "float32", 16, 0.1), ("float16", "bfloat16", 64, 0.0)]
 
 
 def _plan(args) -> list:
     """Every (launch, target, config) job, deduplicated: sm90 at every config of each point,
-    other targets at a sample of points and the first two configs. Kernels a target cannot run
-    go to ``args.skipped`` as (kernel, target, reason)."""
+    other targets at a sample of points and the first two configs; the fp32 points at every
+    config on every target. Kernels a target cannot run go to ``args.skipped`` as (kernel,
+    target, reason)."""
+    fp32_points = []
     if args.quick:
         points = QUICK_POINTS
     elif args.full:
         points = list(itertools.product(BASE_DTYPES, ADAPTER_DTYPES, RANKS, DROPOUT))
+        points += [(*point, "tf32") for point in points if point[0] == "float32"]
     else:
-        points = DEFAULT_POINTS
+        points, fp32_points = DEFAULT_POINTS, FP32_POINTS
     jobs, seen = [], set()
     for generation in args.arch:
         primary = (generation == "sm90" or args.every_target) and not args.quick
-        for point in points if primary else points[::max(1, len(points) // 4)]:
+        sample = points if primary else points[::max(1, len(points) // 4)]
+        for point in sample + fp32_points:
+            every_config = primary or point in fp32_points
             for module, name, family, a, kw, case in record_launches(*point):
                 row = name.strip("_").removesuffix("_kernel")
                 if args.only and row not in args.only:
@@ -393,12 +460,14 @@ def _plan(args) -> list:
                 rank_block = kw.get("RANK_BLOCK", ("value", 16))[1]
                 dropout = bool(kw.get("HAS_DROPOUT", ("value", False))[1])
                 configs = family_configs(family, generation, point[0], rank_block, dropout)
-                for config in configs if primary else configs[:2]:
+                for config in configs if every_config else configs[:2]:
                     key = (name, generation, repr(a), repr(sorted(kw.items())), repr(config))
                     if key in seen:  # identical compile, e.g. LoRA-FA's pass in LoRA's
                         continue
                     seen.add(key)
-                    label = f"{case} {point[0][:4]}/{point[1][:4]} r={point[2]} p={point[3]}"
+                    precision = f" {(*point, 'ieee')[4]}" if point[0] == "float32" else ""
+                    label = (f"{case} {point[0][:4]}/{point[1][:4]} r={point[2]} p={point[3]}"
+                             f"{precision}")
                     jobs.append((module, name, family, a, kw, label, generation, config))
     return jobs
 

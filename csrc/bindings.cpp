@@ -34,12 +34,15 @@ Matrix view(const at::Tensor& t, const char* name) {
                 t.stride(0), matrix ? t.stride(1) : 1};
 }
 
-// Runs an op_arguments.h entry, its ArgumentError raised as a torch ValueError.
+// Runs an op_arguments.h entry or a launcher: its ArgumentError raised as a torch ValueError,
+// a failed launch (LaunchError) as a RuntimeError.
 template <typename Body> void checked(Body body) {
   try {
     body();
   } catch (const ArgumentError& e) {
     TORCH_CHECK_VALUE(false, e.what());
+  } catch (const LaunchError& e) {
+    TORCH_CHECK(false, e.what());
   }
 }
 
@@ -100,8 +103,10 @@ at::Tensor dropped_low_rank(const at::Tensor& dp, const at::Tensor& a, int64_t s
 at::Tensor keep_mask(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed,
                      double p, int64_t stream) {
   auto out = at::empty({rows, cols}, like.options().dtype(at::kByte));
-  launch_keep_mask(out.data_ptr<uint8_t>(), rows, cols, static_cast<uint64_t>(seed),
-                   static_cast<float>(p), as_stream(stream));
+  checked([&] {
+    launch_keep_mask(out.data_ptr<uint8_t>(), rows, cols, static_cast<uint64_t>(seed),
+                     static_cast<float>(p), as_stream(stream));
+  });
   return out.to(at::kBool);
 }
 

@@ -11,13 +11,57 @@
 #include "keep_mask.cuh"
 
 #include <cstring>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #ifndef LOWRANK_FUSED_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define LF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
 #endif
+
+namespace lowrank_fused {
+namespace {
+
+// A launch that failed (bad configuration, too many resources, an earlier sticky error) raises
+// here, naming the kernel, instead of in whatever op next checks for errors.
+void check_launch(const char* kernel) {
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess)
+    throw LaunchError(std::string("lowrank_fused_C: launch of ") + kernel +
+                      " failed: " + cudaGetErrorString(error));
+}
+
+// A kernel bound to its launch configuration (LF_LAUNCH); called with the kernel's arguments,
+// it launches (on the CPU under tests/cuda_emulation/) and checks the launch.
+template <typename... Params> struct CheckedLaunch {
+  const char* name;
+  dim3 grid, block;
+  cudaStream_t stream;
+  void (*kernel)(Params...);
+
+  template <typename... Args> void operator()(Args&&... args) const {
+#ifdef LOWRANK_FUSED_EMULATION
+    ::lf_emu::launch(grid, block, kernel, std::forward<Args>(args)...);
+#else
+    kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+    check_launch(name);
+  }
+};
+
+template <typename... Params>
+CheckedLaunch<Params...> checked_launch(const char* name, dim3 grid, dim3 block,
+                                        cudaStream_t stream, void (*kernel)(Params...)) {
+  return CheckedLaunch<Params...>{name, grid, block, stream, kernel};
+}
+}  // namespace
+}  // namespace lowrank_fused
+
+// LF_LAUNCH(grid, block, stream, kernel<...>)(args...): kernel<<<grid, block, 0, stream>>>(args...)
+// followed by the launch check.
+#define LF_LAUNCH(grid, block, stream, ...) \
+  ::lowrank_fused::checked_launch(#__VA_ARGS__, grid, block, stream, &__VA_ARGS__)
 
 namespace lowrank_fused {
 namespace {

@@ -6,6 +6,7 @@
 // rounded to the base's dtype as it is loaded, fp32 accumulation; over an fp32 base, in fp32.
 #pragma once
 #include <cstdint>
+#include <stdexcept>
 #ifndef LOWRANK_FUSED_EMULATION
 #include <cuda_runtime.h>
 #endif
@@ -13,6 +14,12 @@
 namespace lowrank_fused {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Thrown by a launcher whose kernel launch failed (cudaGetLastError right after it): the message
+// names the kernel and gives CUDA's error string.
+struct LaunchError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // One streaming pass over the rows of `in` (M x K, any strides), reading each element once:
 //   out[m, j]  = scale * sum_k drop(in[m, k]) * f[j, k]            (M x R, contiguous; optional)

@@ -2,6 +2,7 @@
 the CPU, against float64 PyTorch. This checks the kernels' indexing, tiling, masking, reductions
 and barriers on machines without a GPU; tests/test_csrc.py checks the same kernels on a GPU."""
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,6 +39,7 @@ def lib(tmp_path_factory):
     lib.dropped_low_rank.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, u64,
                                      f32]
     lib.keep_mask.argtypes = [ptr, i64, i64, u64, f32]
+    lib.fail_next_launch.argtypes = [c_int]
     view = ctypes.POINTER(Matrix)
     for name, argtypes in [("op_project", [view, view, view, f32, u64, f32]),
                            ("op_grad_output_pass", [view, view, view, f32, view, view, view]),
@@ -273,8 +275,12 @@ def _view(t):
 
 
 def _raise_on_error(error):
+    """The error bindings.cpp raises: a failed launch as RuntimeError, bad arguments as
+    ValueError."""
     if error is not None:
-        raise ValueError(error.decode())
+        message = error.decode()
+        failed_launch = message.startswith("lowrank_fused_C: launch of ")
+        raise (RuntimeError if failed_launch else ValueError)(message)
 
 
 class EmulatedOps:
@@ -469,6 +475,38 @@ def test_op_arguments_are_checked(lib):
         ops.grad_a(torch.zeros((4, 3)), x, 0, 0.0, 0, 0)
     with pytest.raises(ValueError, match=r"dropped_low_rank: dp must be .* \(4, 5\)"):
         ops.dropped_low_rank(torch.zeros((4, 3)), torch.zeros((5, 8)), 0, 0.0, torch.float32, 0)
+
+
+LAUNCH_OUT_OF_RESOURCES = 701  # cudaErrorLaunchOutOfResources
+
+
+@pytest.mark.parametrize("dtype,kernel", [(torch.float32, "rank_pass_kernel<T, 16>"),
+                                          (torch.bfloat16, "rank_pass_mma_kernel<T, 16>")])
+def test_a_failed_launch_raises_naming_the_kernel(lib, dtype, kernel):
+    # Checked right after the launch (cudaGetLastError), not in some later, unrelated op.
+    ops = EmulatedOps(lib)
+    x, a, dp = torch.zeros((4, 8), dtype=dtype), torch.zeros((3, 8)), torch.zeros((4, 3))
+    lib.fail_next_launch(LAUNCH_OUT_OF_RESOURCES)
+    with pytest.raises(RuntimeError, match=rf"launch of {re.escape(kernel)} failed: too many "
+                                           "resources requested for launch"):
+        ops.project(x, a, 1.0, 0, 0.0, torch.float32, 0)
+    launches = [("grad_output_pass", lambda: ops.grad_output_pass(
+                     torch.zeros((4, 6), dtype=dtype), torch.zeros((6, 3)), None, 1.0, True, None,
+                     None, 0)),
+                ("grad_a", lambda: ops.grad_a(dp, x, 0, 0.0, 1, 0)),
+                ("dropped_low_rank", lambda: ops.dropped_low_rank(dp, a, 0, 0.0, dtype, 0))]
+    for name, launch in launches:
+        lib.fail_next_launch(LAUNCH_OUT_OF_RESOURCES)
+        with pytest.raises(RuntimeError, match=r"lowrank_fused_C: launch of \w+kernel<"):
+            launch()
+        launch()  # the error was read once: the next launch goes through
+
+
+def test_a_failed_launch_raises_through_the_backend(cuda_backend):
+    x, w, a, b = torch.zeros((4, 8)), torch.zeros((5, 8)), torch.zeros((3, 8)), torch.zeros((5, 3))
+    cuda_backend._ops.lib.fail_next_launch(LAUNCH_OUT_OF_RESOURCES)
+    with pytest.raises(RuntimeError, match="launch of rank_pass_kernel<T, 16> failed"):
+        cuda_backend.forward(x, w, None, a, b, 1.0, None)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

@@ -67,7 +67,7 @@ def test_estimates_grow_with_every_tile_dimension(family):
         assert smem() < smem(stages=config.num_stages + 1) < smem(stages=config.num_stages + 2)
         assert smem() < smem(base=4)
         assert smem() < smem(BLOCK_M=2) and smem() < smem(BLOCK_N=2)
-        if family == "gemm":
+        if family in ("gemm", "gemm_fp32"):
             assert smem() == smem(rank=128)  # the rank tiles reuse the K loop's buffers
         else:
             assert smem(rank=16) < smem(rank=32) < smem(rank=128)
@@ -226,3 +226,31 @@ def test_a_failed_launch_does_not_return_its_accumulator(monkeypatch):
     assert all(key[2] not in ((8, 4), (8,)) for key in accumulators._pool())
     monkeypatch.undo()
     _check_db(*_pass(g, b, p), g, b, p)
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Restores torch's global fp32-precision settings (the new API's and the legacy flag)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+    yield matmul
+    torch.backends.fp32_precision = saved[0]
+    matmul.fp32_precision = saved[1]
+
+
+def test_dot_precision_follows_the_fp32_precision_api(fp32_precision_restored):
+    # Reading the legacy allow_tf32 raises once the new API was used (transformers does).
+    matmul = fp32_precision_restored
+    matmul.fp32_precision = "tf32"
+    assert configs.dot_precision(torch.float32) == "tf32"
+    matmul.fp32_precision = "ieee"
+    assert configs.dot_precision(torch.float32) == "ieee"
+    # "none" inherits the generic setting
+    matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert configs.dot_precision(torch.float32) == "tf32"
+    torch.backends.fp32_precision = "ieee"
+    assert configs.dot_precision(torch.float32) == "ieee"
+    assert configs.dot_precision(torch.bfloat16) == "tf32"  # 16-bit dots: the flag is moot

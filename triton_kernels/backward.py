@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from . import accumulators, persistent, variants
-from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
+from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
+                      rank_block)
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
@@ -246,7 +247,7 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     # db_ptr and dbias_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
-        kernel, meta = launcher(_grad_output_pass_kernel, "grad_output",
+        kernel, meta = launcher(_grad_output_pass_kernel, for_base("grad_output", grad_y.dtype),
                                 key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
@@ -263,7 +264,8 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
                 if t is not None:
                     t.zero_()
         else:
-            kernel, meta = launcher(_grad_b_kernel, "skinny", key=["M_BUCKET", "N", "R"])
+            kernel, meta = launcher(_grad_b_kernel, for_base("skinny", grad_y.dtype),
+                                    key=["M_BUCKET", "N", "R"])
             grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
             kernel[grid](grad_y, p if p is not None else scratch,
                          db if db is not None else scratch,
@@ -293,7 +295,8 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0, variant=None):
                                                lora_a.dtype)):
         return persistent.grad_input(grad_y, weight, dp, lora_a, dx)
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
-    kernel, meta = launcher(_grad_input_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
+    kernel, meta = launcher(_grad_input_kernel, for_base("gemm", weight.dtype),
+                            key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](grad_y, weight, dp, lora_a, dx, m, m_bucket(m), n, k, r, grad_y.stride(0),
                  grad_y.stride(1), weight.stride(0), weight.stride(1),
@@ -325,7 +328,7 @@ def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
     splits, rows_per_split = _row_splits(m, k, x.device)
     partials = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
-    kernel, meta = launcher(_grad_a_kernel, "skinny", key=["M_BUCKET", "K", "R"])
+    kernel, meta = launcher(_grad_a_kernel, for_base("skinny", x.dtype), key=["M_BUCKET", "K", "R"])
     grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]), splits)  # noqa: E731
     kernel[grid](dp, x, partials, m, m_bucket(m), k, r, rows_per_split, x.stride(0),
                  x.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,

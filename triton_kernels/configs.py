@@ -37,11 +37,25 @@ def low_rank_dot_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype):
     return _TL_DTYPE[adapter_dtype]
 
 
+def tf32_allowed() -> bool:
+    """Whether torch's own fp32 CUDA matmuls may use TF32. Read from the fp32_precision API where
+    torch has it (the legacy allow_tf32 raises there once that API was used, as transformers
+    does); "none" inherits from ``torch.backends.fp32_precision``. The legacy flag otherwise."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch before the fp32_precision API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # torch resolves this itself; kept for versions that may not
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def dot_precision(dtype) -> str:
-    """fp32 inputs use TF32 only where torch's own matmuls would (torch's allow_tf32, which
+    """fp32 inputs use TF32 only where torch's own matmuls would (``tf32_allowed``, which
     ``torch.set_float32_matmul_precision("high")`` turns on): a caller who kept fp32 everywhere
     and left TF32 off asked for fp32 products."""
-    if dtype in (torch.float32, tl.float32) and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype in (torch.float32, tl.float32) and not tf32_allowed():
         return "ieee"
     return "tf32"
 
@@ -109,10 +123,39 @@ GRAD_OUTPUT_CONFIGS = {
              _c(8, 2, BLOCK_M=256, BLOCK_N=128), _c(8, 2, BLOCK_M=64, BLOCK_N=128),
              _c(8, 3, BLOCK_M=64, BLOCK_N=64)],
 }
+# Over an fp32 base (x, G, W in fp32): smaller tiles. 4-byte operands double the shared memory
+# and the registers (mma.sync and CUDA-core operands) of a 16-bit tile, and "ieee" dots run on
+# CUDA cores, which hold a K slice of both operands per thread: the 16-bit lists overflowed
+# shared memory (tf32, r = 128) and spilled (tf32 on sm_80; ieee nearly everywhere, up to 19 KB).
+# Kept: what compiled without a spill for tf32 at r = 128, with dropout, on sm_90a and sm_80
+# (aot_check checks each config, so no register rule). ieee still spills in some builds (the
+# pass over G with dB, dx with dropout; r = 64 and 128): open.
+FP32_CONFIGS = {
+    "gemm": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+             _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
+    "skinny": [_c(8, 3, BLOCK_M=64, BLOCK_N=32)],
+    "grad_output": [_c(4, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=32, BLOCK_N=64),
+                    _c(8, 3, BLOCK_M=64, BLOCK_N=32)],
+}
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
            "grad_output": GRAD_OUTPUT_CONFIGS}
+CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
+                for family, table in FP32_CONFIGS.items()})
+
+
+def for_base(family: str, base_dtype) -> str:
+    """The config family of a launch over a base of ``base_dtype``: ``family``'s fp32 list
+    (FP32_CONFIGS) over an fp32 base, ``family`` itself otherwise."""
+    if base_dtype == torch.float32 and family in FP32_CONFIGS:
+        return f"{family}_fp32"
+    return family
+
+
+def _shape_family(family: str) -> str:
+    """The family whose kernels (so whose estimates) ``family``'s configs are for."""
+    return family.removesuffix("_fp32")
 
 
 def config_family() -> str:
@@ -145,6 +188,7 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     never below it, and the closest within ~5%."""
     meta, stages = config.kwargs, config.num_stages
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    family = _shape_family(family)
     if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
     if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
@@ -164,6 +208,7 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     meta = config.kwargs
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     threads = 32 * config.num_warps
+    family = _shape_family(family)
     if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
     if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
@@ -191,6 +236,8 @@ GEMM_REGISTER_BUDGET = {("sm90", False): 240, ("sm90", True): 144,
 
 def register_budget(family: str, generation: str = "sm90", dropout: bool = False) -> float:
     """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
+    if family.endswith("_fp32"):
+        return float("inf")  # small tiles, each checked by aot_check (FP32_CONFIGS)
     if family == "gemm":
         return GEMM_REGISTER_BUDGET[(generation, dropout)]
     return REGISTER_BUDGET[family]
@@ -201,7 +248,7 @@ def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int,
     """Whether a config passes the pruning rules: shared memory within ``limit`` bytes, registers
     within the budget, and with dropout a skinny pass's streamed tile at most 128 wide (dA's
     8-warp 64x256 spills at 128 registers)."""
-    if dropout and family == "skinny" and config.kwargs["BLOCK_N"] > 128:
+    if dropout and _shape_family(family) == "skinny" and config.kwargs["BLOCK_N"] > 128:
         return False
     return (shared_memory_estimate(config, family, base_bytes, rank_block_) <= limit
             and register_estimate(config, family, rank_block_)
@@ -240,10 +287,10 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     kernel and one small config; on a GPU an autotuner over the config family's configs that fit
     (``fitting_configs``), keyed by shape, with nothing fixed. ``family``: a key of CONFIGS."""
     if interpreting():
-        gemm_like = family in ("gemm", "gemm_tma")
+        gemm_like = _shape_family(family) in ("gemm", "gemm_tma")
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
-    cache_key = (kernel, configs_of)
+    cache_key = (kernel, family, configs_of)
     if cache_key not in _tuned:
         configs = CONFIGS[family][configs_of]
         _tuned[cache_key] = triton.autotune(

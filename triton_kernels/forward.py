@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from . import persistent, variants
-from .configs import dot_precision, launcher, low_rank_dot_dtype, m_bucket, rank_block
+from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
+                      rank_block)
 from .dropout import keep_pairs, pair_columns
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, offsets_2d
@@ -114,7 +115,8 @@ def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float 
     if m == 0:
         return p
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a.dtype)
-    kernel, meta = launcher(_project_kernel, "skinny", key=["M_BUCKET", "K", "R"])
+    kernel, meta = launcher(_project_kernel, for_base("skinny", x.dtype),
+                            key=["M_BUCKET", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     kernel[grid](x, lora_a, p, m, m_bucket(m), k, r, x.stride(0), x.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed, p_drop,
@@ -138,7 +140,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
             triton.next_power_of_2(m), n, k, r, lora_b_eff.dtype, bias is not None)):
         return persistent.fused_linear(x, weight, bias, p, lora_b_eff, scaling, y)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
-    kernel, meta = launcher(_fused_linear_kernel, "gemm", key=["M_BUCKET", "N", "K", "R"])
+    kernel, meta = launcher(_fused_linear_kernel, for_base("gemm", x.dtype),
+                            key=["M_BUCKET", "N", "K", "R"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, m_bucket(m),
                  n, k, r,

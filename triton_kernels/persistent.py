@@ -38,9 +38,16 @@ def describable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def scratch_buffer(size: int, device) -> torch.Tensor:
+    """``size`` bytes of descriptor scratch on ``device``. torch's caching allocator returns
+    256-byte aligned blocks; the descriptors need 128."""
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
 def _torch_scratch(size: int, alignment: int, stream):
-    # torch's caching allocator returns 256-byte aligned blocks; the descriptors need 128.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # Triton passes no device: the kernel runs on the current one, which the backend's device
+    # guard made the tensors' (not device="cuda": that is whatever torch calls current).
+    return scratch_buffer(size, torch.device("cuda", torch.cuda.current_device()))
 
 
 def ensure_allocator() -> None:

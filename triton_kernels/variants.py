@@ -10,15 +10,17 @@ backward.py) or the persistent TMA kernel (persistent.py).
 - "tiled": the tiled kernel.
 - "tma": the persistent kernel (how the tests run it on the interpreter).
 
-Whatever is asked, a call whose operands TMA cannot describe (``persistent.describable``), or
-whose operands differ in dtype, runs the tiled kernel.
+Whatever is asked, a call whose operands TMA cannot describe (``persistent.describable``), whose
+operands differ in dtype, or whose fp32 dots are "ieee" off the CPU (CUDA cores: nothing for
+TMA to feed, and the persistent kernels spilled there; the interpreter still runs them, which
+tests their indexing) runs the tiled kernel.
 """
 import os
 
 import torch
 import triton.language as tl
 
-from .configs import interpreting, shared_memory_limit
+from .configs import dot_precision, interpreting, shared_memory_limit
 from .persistent import describable
 
 ENV = "LOWRANK_FUSED_TRITON_GEMM"
@@ -52,7 +54,9 @@ def use_tma(name: str, operands, variant, launch, key) -> bool:
     with "tiled" or "tma" forced (what "auto" times); ``key``: the shape key of the choice."""
     variant = requested(variant)
     device = operands[0].device
-    if (variant == "tiled" or not describable(*operands) or len({t.dtype for t in operands}) != 1
+    dtypes = {t.dtype for t in operands}
+    if (variant == "tiled" or not describable(*operands) or len(dtypes) != 1
+            or (device.type != "cpu" and dot_precision(dtypes.pop()) == "ieee")
             or not tma_supported(device)):
         return False
     if variant == "auto":

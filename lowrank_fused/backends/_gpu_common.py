@@ -1,4 +1,6 @@
 """Argument handling shared by the GPU backends."""
+import contextlib
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -14,3 +16,13 @@ def check_dtypes(backend: str, x, lora_a) -> None:
 def seed_and_p(dropout):
     """(seed, quantised p) of a DropoutSpec, (0, 0.0) without dropout."""
     return (0, 0.0) if dropout is None else (dropout.seed, dropout.quantised_p)
+
+
+def device_guard(device):
+    """Context making ``device`` current: Triton launches (and allocates its scratch) on the
+    current CUDA device and stream, not on the tensors'. A null context off CUDA (the
+    interpreter's CPU tensors, meta tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -1,30 +1,39 @@
 """Triton backend: the reference contract (see ``reference``) on the kernels of
-``lowrank_fused.triton_kernels``."""
+``lowrank_fused.triton_kernels``. Every call runs with the tensors' device current
+(``device_guard``): Triton launches on the current device and its stream."""
 from __future__ import annotations
 
 import torch
 
 from .. import triton_kernels as kernels
-from ._gpu_common import check_dtypes, seed_and_p
+from ._gpu_common import check_dtypes, device_guard, seed_and_p
 from .reference import latent_gradients, latent_operands
 
 
 def dropout_keep_mask(dropout, shape, device):
-    return kernels.dropout_keep_mask(dropout.seed, dropout.quantised_p, shape, device)
+    with device_guard(device):
+        return kernels.dropout_keep_mask(dropout.seed, dropout.quantised_p, shape, device)
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     check_dtypes("triton", x, lora_a)
     seed, p_drop = seed_and_p(dropout)
-    p = kernels.project(x, lora_a, seed, p_drop)
-    y = kernels.fused_linear(x, weight, bias, p, lora_b_eff, scaling)  # strides honoured
+    with device_guard(x.device):
+        p = kernels.project(x, lora_a, seed, p_drop)
+        y = kernels.fused_linear(x, weight, bias, p, lora_b_eff, scaling)  # strides honoured
     return y, p
 
 
 def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
              need_x, need_a, need_b, need_latent=False, need_bias):
+    with device_guard(grad_y.device):
+        return _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent,
+                         need_x, need_a, need_b, need_latent and latent is not None, need_bias)
+
+
+def _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent, need_x, need_a,
+              need_b, need_latent, need_bias):
     seed, p_drop = seed_and_p(dropout)
-    need_latent = need_latent and latent is not None
     need_dp = need_x or need_a
     dp, db, dbias = kernels.grad_output_pass(
         grad_y, lora_b, latent_operands(p, latent, need_b), scaling,

@@ -35,6 +35,30 @@ struct alignas(16) uint4 {
 };
 using cudaStream_t = void*;
 
+// The runtime's error reporting: a launch here cannot fail, but a test can make the next
+// cudaGetLastError report an error (fail_next_launch in shim.cpp), as a failed launch would.
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
+};
+namespace lf_emu {
+inline thread_local cudaError_t pending_error = cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t error = lf_emu::pending_error;
+  lf_emu::pending_error = cudaSuccess;  // read and reset, as the runtime does
+  return error;
+}
+inline const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    default: return "unrecognized error code";
+  }
+}
+
 namespace lf_emu {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
@@ -73,25 +97,12 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
         for (auto& t : threads) t.join();
       }
 }
-
-// Binds the launch configuration, then takes the kernel's arguments like <<<...>>>(args).
-template <typename Kernel> struct Launch {
-  dim3 grid, block;
-  Kernel kernel;
-  template <typename... Args> void operator()(Args&&... args) const {
-    launch(grid, block, kernel, std::forward<Args>(args)...);
-  }
-};
-template <typename Kernel> Launch<Kernel> make_launch(dim3 grid, dim3 block, Kernel kernel) {
-  return Launch<Kernel>{grid, block, kernel};
-}
 }  // namespace lf_emu
 
 #define threadIdx (::lf_emu::thread_idx)
 #define blockIdx (::lf_emu::block_idx)
 #define blockDim (::lf_emu::block_dim)
 #define gridDim (::lf_emu::grid_dim)
-#define LF_LAUNCH(grid, block, stream, ...) ::lf_emu::make_launch(grid, block, &__VA_ARGS__)
 
 inline void __syncthreads() { lf_emu::block_barrier->arrive_and_wait(); }
 

@@ -16,11 +16,17 @@ template <typename Body> const char* checked(Body body) {
   } catch (const ArgumentError& e) {
     error = e.what();
     return error.c_str();
+  } catch (const LaunchError& e) {
+    error = e.what();
+    return error.c_str();
   }
 }
 }  // namespace
 
 extern "C" {
+
+// Test hook: the next cudaGetLastError (the check after the next launch) reports `error`.
+void fail_next_launch(int error) { lf_emu::pending_error = static_cast<cudaError_t>(error); }
 
 void rank_pass(const void* in, int in_dtype, int64_t in_sm, int64_t in_sk, const void* f,
                int f_dtype, int64_t f_sj, int64_t f_sk, const void* p, int p_dtype, void* out,
