@@ -13,7 +13,7 @@ import triton.language as tl
 from . import accumulators, persistent, variants
 from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
                       rank_block)
-from .dropout import keep_pairs, pair_columns
+from .dropout import keep_pairs, pair_columns, seed_arg
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
 
@@ -108,7 +108,8 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, 
         tl.store(dbias_ptr + cols, narrow(dbias, dbias_ptr.dtype.element_ty), mask=col_ok)
 
 
-@triton.jit
+# seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
+@triton.jit(do_not_specialize=["seed"])
 def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R,
                        stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
                        seed, p_drop, keep_scale,
@@ -163,7 +164,8 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+# seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
+@triton.jit(do_not_specialize=["seed"])
 def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, M_BUCKET, K, R, rows_per_split, stride_xm,
                    stride_xk,
                    seed, p_drop, keep_scale, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -248,7 +250,9 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     if m and (need_dp or fused_reductions and (need_db or need_dbias)):
         kernel, meta = launcher(_grad_output_pass_kernel, for_base("grad_output", grad_y.dtype),
-                                key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr", "dbias_ptr"])
+                                key=["M_BUCKET", "N", "R", "NEED_DP", "NEED_DB", "NEED_DBIAS",
+                                     "DOT_DTYPE", "PRECISION", "RANK_BLOCK"],
+                                reset_to_zero=["db_ptr", "dbias_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
                      dp if need_dp else scratch, db if db is not None else scratch,
@@ -264,8 +268,9 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
                 if t is not None:
                     t.zero_()
         else:
-            kernel, meta = launcher(_grad_b_kernel, for_base("skinny", grad_y.dtype),
-                                    key=["M_BUCKET", "N", "R"])
+            kernel, meta = launcher(_grad_b_kernel, for_base("skinny", grad_y.dtype), key=[
+                "M_BUCKET", "N", "R", "NEED_DB", "NEED_DBIAS", "DOT_DTYPE", "PRECISION",
+                "RANK_BLOCK"])
             grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
             kernel[grid](grad_y, p if p is not None else scratch,
                          db if db is not None else scratch,
@@ -295,12 +300,13 @@ def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0, variant=None):
                                                lora_a.dtype)):
         return persistent.grad_input(grad_y, weight, dp, lora_a, dx)
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
-    kernel, meta = launcher(_grad_input_kernel, for_base("gemm", weight.dtype),
-                            key=["M_BUCKET", "N", "K", "R"])
+    kernel, meta = launcher(_grad_input_kernel, for_base("gemm", weight.dtype), key=[
+        "M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "PRECISION", "DOT_DTYPE", "LR_PRECISION",
+        "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](grad_y, weight, dp, lora_a, dx, m, m_bucket(m), n, k, r, grad_y.stride(0),
                  grad_y.stride(1), weight.stride(0), weight.stride(1),
-                 lora_a.stride(0), lora_a.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop),
+                 lora_a.stride(0), lora_a.stride(1), seed_arg(seed), p_drop, 1.0 / (1.0 - p_drop),
                  HAS_DROPOUT=p_drop > 0.0, PRECISION=dot_precision(weight.dtype),
                  DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
                  RANK_BLOCK=rank_block(r), **meta)
@@ -328,10 +334,11 @@ def grad_a(dp, x, lora_a_dtype, seed=0, p_drop=0.0):
     splits, rows_per_split = _row_splits(m, k, x.device)
     partials = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a_dtype)
-    kernel, meta = launcher(_grad_a_kernel, for_base("skinny", x.dtype), key=["M_BUCKET", "K", "R"])
+    kernel, meta = launcher(_grad_a_kernel, for_base("skinny", x.dtype), key=[
+        "M_BUCKET", "K", "R", "HAS_DROPOUT", "DOT_DTYPE", "PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(k, META["BLOCK_N"]), splits)  # noqa: E731
     kernel[grid](dp, x, partials, m, m_bucket(m), k, r, rows_per_split, x.stride(0),
-                 x.stride(1), seed, p_drop, 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0,
-                 DOT_DTYPE=dot_dtype,
+                 x.stride(1), seed_arg(seed), p_drop, 1.0 / (1.0 - p_drop),
+                 HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     return partials.sum(0, dtype=torch.float32).to(lora_a_dtype)

@@ -266,6 +266,39 @@ def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, lim
                                                                        rank_block_))]
 
 
+AUTOTUNE_ENV = "LOWRANK_FUSED_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def autotune_mode() -> str:
+    """``LOWRANK_FUSED_AUTOTUNE``: "full" (default; unset or empty) times every fitting config
+    once per key; "quick" takes the first fitting config by rule, with no timing (correctness
+    runs on a GPU, where tuning would only cost time)."""
+    mode = os.environ.get(AUTOTUNE_ENV) or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV}: expected one of {AUTOTUNE_MODES}, got {mode!r}")
+    return mode
+
+
+class CaptureError(RuntimeError):
+    """A kernel choice (autotuning, variant timing) was due while a CUDA graph was captured."""
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never, where CUDA is not up)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def check_not_capturing(what: str) -> None:
+    """Raise CaptureError if a graph is being captured: timing would run kernels (and sync)
+    inside the capture, so a choice must be cached by one eager step first."""
+    if capturing():
+        raise CaptureError(
+            f"lowrank_fused: {what} is not chosen yet for this shape and a CUDA graph is being "
+            f"captured; run one step (one forward and backward) before capture so the choice "
+            f"is cached, or set {AUTOTUNE_ENV}=quick (choice by rule, no timing)")
+
+
 def _pruner(family: str):
     """early_config_prune for triton.autotune: drops configs over the shared-memory limit before
     any is compiled (the autotuner would only skip them after a failed compile)."""
@@ -279,21 +312,48 @@ def _pruner(family: str):
     return prune
 
 
+class _Autotuner(triton.runtime.Autotuner):
+    """triton's Autotuner with "quick" mode (the first fitting config), no timing where one
+    config is left (Triton 3.6 would still time it), and no timing under graph capture."""
+
+    def __init__(self, kernel, configs, key, reset_to_zero, prune, quick: bool):
+        super().__init__(kernel, kernel.arg_names, configs, key, reset_to_zero, None,
+                         prune_configs_by={"early_config_prune": prune})
+        self.quick = quick
+        self.timed = True
+
+    def prune_configs(self, kwargs):
+        """Only called for a key not tuned yet (and by warmup)."""
+        pruned = super().prune_configs(kwargs)
+        if self.quick:
+            pruned = pruned[:1]
+        self.timed = len(pruned) > 1
+        if self.timed:
+            check_not_capturing(f"the launch config of {self.base_fn.__name__}")
+        return pruned
+
+    def _bench(self, *args, config, **meta):
+        if not self.timed:  # nothing to choose between: timing would only run the kernel
+            return [0.0, 0.0, 0.0]
+        return super()._bench(*args, config=config, **meta)
+
+
 _tuned = {}
 
 
 def launcher(kernel, family: str, key, reset_to_zero=None):
     """(callable kernel, fixed meta-parameters) for this machine: under the interpreter the raw
     kernel and one small config; on a GPU an autotuner over the config family's configs that fit
-    (``fitting_configs``), keyed by shape, with nothing fixed. ``family``: a key of CONFIGS."""
+    (``fitting_configs``), keyed by ``key`` (shape and the constexpr flags that change the
+    compiled kernel), with nothing fixed; ``LOWRANK_FUSED_AUTOTUNE`` picks full or quick tuning.
+    ``family``: a key of CONFIGS."""
+    mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
     if interpreting():
         gemm_like = _shape_family(family) in ("gemm", "gemm_tma")
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
-    cache_key = (kernel, family, configs_of)
+    cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner
     if cache_key not in _tuned:
-        configs = CONFIGS[family][configs_of]
-        _tuned[cache_key] = triton.autotune(
-            configs, key=key, reset_to_zero=reset_to_zero,
-            prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
+        _tuned[cache_key] = _Autotuner(kernel, CONFIGS[family][configs_of], key, reset_to_zero,
+                                       _pruner(family), quick=mode == "quick")
     return _tuned[cache_key], {}

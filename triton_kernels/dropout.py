@@ -47,7 +47,16 @@ def keep_pairs(seed, rows, cols_lo, p_drop):
     return (h & 0xFFFF) >= t, (h >> 16) >= t
 
 
-@triton.jit
+def seed_arg(seed: int) -> int:
+    """The seed as the kernels take it: its low 32 bits (all the mask uses: keep_pairs casts to
+    uint32) as a signed 32-bit int. Every seed then passes as an i32, and with the kernels'
+    do_not_specialize=["seed"] no seed value (a multiple of 16, 1, >= 2**31) compiles again."""
+    low = int(seed) & 0xFFFFFFFF
+    return low - (1 << 32) if low >= (1 << 31) else low
+
+
+# do_not_specialize: a seed that is 1 or a multiple of 16 would otherwise compile a new kernel.
+@triton.jit(do_not_specialize=["seed"])
 def _keep_mask_kernel(out_ptr, M, K, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_lo, cols_hi = pair_columns(tl.program_id(1) * BLOCK_K, BLOCK_K // 2)
@@ -66,5 +75,5 @@ def dropout_keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     if out.numel():
         grid = (triton.cdiv(m, 32), triton.cdiv(k, 32))
-        _keep_mask_kernel[grid](out, m, k, seed, p, BLOCK_M=32, BLOCK_K=32)
+        _keep_mask_kernel[grid](out, m, k, seed_arg(seed), p, BLOCK_M=32, BLOCK_K=32)
     return out.bool()

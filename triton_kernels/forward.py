@@ -8,12 +8,13 @@ import triton.language as tl
 from . import persistent, variants
 from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
                       rank_block)
-from .dropout import keep_pairs, pair_columns
+from .dropout import keep_pairs, pair_columns, seed_arg
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
-@triton.jit
+# seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
+@triton.jit(do_not_specialize=["seed"])
 def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
                     stride_xm, stride_xk, stride_ar, stride_ak,
                     seed, p_drop, keep_scale,
@@ -115,11 +116,11 @@ def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float 
     if m == 0:
         return p
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a.dtype)
-    kernel, meta = launcher(_project_kernel, for_base("skinny", x.dtype),
-                            key=["M_BUCKET", "K", "R"])
+    kernel, meta = launcher(_project_kernel, for_base("skinny", x.dtype), key=[
+        "M_BUCKET", "K", "R", "HAS_DROPOUT", "DOT_DTYPE", "PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     kernel[grid](x, lora_a, p, m, m_bucket(m), k, r, x.stride(0), x.stride(1),
-                 lora_a.stride(0), lora_a.stride(1), seed, p_drop,
+                 lora_a.stride(0), lora_a.stride(1), seed_arg(seed), p_drop,
                  1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
     return p
@@ -141,7 +142,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, p: torch.Tensor,
         return persistent.fused_linear(x, weight, bias, p, lora_b_eff, scaling, y)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
     kernel, meta = launcher(_fused_linear_kernel, for_base("gemm", x.dtype),
-                            key=["M_BUCKET", "N", "K", "R"])
+                            key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "PRECISION", "DOT_DTYPE",
+                                 "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, y, m, m_bucket(m),
                  n, k, r,

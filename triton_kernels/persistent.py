@@ -165,7 +165,9 @@ def fused_linear(x, weight, bias, p, lora_b_eff, scaling, y):
     if x.device.type == "cuda":
         ensure_allocator()
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
-    kernel, meta = launcher(_fused_linear_tma_kernel, "gemm_tma", key=["M_BUCKET", "N", "K", "R"])
+    kernel, meta = launcher(_fused_linear_tma_kernel, "gemm_tma", key=[
+        "M_BUCKET", "N", "K", "R", "HAS_BIAS", "PRECISION", "DOT_DTYPE", "LR_PRECISION",
+        "RANK_BLOCK"])
     programs = num_programs(x.device)
     kernel[_persistent_grid(m, n, programs)](
         x, weight, bias if bias is not None else y, p, lora_b_eff, y, m,
@@ -186,7 +188,8 @@ def grad_input(grad_y, weight, dp, lora_a, dx):
     if grad_y.device.type == "cuda":
         ensure_allocator()
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
-    kernel, meta = launcher(_grad_input_tma_kernel, "gemm_tma", key=["M_BUCKET", "N", "K", "R"])
+    kernel, meta = launcher(_grad_input_tma_kernel, "gemm_tma", key=[
+        "M_BUCKET", "N", "K", "R", "PRECISION", "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     programs = num_programs(grad_y.device)
     kernel[_persistent_grid(m, k, programs)](
         grad_y, weight, dp, lora_a, dx, m, triton.next_power_of_2(m), n, k, r,

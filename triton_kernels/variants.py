@@ -5,8 +5,10 @@ backward.py) or the persistent TMA kernel (persistent.py).
 
 - "auto" (default): on a GPU of capability >= 9 whose Triton has tensor descriptors, each
   variant is autotuned over its own configs, then the two winners are timed once per shape key
-  (M bucketed to a power of two) and the faster is kept for that key; elsewhere, the
-  interpreter included, the tiled kernel.
+  (M bucketed to a power of two) and base dtype, and the faster is kept for that key (a variant
+  that fails leaves the other). No timing, the tiled kernel, under LOWRANK_FUSED_AUTOTUNE=quick
+  or torch.use_deterministic_algorithms(True); elsewhere, the interpreter included, the tiled
+  kernel. Under CUDA graph capture a key not timed yet raises configs.CaptureError.
 - "tiled": the tiled kernel.
 - "tma": the persistent kernel (how the tests run it on the interpreter).
 
@@ -16,17 +18,19 @@ TMA to feed, and the persistent kernels spilled there; the interpreter still run
 tests their indexing) runs the tiled kernel.
 """
 import os
+import warnings
 
 import torch
 import triton.language as tl
 
-from .configs import dot_precision, interpreting, shared_memory_limit
+from .configs import (autotune_mode, check_not_capturing, dot_precision, interpreting,
+                      shared_memory_limit)
 from .persistent import describable
 
 ENV = "LOWRANK_FUSED_TRITON_GEMM"
 VARIANTS = ("auto", "tiled", "tma")
 
-_winners = {}  # (launcher name, device, shape key) -> "tiled" | "tma"
+_winners = {}  # (launcher name, device, base dtype, shape key) -> "tiled" | "tma"
 
 
 def requested(variant=None) -> str:
@@ -60,20 +64,43 @@ def use_tma(name: str, operands, variant, launch, key) -> bool:
             or not tma_supported(device)):
         return False
     if variant == "auto":
-        if interpreting() or device.type != "cuda":
-            return False
-        cache_key = (name, device.index, key)
-        if cache_key not in _winners:
-            _winners[cache_key] = _faster(launch)
-        variant = _winners[cache_key]
+        variant = _auto(name, device, operands[0].dtype, key, launch)
     return variant == "tma"
 
 
+def _auto(name: str, device: torch.device, dtype: torch.dtype, key, launch) -> str:
+    """What "auto" runs: the tiled kernel off a GPU, by rule without timing (quick mode,
+    deterministic algorithms), else the faster variant, timed once per key."""
+    if interpreting() or device.type != "cuda":
+        return "tiled"
+    if autotune_mode() == "quick":  # correctness runs: no timing; tiled serves every call
+        return "tiled"
+    if torch.are_deterministic_algorithms_enabled():
+        # Timing noise could pick either variant from run to run, and the two round differently
+        # (other tiles, other K steps): a fixed choice keeps results reproducible. Tiled, as it
+        # serves every call (dropout, operands TMA cannot describe) and every GPU.
+        return "tiled"
+    cache_key = (name, device.index, dtype, key)  # a bf16 winner says nothing of fp16
+    if cache_key not in _winners:
+        check_not_capturing(f"the GEMM variant of {name}")
+        _winners[cache_key] = _faster(launch)
+    return _winners[cache_key]
+
+
 def _faster(launch) -> str:
-    """The variant whose (autotuned) launch is faster, by triton.testing.do_bench."""
+    """The variant whose (autotuned) launch is faster, by triton.testing.do_bench. A variant
+    that raises leaves the other (with a warning); if both raise, the tiled one's error."""
     from triton.testing import do_bench
-    times = {}
+    times, errors = {}, {}
     for variant in ("tiled", "tma"):
-        launch(variant)  # its own autotuner settles first, outside the timing
-        times[variant] = do_bench(lambda: launch(variant), warmup=5, rep=25)
+        try:
+            launch(variant)  # its own autotuner settles first, outside the timing
+            times[variant] = do_bench(lambda: launch(variant), warmup=5, rep=25)
+        except Exception as error:  # any failure leaves the other variant
+            errors[variant] = error
+    if not times:
+        raise errors["tiled"]
+    for variant, error in errors.items():
+        warnings.warn(f"lowrank_fused: the {variant!r} GEMM variant failed ({error!r}); the "
+                      f"other runs for this shape", RuntimeWarning, stacklevel=2)
     return min(times, key=times.get)
