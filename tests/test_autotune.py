@@ -201,9 +201,9 @@ def auto(monkeypatch):
         fn()
         return state.times[state.launches[-1]]
 
-    def choose(dtype=torch.bfloat16):
+    def choose(dtype=torch.bfloat16, key=(64, 32, 32, 8)):
         operand = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
-        tma = variants.use_tma("fused_linear", (operand,) * 3, None, launch, (64, 32, 32, 8))
+        tma = variants.use_tma("fused_linear", (operand,) * 3, None, launch, key)
         return "tma" if tma else "tiled"
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
@@ -231,8 +231,8 @@ def test_a_failing_variant_leaves_the_other(auto):
     with pytest.warns(RuntimeWarning, match="'tiled' GEMM variant failed"):
         assert auto.choose(torch.float16) == "tma"
     auto.fail = {"tiled", "tma"}
-    with pytest.raises(RuntimeError, match="tiled failed"):
-        auto.choose(torch.float32)
+    with pytest.raises(RuntimeError, match="tiled failed"):  # a new key: nothing cached
+        auto.choose(torch.bfloat16, key=(128, 32, 32, 8))
 
 
 def test_quick_mode_picks_tiled_untimed(auto, monkeypatch):
