@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lowrank_fused.backends import reference
-from lowrank_fused.dropout import DropoutSpec, keep_mask, keep_threshold, quantised_p
+import lowrank_fused.dropout as dropout_module
+from lowrank_fused.dropout import (DropoutSpec, fast_keep_mask, keep_mask, keep_mask_chunks,
+                                   keep_threshold, quantised_p)
 
 try:
     import triton
@@ -134,6 +136,76 @@ def test_dropped_nan_and_inf_give_nan_as_f_dropout():
     assert out[:, 0].isnan().all()
     assert out[~keep[:, 1], 1].isnan().all() and out[keep[:, 1], 1].isinf().all()
     assert (out[~keep[:, 2], 2] == 0).all()
+
+
+# ---- the fast torch mask (what the reference backend runs) is the definition, bit for bit ----
+
+FAST_CASES = [  # (M, K, row0, col0): odd shapes, partial 32-groups, offsets past 2^31 and 2^32
+    (1, 1, 0, 0), (3, 5, 0, 0), (7, 31, 0, 0), (2, 32, 0, 0), (5, 33, 0, 0), (17, 100, 0, 0),
+    (130, 257, 0, 0), (64, 1376, 0, 0), (9, 70, 100, 30), (4, 64, 2 ** 31 - 2, 2 ** 31 - 40),
+    (6, 75, 2 ** 32 - 6, 2 ** 32 - 80), (3, 48, 2 ** 31 // 4096 + 3, 17), (11, 40, 5, 2 ** 31 + 9)]
+FAST_SEEDS = [0, 1, 17, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32 + 5, 2 ** 40 + 3, 2 ** 63 - 1]
+
+
+def _fast(seed, p, m, k, row0=0, col0=0):
+    return fast_keep_mask(seed, p, (m, k), row0=row0, col0=col0)
+
+
+@pytest.mark.parametrize("seed", FAST_SEEDS)
+@pytest.mark.parametrize("p", [2 ** -16, 0.05, 0.1, 0.5, 0.9, 1 - 2 ** -16])
+def test_fast_mask_is_the_definition(seed, p):
+    for m, k, row0, col0 in FAST_CASES:
+        assert torch.equal(_fast(seed, p, m, k, row0, col0), _mask(seed, p, m, k, row0, col0)), \
+            (m, k, row0, col0)
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 16, 48, 1000])
+def test_fast_mask_in_any_row_chunks(monkeypatch, chunk_pairs):
+    """Chunks of one row, of rows not dividing M, several rows: the same bits, each chunk's
+    rows where keep_mask_chunks says they are."""
+    monkeypatch.setattr(dropout_module, "_CHUNK_PAIRS", chunk_pairs)
+    for seed, (m, k, row0, col0) in zip(FAST_SEEDS, FAST_CASES[3:]):
+        want = _mask(seed, 0.3, m, k, row0, col0)
+        seen = torch.zeros(m, dtype=torch.bool)
+        for rows, mask in keep_mask_chunks(seed, 0.3, (m, k), dtype=torch.float64, row0=row0,
+                                           col0=col0):
+            assert mask.dtype == torch.float64 and mask.shape == (rows.stop - rows.start, k)
+            assert torch.equal(mask, want[rows].double())
+            seen[rows] = True
+        assert seen.all()
+
+
+def test_fast_mask_random_cases():
+    """A few hundred random shapes, seeds, rates and offsets (fixed generator)."""
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        m, k = rng.randint(1, 70), rng.randint(1, 300)
+        seed, p = rng.randrange(2 ** 63), rng.choice([0.01, 0.05, 0.25, 0.5, 0.75, 0.99])
+        row0, col0 = rng.randrange(2 ** 32 - 70), rng.randrange(2 ** 32 - 300)
+        assert torch.equal(_fast(seed, p, m, k, row0, col0), _mask(seed, p, m, k, row0, col0)), \
+            (m, k, seed, p, row0, col0)
+
+
+def test_fast_mask_edges_and_fallback(monkeypatch):
+    # a rate that quantises to 0 keeps everything; empty shapes give empty masks
+    assert _fast(3, 1e-7, 4, 40).all() and torch.equal(_fast(3, 1e-7, 4, 40), _mask(3, 1e-7, 4, 40))
+    assert _fast(3, 0.5, 0, 40).shape == (0, 40) and _fast(3, 0.5, 4, 0).shape == (4, 0)
+    assert dropout_module._fast_mask_ok()  # this torch's int32 arithmetic wraps mod 2^32
+    # where it did not, the definition itself runs (same bits, slower)
+    monkeypatch.setattr(dropout_module, "_FAST_OK", False)
+    assert torch.equal(_fast(2 ** 33 + 1, 0.3, 37, 100, 2 ** 31, 7),
+                       _mask(2 ** 33 + 1, 0.3, 37, 100, 2 ** 31, 7))
+
+
+def test_reference_dropout_is_x_times_mask_times_scale():
+    """reference._apply_dropout (the mask made chunk by chunk, scaled in the opmath dtype)
+    gives exactly x * keep * keep_scale, in every dtype."""
+    spec = DropoutSpec(0.2, 2 ** 35 + 7)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x = torch.randn(70, 129, generator=torch.Generator().manual_seed(2)).to(dtype)
+        keep = _mask(spec.seed, spec.p, 70, 129)
+        assert torch.equal(reference._apply_dropout(x, spec), x * keep * spec.keep_scale), dtype
 
 
 # ---- the other backends: bit for bit ----

@@ -4,6 +4,7 @@ import torch
 
 from helpers import TRAINABLE, grads_of, make_case, naive_forward, reference_keep_mask
 from lowrank_fused import low_rank_linear
+from lowrank_fused.backends import reference
 
 
 def run_operator(case, p=0.0, seed=None, backend="reference"):
@@ -92,3 +93,43 @@ def test_non_contiguous_x():
     y = low_rank_linear(x_t, case.weight, case.lora_a, case.lora_b, bias=case.bias,
                         scaling=case.scaling, backend="reference")
     torch.testing.assert_close(y, naive_forward(case), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("trainable", ["lora", "lora_fa", "lora_xs"])
+def test_dropout_gradients_without_x_grad(trainable):
+    """Backward makes the mask once for dx's term and dA; with x not needing a gradient only
+    dA's dropout(x) (or nothing) is formed: the same gradients as the naive composition."""
+    latent = trainable == "lora_xs"
+    case = make_case((40,), 70, 9, 4, trainable=TRAINABLE[trainable], latent=latent,
+                     x_grad=False)
+    seed, p = 2 ** 33 + 1, 0.3
+    y = run_operator(case, p, seed)
+    mask = reference_keep_mask(p, seed, (40, 70))
+    y_naive = naive_forward(case, mask, p)
+    torch.testing.assert_close(y, y_naive, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(y)
+    got, want = grads_of(y, grad_y, case.tensors()), grads_of(y_naive, grad_y, case.tensors())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_dropout_over_a_16_bit_base_is_applied_in_the_adapters_dtype():
+    """bf16 x with fp32 adapters: dropout(x) is formed in fp32 (as PEFT casts x to lora_A's
+    dtype first), so P and dA carry fp32 rounding only, not a bf16 rounding of x / (1 - p)."""
+    case = make_case((64,), 96, 24, 8, dtype=torch.bfloat16, adapter_dtype=torch.float32,
+                     trainable=TRAINABLE["lora"], x_grad=False)
+    seed, p = 77, 0.1
+    y = run_operator(case, p, seed)
+    keep = reference_keep_mask(p, seed, (64, 96)).double()
+    from lowrank_fused.dropout import DropoutSpec
+    dropped = case.x.detach().double() * keep * DropoutSpec(p, seed).keep_scale
+    p64 = dropped @ case.lora_a.detach().double().T
+    _, p32 = reference.forward(case.x.detach(), case.weight, case.bias, case.lora_a.detach(),
+                               case.lora_b.detach(), case.scaling, DropoutSpec(p, seed))
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32.double(), p64, rtol=1e-5, atol=1e-5 * p64.abs().max().item())
+    grad_y = torch.randn_like(y)
+    da = grads_of(y, grad_y, case.tensors())["lora_a"]
+    dp64 = case.scaling * grad_y.double() @ case.lora_b.detach().double()
+    da64 = dp64.T @ dropped
+    torch.testing.assert_close(da.double(), da64, rtol=1e-5, atol=1e-5 * da64.abs().max().item())

@@ -25,21 +25,46 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dropout import DropoutSpec, keep_mask
+from ..dropout import DropoutSpec, fast_keep_mask, keep_mask_chunks
 
 
 def dropout_keep_mask(dropout: DropoutSpec, shape, device) -> Tensor:
-    rows, cols = shape
-    return keep_mask(dropout.seed, dropout.p, torch.arange(rows, device=device),
-                     torch.arange(cols, device=device))
+    # the bits of dropout.keep_mask, the definition (tests/test_dropout_mask.py)
+    return fast_keep_mask(dropout.seed, dropout.p, tuple(shape), device)
+
+
+def _mask_dtype(t: Tensor) -> torch.dtype:
+    """The dtype ``t * keep * scale`` is computed in (torch's opmath: fp32 for 16-bit t), so a
+    mask holding 0 / scale in it gives the same values as the two multiplies."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _dropout_chunks(t: Tensor, dropout: DropoutSpec):
+    """(rows, mask) chunks of the keep-mask of t's shape, the mask holding 0 or keep_scale in
+    _mask_dtype(t): a view the next chunk overwrites."""
+    scale = dropout.keep_scale
+    for rows, mask in keep_mask_chunks(dropout.seed, dropout.p, tuple(t.shape), t.device,
+                                       _mask_dtype(t)):
+        yield rows, mask.mul_(scale)
+
+
+def _dropped(t: Tensor, dropout: DropoutSpec, dtype: torch.dtype, masks=None) -> Tensor:
+    """t * keep * scale, computed in t's opmath dtype, written in ``dtype``; each mask chunk is
+    also handed to ``masks(rows, mask)`` (backward applies it to the dx term with the same
+    chunk), so the mask is made once per pass and never whole."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    for rows, mask in _dropout_chunks(t, dropout):
+        torch.mul(t[rows], mask, out=out[rows])
+        if masks is not None:
+            masks(rows, mask)
+    return out
 
 
 def _apply_dropout(t: Tensor, dropout: Optional[DropoutSpec]) -> Tensor:
     if dropout is None:
         return t
-    keep = dropout_keep_mask(dropout, t.shape, t.device)
     # A multiply, not a select: NaN/Inf in dropped elements give NaN, as F.dropout does.
-    return t * keep * dropout.keep_scale
+    return _dropped(t, dropout, t.dtype)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -48,10 +73,21 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
-    p = _as(_apply_dropout(x, dropout), lora_a.dtype) @ lora_a.T
-    low_rank = scaling * (p @ lora_b_eff.T)
-    y = torch.nn.functional.linear(x, weight, bias) + _as(low_rank, x.dtype)
+    x_low = _as(x, lora_a.dtype) if dropout is None else _dropped(x, dropout, lora_a.dtype)
+    p = x_low @ lora_a.T
+    y = torch.nn.functional.linear(x, weight, bias)
+    if _fused_add(x, lora_a):
+        y.addmm_(p, lora_b_eff.T, alpha=scaling)
+    else:
+        y += _as((p @ lora_b_eff.T).mul_(scaling), x.dtype)
     return y, p
+
+
+def _fused_add(x: Tensor, lora_a: Tensor) -> bool:
+    """Whether a low-rank term may be added by addmm_ (no M x N temporary): one dtype, 32 or 64
+    bits. A 16-bit addmm_ would round once where the separate product rounds twice, and the
+    kernels' tests measure PyTorch's 16-bit error on this backend (tests/tolerance.py)."""
+    return x.dtype == lora_a.dtype and x.dtype in (torch.float32, torch.float64)
 
 
 def latent_operands(p, latent, need_b):
@@ -80,11 +116,33 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
         dp = scaling * (grad_lr @ lora_b)  # (M, r); T = s·G·B with a latent
         if latent is not None:
             dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
-        if need_x:
-            dx_low_rank = _apply_dropout(dp @ lora_a, dropout)
-            dx = _as(grad_y @ weight + _as(dx_low_rank, grad_y.dtype), weight.dtype)
-        if need_a:
-            da = dp.T @ _as(_apply_dropout(x, dropout), adapter_dtype)
+        if dropout is None:
+            if need_x:
+                dx = grad_y @ weight
+                if _fused_add(dx, lora_a):
+                    dx.addmm_(dp, lora_a)
+                else:
+                    dx += _as(dp @ lora_a, dx.dtype)
+                dx = _as(dx, weight.dtype)
+            if need_a:
+                da = dp.T @ _as(x, adapter_dtype)
+        else:
+            # One mask for both terms: dx's dropout(dP·A) and dA's dropout(x), chunk by chunk.
+            low = dp @ lora_a if need_x else None
+
+            def drop_low(rows, mask):
+                low[rows].mul_(mask)
+
+            if need_a:
+                x_low = _dropped(x, dropout, adapter_dtype, drop_low if need_x else None)
+                da = dp.T @ x_low
+            elif need_x:
+                for rows, mask in _dropout_chunks(low, dropout):
+                    drop_low(rows, mask)
+            if need_x:
+                dx = grad_y @ weight
+                dx += _as(low, dx.dtype)
+                dx = _as(dx, weight.dtype)
     if need_b:
         db = scaling * (grad_lr.T @ latent_operands(p, latent, need_b))
     if need_bias:
