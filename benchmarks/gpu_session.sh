@@ -75,6 +75,8 @@ build() {
 
 run_tests() {
   files=(tests/test_csrc.py tests/test_triton.py tests/test_dropout_mask.py tests/test_peft.py)
+  # the full products of the parametrised kernel tests, not CI's pairwise cover (tests/pairwise.py)
+  export LOWRANK_FUSED_EXHAUSTIVE=1
   if [ "$dry" = 1 ]; then
     python -m pytest "${files[@]}" -q --collect-only "$@" | tail -n 1
   else

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pairwise
 import pytest
 import torch
 from lowrank_fused.dropout import DropoutSpec, keep_mask, quantised_p
@@ -95,15 +96,16 @@ def _strided(x, layout):
     return x
 
 
+# Every pair of levels at least once (the full product under LOWRANK_FUSED_EXHAUSTIVE=1):
+# tests/pairwise.py.
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
 PROJECTION_CASES = [
     # (M, K, R, x dtype, adapter dtype, dropout p, x layout)
     (m, k, r, dt, adt, p, layout)
-    for m, k in [(1, 100), (37, 100), (130, 64)]
-    for r in (1, 12, 25, 64, 80)
-    for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
-    for p, layout in [(0.0, "contiguous"), (0.25, "contiguous"), (0.0, "transposed")]
-    if (m, r) != (130, 80) or dt == torch.float32  # the widest case once
+    for (m, k), r, (dt, adt), (p, layout) in pairwise.cases(dict(
+        mk=[(1, 100), (37, 100), (130, 64)], r=[1, 12, 25, 64, 80], dtypes=DTYPE_PAIRS,
+        p_layout=[(0.0, "contiguous"), (0.25, "contiguous"), (0.0, "transposed")]))
 ]
 
 
@@ -121,11 +123,9 @@ def test_projection(lib, m, k, r, dtype, adapter_dtype, p, layout):
 
 GRAD_OUTPUT_CASES = [
     (m, n, r, dt, adt, outputs)
-    for m, n in [(37, 80), (130, 96)]
-    for r in (1, 12, 25, 64, 80)
-    for dt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
-    for outputs in ("dp+db+dbias", "db only")
+    for (m, n), r, (dt, adt), outputs in pairwise.cases(dict(
+        mn=[(37, 80), (130, 96)], r=[1, 12, 25, 64, 80], dtypes=DTYPE_PAIRS,
+        outputs=["dp+db+dbias", "db only"]))
 ]
 
 
@@ -154,11 +154,10 @@ def test_grad_output_pass(lib, m, n, r, dtype, adapter_dtype, outputs):
            same_math=(g, _in_base(p, dtype)))
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("r", [1, 12, 25, 64, 80])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["contiguous", "every_other_column"])
+@pytest.mark.parametrize("layout,dtype,r,p,splits", pairwise.cases(dict(
+    layout=["contiguous", "every_other_column"],
+    dtype=[torch.float32, torch.bfloat16, torch.float16], r=[1, 12, 25, 64, 80], p=[0.0, 0.25],
+    splits=[1, 3])))
 def test_grad_a(lib, dtype, r, p, splits, layout):
     m, k = 101, 100
     x = _strided(_rand(m, k, dtype=dtype, seed=6), layout)
@@ -171,13 +170,10 @@ def test_grad_a(lib, dtype, r, p, splits, layout):
            same_math=(_in_base(dp, dtype), x))
 
 
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("r", [1, 12, 25, 64, 80])
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
-                                                 (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float16),
-                                                 (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("m", [37, 133])  # one block of rows; three, the last ragged
+# m: one block of rows; three, the last ragged
+@pytest.mark.parametrize("m,dtype,adapter_dtype,r,p", [
+    (m, dt, adt, r, p) for m, (dt, adt), r, p in pairwise.cases(dict(
+        m=[37, 133], dtypes=DTYPE_PAIRS, r=[1, 12, 25, 64, 80], p=[0.0, 0.25]))])
 def test_dropped_low_rank(lib, m, dtype, adapter_dtype, r, p):
     k = 100
     out = torch.full((m, k), float("nan"), dtype=dtype)  # written, never read
@@ -339,13 +335,12 @@ def cuda_backend(lib, monkeypatch):
     return module
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("m,r,p", [(1, 1, 0.2), (37, 25, 0.0), (37, 25, 0.2), (130, 64, 0.2),
-                                   (600, 12, 0.0)])  # M = 600: dA split in two
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
-                                                 (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float16),
-                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("deterministic,m,r,p,dtype,adapter_dtype", [
+    (det, m, r, p, dt, adt) for det, (m, r, p), (dt, adt) in pairwise.cases(dict(
+        deterministic=[False, True],
+        mrp=[(1, 1, 0.2), (37, 25, 0.0), (37, 25, 0.2), (130, 64, 0.2),
+             (600, 12, 0.0)],  # M = 600: dA split in two
+        dtypes=DTYPE_PAIRS))])
 def test_cuda_backend_glue_matches_reference(cuda_backend, m, r, dtype, adapter_dtype, p,
                                              deterministic):
     check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic)

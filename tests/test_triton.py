@@ -4,6 +4,8 @@ import dataclasses
 import pytest
 import torch
 
+import pairwise
+
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 import triton  # noqa: E402
@@ -61,13 +63,23 @@ def check(case, dtype, p=0.0):
         assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("p", [0.0, 0.2], ids=["no_dropout", "dropout"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("method", sorted(METHOD_TRAINABLE))
-@pytest.mark.parametrize("rank", [1, 12, 25, 64])
-@pytest.mark.parametrize("m", [1, 37, 128])
+# Every pair of levels at least once (the full product under LOWRANK_FUSED_EXHAUSTIVE=1, as a
+# GPU session's test stage runs it): tests/pairwise.py.
+MATCH_CASES = pairwise.cases(dict(
+    m=[1, 37, 128], rank=[1, 12, 25, 64], method=sorted(METHOD_TRAINABLE), bias=[True, False],
+    p=[0.0, 0.2], dtype=[torch.float32, torch.bfloat16, torch.float16]))
+
+
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _case_id(m, rank, method, bias, p, dtype):
+    return (f"{m}-{rank}-{method}-{'bias' if bias else 'no_bias'}-"
+            f"{'dropout' if p else 'no_dropout'}-{DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.parametrize("m,rank,method,bias,p,dtype", MATCH_CASES,
+                         ids=[_case_id(*c) for c in MATCH_CASES])
 def test_matches_reference(m, rank, method, bias, p, dtype):
     # Adapters in fp32 over a half-precision base, as PEFT keeps them.
     case = make_case((m,), K, N, rank, trainable=METHOD_TRAINABLE[method], bias=bias,
