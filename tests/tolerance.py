@@ -1,14 +1,6 @@
-"""The one tolerance rule of every kernel test: the library's (lowrank_fused/tolerance.py, which
-the first-use check applies at run time too), asserted.
-
-A kernel's output is compared with a float64 reference of the same computation; its largest
-error may be at most twice the largest error PyTorch makes doing the same computation in the
-low precision (the reference backend, or the same formula, run in the low dtypes), plus a small
-atol relative to the largest reference value: one unit of rounding of the computation's lowest
-precision, plus four of float32 for the kernels' own fp32 summation order (for small outputs where
-PyTorch happens to round luckily, or gets the value exact). So a kernel may round differently
-from PyTorch, but not worse.
-"""
+"""The one tolerance rule of every kernel test, asserted: the rule itself (its statement and
+constants) is the library's, lowrank_fused/tolerance.py, which the first-use check applies at
+run time too."""
 from lowrank_fused.tolerance import (  # noqa: F401  (the rule's constants, re-exported)
     ACCUMULATION_ULPS, FP32_EPS, SLACK, kernel_mismatch)
 
