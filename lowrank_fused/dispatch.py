@@ -9,6 +9,8 @@ An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a GPU backend for CUDA
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
 names, else Triton, else the CUDA extension; and the reference backend for anything else.
+A 4-bit (bitsandbytes) weight takes the reference backend whatever was asked
+(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet.
 """
 from __future__ import annotations
 
@@ -174,6 +176,17 @@ def call_choice(backend: str, device: torch.device, kind: str = DEFAULT_KIND) ->
         name = _auto_on_cuda(kind) if device.type == "cuda" else "reference"
     backend_module(name, device)  # fail now, with the reason, rather than inside the op
     return name
+
+
+def quantized_choice(backend: str, device: torch.device) -> str:
+    """The backend for a call over a 4-bit (bitsandbytes) weight: the reference path, whatever
+    was asked for. The Triton and CUDA kernels do not dequantize inside their K loop yet, so
+    "auto" takes the reference for 4-bit weights on CUDA tensors too, and "triton"/"cuda" route
+    there (after the same check that the backend asked for could run here)."""
+    name = requested_choice(backend)
+    if name in ("triton", "cuda") and device.type != "meta":
+        backend_module(name, device)
+    return "reference"
 
 
 def call_kind(x, weight, lora_a, lora_b, latent) -> str:

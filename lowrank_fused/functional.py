@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, quantized
 from .dropout import seed_tensor
 from .ops import EagerLowRank, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
@@ -30,7 +30,10 @@ def low_rank_linear(
 
     Args:
         x: input, shape (..., K), same dtype as ``weight``.
-        weight: frozen base weight W, shape (N, K) (nn.Linear's layout).
+        weight: frozen base weight W, shape (N, K) (nn.Linear's layout), or a bitsandbytes
+            ``Params4bit`` (QLoRA: NF4/FP4, any blocksize, nested absmax or not) holding it:
+            dequantized to x's dtype per call, as ``bnb.matmul_4bit`` does, on the reference
+            backend (every backend routes 4-bit calls there for now); never saved dense.
         lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
             backward: only P = dropout(x)·Aᵀ, shape (M, r).
         lora_b: B, shape (N, r).
@@ -55,16 +58,26 @@ def low_rank_linear(
         ValueError: mismatched shapes, rank < 1, tensors on several devices, dropout_p outside
             [0, 1), non-finite scaling or a scaling tensor that requires grad, dropout_seed
             outside [0, 2**63), unknown backend.
+        ValueError (4-bit): a Params4bit without a quant state, or a quant state missing a
+            field (absmax, shape, code, blocksize, quant_type, dtype; offset and state2 when
+            nested), named in the message.
         TypeError: x not a tensor, non-floating dtypes, x and weight of different dtypes,
             adapters of mixed dtypes, scaling not a number, dropout_p not a number, dropout_seed
             not an int.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
     check_call_arguments(x, scaling, dropout_seed)
+    four_bit = quantized.is_4bit(weight)
     compiling = torch.compiler.is_compiling()
+    if four_bit and compiling:
+        # The custom ops would see the Params4bit as a plain uint8 tensor (its quant state
+        # lost): a 4-bit call runs eagerly, a graph break (fullgraph=True refuses it).
+        return _eager_low_rank_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent,
+                                      scaling=scaling, dropout_p=dropout_p, training=training,
+                                      backend=backend, dropout_seed=dropout_seed)
     if compiling or _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
-    if compiling:
+    if compiling or four_bit:  # a quant state can change between calls: checked each call
         check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     else:
         _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p)
@@ -72,10 +85,11 @@ def low_rank_linear(
     device = x.device
     kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if device.type == "cuda"
             else dispatch.DEFAULT_KIND)
-    choice = dispatch.call_choice(backend, device, kind)
+    choice = (dispatch.quantized_choice(backend, device) if four_bit
+              else dispatch.call_choice(backend, device, kind))
 
     dropout_p = float(dropout_p) if training else 0.0
-    n, k = weight.shape
+    n, k = quantized.shape(weight)
     rows = x if x.dim() == 2 else x.reshape(-1, k)
     args = (weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p)
     if compiling:
@@ -91,6 +105,9 @@ def low_rank_linear(
         else:
             y2d, _ = run_forward(rows, *args, seed, choice)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
+
+
+_eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
 
 
 # One C call that says whether any autocast is on (eager only: compile keeps the public checks);
@@ -146,4 +163,5 @@ def _autocast_base(x, weight, bias):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
-    return cast(x), cast(weight), cast(bias)
+    # a 4-bit weight stays packed: the reference dequantizes it to x's (now autocast) dtype
+    return cast(x), (weight if quantized.is_4bit(weight) else cast(weight)), cast(bias)

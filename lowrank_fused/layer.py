@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import quantized
 from .ops import effective_lora_b
 from .functional import low_rank_linear
 from .initialization import kaiming_uniform_a_, lora_xs_factors, lora_xs_latent
@@ -67,11 +68,20 @@ class LowRankLinear(nn.Module):
                     xs_fold_sigma: bool = True,
                     generator: Optional[torch.Generator] = None) -> "LowRankLinear":
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are reused (not copied)
-        and frozen. Other arguments as in the constructor."""
+        and frozen. Other arguments as in the constructor.
+
+        A bitsandbytes ``Linear4bit`` (QLoRA) is wrapped the same way: its ``Params4bit`` stays
+        4-bit (dequantized per call, never saved dense), x is cast to its compute dtype as
+        bitsandbytes does and y back to x's dtype; LoRA-XS's SVD dequantizes W once. Such a
+        layer does not merge (``merge``/``to_linear`` raise: W would need re-quantizing)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.compute_dtype = None
+        if quantized.is_linear4bit(linear):
+            quantized.check_4bit(linear.weight, "linear.weight")
+            layer.compute_dtype = quantized.compute_dtype_of(linear)
         layer._build(linear.weight, linear.bias, rank, method=method, alpha=alpha,
                      dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
                      backend=backend, xs_source=xs_source, xs_triplets=xs_triplets,
@@ -83,11 +93,13 @@ class LowRankLinear(nn.Module):
                xs_fold_sigma, generator) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
-        out_features, in_features = weight.shape
+        out_features, in_features = quantized.shape(weight)
         check_rank(rank, out_features, in_features)
         check_dropout_p(dropout, "dropout")
+        self.__dict__.setdefault("compute_dtype", None)  # a 4-bit base's, set by from_linear
+        base_dtype = self.compute_dtype or weight.dtype
         if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
+            adapter_dtype = torch.float32 if base_dtype in _HALF else base_dtype
 
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.method, self.dropout, self.backend = method, float(dropout), backend
@@ -127,7 +139,10 @@ class LowRankLinear(nn.Module):
         (its W holds the old update): unmerge() first."""
         self._refuse_if_merged("reset_adapters")
         if self.method == "lora_xs":
-            a, b = lora_xs_factors(self.weight, self.rank, generator=generator,
+            weight = self.weight
+            if quantized.is_4bit(weight):  # its SVD runs on W dequantized once
+                weight = quantized.dequantize(weight, weight.quant_state.dtype)
+            a, b = lora_xs_factors(weight, self.rank, generator=generator,
                                    dtype=self.lora_a.dtype, **self._xs_init)
             self.lora_a.copy_(a)
             self.lora_b.copy_(b)
@@ -164,10 +179,26 @@ class LowRankLinear(nn.Module):
                 warnings.warn("LowRankLinear is merged: its adapters get no gradient until "
                               "unmerge()", stacklevel=2)
             return nn.functional.linear(x, self.weight, self.bias)
+        if self.compute_dtype is not None:  # a 4-bit base: bitsandbytes' dtype rule
+            x_c = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
+            bias = self.bias
+            if bias is not None and bias.dtype != self.compute_dtype:
+                bias = bias.to(self.compute_dtype)
+            y = low_rank_linear(x_c, self.weight, self.lora_a, self.lora_b, bias=bias,
+                                latent=self.latent, scaling=self.scaling,
+                                dropout_p=self.dropout, training=self.training,
+                                backend=self.backend)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         return low_rank_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias,
                                latent=self.latent, scaling=self.scaling,
                                dropout_p=self.dropout, training=self.training,
                                backend=self.backend)
+
+    def _refuse_if_4bit(self, what: str) -> None:
+        if quantized.is_4bit(self.weight):
+            raise RuntimeError(f"LowRankLinear over a 4-bit (bitsandbytes) weight cannot "
+                               f"{what}: W would need re-quantizing; keep the adapters separate "
+                               "(PEFT's merge_and_unload on a 4-bit model re-quantizes)")
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
@@ -178,6 +209,7 @@ class LowRankLinear(nn.Module):
         ``unmerge()`` (one more W in memory, on W's device), so that unmerge restores W
         bit-for-bit in every dtype: subtracting the update again would round. Pass False to
         save that memory when you will not unmerge, or use ``to_linear()``."""
+        self._refuse_if_4bit("merge")
         if self.merged:
             raise RuntimeError("LowRankLinear is already merged")
         if keep_original:
@@ -202,6 +234,7 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain ``nn.Linear`` computing this layer's function (update folded in)."""
+        self._refuse_if_4bit("convert to_linear")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         weight = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)

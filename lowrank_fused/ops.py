@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, verification
+from . import dispatch, quantized, verification
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
 
@@ -62,7 +62,8 @@ def _dropout(dropout_p: float, seed) -> Optional[DropoutSpec]:
 
 def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
     """(dtype, M, N, K, r) of a call, for a policy tag made concrete per shape (dispatch.shape_choice)."""
-    return (weight.dtype, rows.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
+    n, k = quantized.shape(weight)
+    return (weight.dtype, rows.shape[0], n, k, lora_a.shape[0])
 
 
 def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
@@ -85,7 +86,7 @@ def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
 
 @forward_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
+    return (x.new_empty((x.shape[0], quantized.shape(weight)[0])),
             lora_a.new_empty((x.shape[0], lora_a.shape[0])))
 
 
@@ -118,7 +119,7 @@ def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, ba
       need_x, need_a, need_b, need_latent, need_bias):
     def maybe(needed, like, shape):
         return like.new_empty(shape if needed else (0,))
-    return (maybe(need_x, weight, (grad_y.shape[0], weight.shape[1])),
+    return (maybe(need_x, grad_y, (grad_y.shape[0], quantized.shape(weight)[1])),
             maybe(need_a, lora_a, lora_a.shape),
             maybe(need_b, lora_b, lora_b.shape),
             maybe(need_latent and latent is not None, lora_a,

@@ -6,6 +6,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
+from . import quantized
 from .layer import LowRankLinear
 
 
@@ -37,7 +38,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def apply_low_rank(model: nn.Module, target_modules: Union[str, Iterable[str]], rank: int,
                    method: str = "lora", alpha: float | None = None, dropout: float = 0.0,
                    **layer_kwargs) -> LowRankSummary:
-    """Replace, in place, every ``nn.Linear`` of ``model`` whose qualified name equals or ends
+    """Replace, in place, every ``nn.Linear`` (or bitsandbytes 4-bit ``Linear4bit``: QLoRA) of
+    ``model`` whose qualified name equals or ends
     with ``"." + t`` for a ``t`` in ``target_modules`` (PEFT's rule) by
     ``LowRankLinear.from_linear(linear, rank, method, alpha=alpha, dropout=dropout,
     **layer_kwargs)``, and freeze every other parameter.
@@ -49,7 +51,8 @@ def apply_low_rank(model: nn.Module, target_modules: Union[str, Iterable[str]], 
     if not targets:
         raise ValueError("target_modules is empty: name at least one module suffix")
     chosen = [(name, module) for name, module in model.named_modules()
-              if type(module) is nn.Linear and _matches(name, targets)]
+              if (type(module) is nn.Linear or quantized.is_linear4bit(module))
+              and _matches(name, targets)]
     if not chosen:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"no nn.Linear of the model matches target_modules={targets}; "

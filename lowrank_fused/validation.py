@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import quantized
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -101,17 +103,22 @@ def check_operator_inputs(
     latent: Optional[Tensor],
     dropout_p: float,
 ) -> None:
+    four_bit = quantized.is_4bit(weight)
     named = [("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     if bias is not None:
         named.append(("bias", bias))
     if latent is not None:
         named.append(("latent", latent))
     for name, t in named:
-        _check_float(name, t)
+        if not (four_bit and name == "weight"):
+            _check_float(name, t)
 
-    if weight.dim() != 2:
+    if four_bit:  # a bitsandbytes Params4bit: (N, K) from its quant state
+        n, k = quantized.check_4bit(weight)
+    elif weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features N, in_features K), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+    else:
+        n, k = weight.shape
     if k < 1:
         raise ValueError(f"in_features K = weight.shape[1] must be at least 1, got weight of shape "
                          f"{tuple(weight.shape)}")
@@ -130,10 +137,13 @@ def check_operator_inputs(
     if bias is not None:
         _check_shape("bias", bias, (n,), f"N = {n} from weight")
 
-    if x.dtype != weight.dtype:
+    # A 4-bit W is dequantized to x's dtype (bnb.matmul_4bit's rule): x's dtype is the compute dtype.
+    base_dtype = x.dtype if four_bit else weight.dtype
+    if not four_bit and x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype (as in nn.Linear), got x {x.dtype} and weight {weight.dtype}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    if bias is not None and bias.dtype != base_dtype:
+        raise TypeError(f"bias must have {'x' if four_bit else 'weight'}'s dtype {base_dtype}, "
+                        f"got {bias.dtype}")
     adapters = [("lora_b", lora_b)] + ([("latent", latent)] if latent is not None else [])
     for name, t in adapters:
         if t.dtype != lora_a.dtype:

@@ -15,6 +15,10 @@ need_a, need_b, need_latent=False, need_bias) -> (dx, da, db, dr, dbias)``
     dP = T·Rᵀ and dR = Pᵀ·T (``latent_gradients``). So dR needs no dB_eff (no N x r reduction,
     no atomics when B is frozen) and never rounds P to a 16-bit dot operand.
 
+``weight`` may be a bitsandbytes ``Params4bit`` (``lowrank_fused.quantized``): this backend
+dequantizes it to x's dtype per call, forward and backward, as ``bnb.matmul_4bit`` does (the
+dense N x K tensor is a transient, dropped after its GEMM); every backend routes 4-bit calls here.
+
 ``dropout_keep_mask(dropout, shape, device) -> bool tensor``
     The keep-mask the backend derives from ``dropout.seed``: True where x is kept.
 """
@@ -25,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import quantized
 from ..dropout import DropoutSpec, fast_keep_mask, keep_mask_chunks
 
 
@@ -75,7 +80,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     x_low = _as(x, lora_a.dtype) if dropout is None else _dropped(x, dropout, lora_a.dtype)
     p = x_low @ lora_a.T
-    y = torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(x, quantized.dense_like(weight, x.dtype), bias)
     if _fused_add(x, lora_a):
         y.addmm_(p, lora_b_eff.T, alpha=scaling)
     else:
@@ -118,12 +123,12 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
             dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
         if dropout is None:
             if need_x:
-                dx = grad_y @ weight
+                dx = grad_y @ quantized.dense_like(weight, grad_y.dtype)
                 if _fused_add(dx, lora_a):
                     dx.addmm_(dp, lora_a)
                 else:
                     dx += _as(dp @ lora_a, dx.dtype)
-                dx = _as(dx, weight.dtype)
+                dx = _as(dx, grad_y.dtype)
             if need_a:
                 da = dp.T @ _as(x, adapter_dtype)
         else:
@@ -140,9 +145,9 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
                 for rows, mask in _dropout_chunks(low, dropout):
                     drop_low(rows, mask)
             if need_x:
-                dx = grad_y @ weight
+                dx = grad_y @ quantized.dense_like(weight, grad_y.dtype)
                 dx += _as(low, dx.dtype)
-                dx = _as(dx, weight.dtype)
+                dx = _as(dx, grad_y.dtype)
     if need_b:
         db = scaling * (grad_lr.T @ latent_operands(p, latent, need_b))
     if need_bias:

@@ -4,6 +4,8 @@
 - ``lora_fa``: ``freeze_lora_a(model)``, LoRA-FA that PEFT's adapter operations cannot undo.
 - ``lora_xs``: ``convert_to_lora_xs(model)``, LoRA-XS inside a PEFT model; ``latents(model)``.
 - ``files``: ``save_lora_xs`` / ``load_lora_xs``, PEFT's files (plain PEFT reads them) plus ours.
+- ``qlora``: ``FusedLoraLinear4bit``, PEFT's 4-bit (bitsandbytes) LoRA layer served (needs
+  bitsandbytes; ``lowrank_fused.peft.FusedLoraLinear4bit`` imports it on first use).
 """
 from .files import LATENT_CONFIG, LATENT_FILE, load_lora_xs, save_lora_xs
 from .lora_fa import freeze_lora_a
@@ -13,3 +15,11 @@ from .serving import FusedLoraLinear, FusedPeft, disable_fused, enable_fused
 __all__ = ["enable_fused", "disable_fused", "FusedPeft", "FusedLoraLinear", "freeze_lora_a",
            "convert_to_lora_xs", "latents", "save_lora_xs", "load_lora_xs", "LATENT_FILE",
            "LATENT_CONFIG"]
+
+
+def __getattr__(name):
+    # PEFT's 4-bit layer exists only with bitsandbytes: imported on first use, never at import
+    if name == "FusedLoraLinear4bit":
+        from .qlora import FusedLoraLinear4bit
+        return FusedLoraLinear4bit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

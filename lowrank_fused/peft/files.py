@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import quantized
 from .lora_layers import lora_linear_layers
 from .lora_xs import convert_to_lora_xs, factor, latent_of, latents
 
@@ -145,7 +146,7 @@ def _check_layer(base_model: nn.Module, folder: Path, name: str, a, b, b_factor,
                          "model does not have") from None
     if not isinstance(base, nn.Linear):
         raise ValueError(f"load_lora_xs: {path!r} is a {type(base).__name__}, expected nn.Linear")
-    n, k = base.weight.shape
+    n, k = quantized.shape(base.weight)
     r = a.shape[0] if a.dim() == 2 else -1
     want = {"lora_A": (a, (r, k)), "lora_B": (b, (n, r)), "factor": (b_factor, (n, r)),
             "latent": (latent, (r, r))}

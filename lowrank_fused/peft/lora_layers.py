@@ -10,12 +10,31 @@ except ImportError as err:  # pragma: no cover - peft is an optional dependency
     raise ImportError("lowrank_fused.peft needs the peft package: pip install peft") from err
 
 
+def lora_linear4bit_class():
+    """PEFT's LoRA layer over a bitsandbytes 4-bit base (``peft.tuners.lora.bnb.Linear4bit``),
+    or None when bitsandbytes (or that PEFT class) is not installed."""
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
+def is_lora_linear(module) -> bool:
+    """A PEFT LoRA Linear layer: over a plain nn.Linear, or over a bitsandbytes 4-bit base."""
+    if isinstance(module, LoraLinear):
+        return True
+    four_bit = lora_linear4bit_class() if isinstance(module, LoraLayer) else None
+    return four_bit is not None and isinstance(module, four_bit)
+
+
 def lora_layers(model: nn.Module) -> list:
     """(name, module) of every PEFT LoRA layer of any kind."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def lora_linear_layers(model: nn.Module, adapter: str) -> list:
-    """(name, module) of the PEFT LoRA Linear layers that hold ``adapter``."""
+    """(name, module) of the PEFT LoRA Linear layers (4-bit bases included) that hold
+    ``adapter``."""
     return [(n, m) for n, m in lora_layers(model)
-            if isinstance(m, LoraLinear) and adapter in m.lora_A]
+            if is_lora_linear(m) and adapter in m.lora_A]

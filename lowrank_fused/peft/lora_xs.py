@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import quantized
 from ..initialization import lora_xs_factors, lora_xs_latent
-from .lora_layers import LoraLinear, lora_layers, lora_linear_layers
+from .lora_layers import is_lora_linear, lora_layers, lora_linear_layers
 
 
 class _Latent(nn.Module):
@@ -86,7 +87,7 @@ def convert_to_lora_xs(model: nn.Module, adapter: str = "default", *, init: bool
     lora_B (after loading saved factors) and R = 0 until ``load_lora_xs`` fills it.
     ``xs_options``: see ``lora_xs_factors``. Returns the number of latent parameters (L·q·r²)."""
     others = [n for n, m in lora_layers(model)
-              if not isinstance(m, LoraLinear) and adapter in getattr(m, "lora_A", {})]
+              if not is_lora_linear(m) and adapter in getattr(m, "lora_A", {})]
     if others:
         raise ValueError(f"LoRA-XS covers Linear layers only; adapter {adapter!r} is also on "
                          f"{others[:5]}: target only Linear modules")
@@ -105,7 +106,10 @@ def convert_to_lora_xs(model: nn.Module, adapter: str = "default", *, init: bool
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
         rank = lora_a.weight.shape[0]
         if init:
-            a, b = lora_xs_factors(module.get_base_layer().weight, rank, generator=generator,
+            weight = module.get_base_layer().weight
+            if quantized.is_4bit(weight):  # a 4-bit base: its SVD runs on W dequantized once
+                weight = quantized.dequantize(weight, weight.quant_state.dtype)
+            a, b = lora_xs_factors(weight, rank, generator=generator,
                                    dtype=lora_a.weight.dtype, **xs_options)
             lora_a.weight.copy_(a)
             lora_b.weight.copy_(b)

@@ -16,7 +16,12 @@ Why this and not the alternatives:
   ``peft.tuners.lora.Linear``; ``disable_fused`` swaps the class back (do so before pickling
   for a model that unpickles without lowrank_fused installed).
 
-What cannot be served (DoRA and other variants, LoRA bias, conv/embedding/quantized layers,
+A PEFT QLoRA layer (``peft.tuners.lora.bnb.Linear4bit``, over a bitsandbytes ``Linear4bit``)
+is served the same way by ``FusedLoraLinear4bit`` (in ``qlora.py``, importable only with
+bitsandbytes): x is cast to the base's compute dtype as bitsandbytes does, the 4-bit weight goes
+to the operator as it is (dequantized per call, never saved), y comes back in x's dtype.
+
+What cannot be served (DoRA and other variants, LoRA bias, conv/embedding/8-bit layers,
 ``fan_in_fan_out``, mixed-adapter batches, several active adapters with dropout) runs PEFT's own
 forward and is reported once per layer and reason.
 """
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 from ..functional import low_rank_linear
-from .lora_layers import LoraLayer, LoraLinear, lora_layers
+from .lora_layers import LoraLayer, LoraLinear, lora_layers, lora_linear4bit_class
 
 _BACKEND = "_lowrank_fused_backend"  # on the enabled root: the backend new layers get
 _NAME = "_lowrank_fused_name"
@@ -66,39 +71,95 @@ def _report_once(module, reason: str, stacklevel: int = 3) -> None:
                       f"runs PEFT's own forward: {reason}", stacklevel=stacklevel)
 
 
+def fused_forward(self, x, peft_forward, base_weight, bias):
+    """The served forward of a PEFT LoRA layer ``self`` over ``base_weight`` (dense or 4-bit),
+    or PEFT's own (``peft_forward``) where the call cannot be served."""
+    if self.disable_adapters or self.merged:
+        return peft_forward(x)  # PEFT's base-only path
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if not active:
+        return peft_forward(x)
+    reason = _call_reason(self, active)
+    if reason is not None:
+        _report_once(self, reason, stacklevel=4)
+        return peft_forward(x)
+
+    if len(active) == 1:
+        (adapter,) = active
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        scaling, p = self.scaling[adapter], _dropout_p(self, adapter)
+        if p >= 1.0:  # PEFT accepts p = 1: the branch contributes zero (and zero gradients)
+            scaling, p = 0.0, 0.0
+    else:  # one call for all: [A_1; A_2; ...] and [s_1·B_1 | s_2·B_2 | ...]
+        lora_a = torch.cat([self.lora_A[a].weight for a in active], 0)
+        lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], 1)
+        scaling, p = 1.0, 0.0
+    return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
+                           dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND])
+
+
 class FusedLoraLinear(LoraLinear):
     """PEFT's LoRA Linear whose forward (and so backward) runs ``low_rank_linear`` on the
     layer's own tensors; everything else is PEFT's. Made by ``enable_fused``, never directly."""
 
     def forward(self, x, *args, **kwargs):
         peft_forward = super().forward
-        if args or kwargs or self.disable_adapters or self.merged:
-            return peft_forward(x, *args, **kwargs)  # PEFT's base-only and mixed-batch paths
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if not active:
-            return peft_forward(x)
-        reason = _call_reason(self, active)
-        if reason is not None:
-            _report_once(self, reason)
-            return peft_forward(x)
-
+        if args or kwargs:
+            return peft_forward(x, *args, **kwargs)  # PEFT's mixed-batch path
         base = self.get_base_layer()
-        if len(active) == 1:
-            (adapter,) = active
-            lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            scaling, p = self.scaling[adapter], _dropout_p(self, adapter)
-            if p >= 1.0:  # PEFT accepts p = 1: the branch contributes zero (and zero gradients)
-                scaling, p = 0.0, 0.0
-        else:  # one call for all: [A_1; A_2; ...] and [s_1·B_1 | s_2·B_2 | ...]
-            lora_a = torch.cat([self.lora_A[a].weight for a in active], 0)
-            lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], 1)
-            scaling, p = 1.0, 0.0
-        return low_rank_linear(x, base.weight, lora_a, lora_b, bias=base.bias, scaling=scaling,
-                               dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND])
+        return fused_forward(self, x, peft_forward, base.weight, base.bias)
+
+
+def _fused_class(module):
+    """The served class for a PEFT LoRA layer's class, or None."""
+    if type(module) is LoraLinear:
+        return FusedLoraLinear
+    four_bit = lora_linear4bit_class()
+    if four_bit is not None and type(module) is four_bit:
+        from .qlora import FusedLoraLinear4bit
+        return FusedLoraLinear4bit
+    return None
+
+
+def _is_fused(module) -> bool:
+    return getattr(type(module), "_lowrank_fused_served", False)
+
+
+FusedLoraLinear._lowrank_fused_served = True
+FusedLoraLinear._peft_class = LoraLinear
+
+
+def _quantized_reason(module) -> Optional[str]:
+    """Why a PEFT LoRA layer over a quantized (bitsandbytes) base cannot be served, or None for
+    a layer that is not over one, or is over a servable 4-bit base."""
+    name = type(module).__name__
+    if name in ("Linear8bitLt",) and type(module).__module__.startswith("peft."):
+        return ("base layer bitsandbytes Linear8bitLt (8-bit, LLM.int8()) is not served: its "
+                "outlier decomposition and int8 matmul are not reproduced by this package; "
+                "only 4-bit (Linear4bit, NF4/FP4) bases are")
+    four_bit = lora_linear4bit_class()
+    if four_bit is None or not isinstance(module, four_bit):
+        return None
+    import bitsandbytes as bnb  # present: the PEFT class exists only with it
+
+    base = module.get_base_layer()
+    if type(base) not in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4):
+        return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
+    if getattr(base.weight, "quant_state", None) is None:
+        return "its 4-bit base weight has no quant_state yet (move the model to its device)"
+    return None
 
 
 def _static_reason(module) -> Optional[str]:
     """Why this LoRA layer can never be served, or None."""
+    quantized_reason = _quantized_reason(module)
+    if quantized_reason is not None:
+        return quantized_reason
+    four_bit = lora_linear4bit_class()
+    if four_bit is not None and isinstance(module, four_bit):
+        if type(module).__name__ not in ("Linear4bit", "FusedLoraLinear4bit"):
+            return f"{type(module).__name__} is a custom subclass of PEFT's LoRA Linear4bit"
+        return None
     if not isinstance(module, LoraLinear):
         return f"{type(module).__name__} layers are not Linear"
     if type(module) not in (LoraLinear, FusedLoraLinear):
@@ -131,7 +192,7 @@ class FusedPeft:
 
 def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) -> None:
     for name, module in lora_layers(root):
-        if isinstance(module, FusedLoraLinear) and module.__dict__.get(_BACKEND) == backend:
+        if _is_fused(module) and module.__dict__.get(_BACKEND) == backend:
             result.served.append(name)
             continue
         reason = _static_reason(module)
@@ -141,7 +202,8 @@ def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) ->
             result.fallbacks[name] = reason
             _report_once(module, reason, stacklevel=stacklevel)
             continue
-        module.__class__ = FusedLoraLinear
+        if not _is_fused(module):
+            module.__class__ = _fused_class(module)
         module.__dict__[_BACKEND] = backend
         result.served.append(name)
 
@@ -152,7 +214,7 @@ def _serve_new_layers(root: nn.Module, args) -> None:
     only reads types (about 0.6 ms for 400 modules on a busy CPU); the full pass runs only when
     a layer is new."""
     for module in root.modules():
-        if (isinstance(module, LoraLayer) and not isinstance(module, FusedLoraLinear)
+        if (isinstance(module, LoraLayer) and not _is_fused(module)
                 and _UNSERVABLE not in module.__dict__):
             _serve(root, root.__dict__[_BACKEND], FusedPeft(), stacklevel=4)
             return
@@ -186,6 +248,6 @@ def disable_fused(model: nn.Module) -> None:
     model.__dict__.pop(_BACKEND, None)
     for _, module in lora_layers(model):
         module.__dict__.pop(_UNSERVABLE, None)
-        if isinstance(module, FusedLoraLinear):
-            module.__class__ = LoraLinear
+        if _is_fused(module):
+            module.__class__ = type(module)._peft_class
             module.__dict__.pop(_BACKEND, None)

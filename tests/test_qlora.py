@@ -1,0 +1,333 @@
+"""QLoRA: a bitsandbytes 4-bit frozen base (Params4bit) under the operator, the layer, the
+surgery and PEFT's Linear4bit layers served by enable_fused."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes", reason="the bitsandbytes package is not installed")
+
+import lowrank_fused as lf  # noqa: E402
+from lowrank_fused import dispatch, ops, quantized  # noqa: E402
+from lowrank_fused import peft as lfp  # noqa: E402
+from lowrank_fused.saved_activations import SavedActivations  # noqa: E402
+
+from helpers import Case, as_float64, grads_of, naive_forward, reference_keep_mask  # noqa: E402
+from peft_helpers import Small, counting_ops, nonzero_b  # noqa: E402
+from qlora_helpers import linear4bit, quantize_model  # noqa: E402
+from tolerance import assert_kernel_close  # noqa: E402
+
+M_SHAPE, K, N, R = (3, 5), 128, 48, 4
+METHODS = {"lora": {"lora_a", "lora_b"}, "lora_fa": {"lora_b"}, "lora_xs": {"latent"}}
+
+
+def params4bit(n=N, k=K, quant_type="nf4", blocksize=64, nested=False, dtype=torch.float32,
+               seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    return bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, blocksize=blocksize,
+                             compress_statistics=nested).to("cpu")  # .to() quantizes
+
+
+def adapters(method, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    trains = METHODS[method]
+
+    def t(*shape, name, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_(name in trains)
+    return (t(R, K, name="lora_a", scale=K ** -0.5), t(N, R, name="lora_b", scale=R ** -0.5),
+            t(R, R, name="latent", scale=R ** -0.5) if method == "lora_xs" else None)
+
+
+# ---- the operator: reference path against float64 on the dequantized weight ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("quant_type,blocksize,nested",
+                         [("nf4", 64, False), ("nf4", 128, True), ("fp4", 64, True),
+                          ("fp4", 128, False)])
+def test_reference_matches_float64_on_the_dequantized_weight(quant_type, blocksize, nested,
+                                                             dropout, method, dtype):
+    weight = params4bit(quant_type=quant_type, blocksize=blocksize, nested=nested, dtype=dtype)
+    assert weight.quant_state.quant_type == quant_type and weight.quant_state.nested == nested
+    lora_a, lora_b, latent = adapters(method)  # fp32 adapters over the base, as PEFT keeps them
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*M_SHAPE, K, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dtype)
+    seed = 1234
+    y = lf.low_rank_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent, scaling=0.5,
+                           dropout_p=dropout, dropout_seed=seed, backend="reference")
+    assert y.dtype == dtype and y.shape == (*M_SHAPE, N)
+
+    dense = quantized.dequantize(weight, dtype)
+    assert dense.shape == (N, K)
+    case = Case(x=x, weight=dense, lora_a=lora_a, lora_b=lora_b, bias=bias, latent=latent,
+                scaling=0.5)
+    mask = (reference_keep_mask(dropout, seed, (x[..., 0].numel(), K)).reshape(x.shape)
+            if dropout else None)
+    case64 = as_float64(case)
+    want64 = naive_forward(case64, mask, dropout)
+    low = naive_forward(case, mask, dropout)
+    assert_kernel_close(y, want64, low, "y")
+
+    grad_out = torch.randn(y.shape, generator=g).to(dtype)
+    wanted = {k: v for k, v in case.tensors().items() if v.requires_grad}
+    assert "x" in wanted and (set(wanted) - {"x"}) == METHODS[method]
+    got = grads_of(y, grad_out, wanted)
+    want = grads_of(want64, grad_out.double(), {k: getattr(case64, k) for k in wanted})
+    low_g = grads_of(low, grad_out, wanted)
+    for name in wanted:
+        assert_kernel_close(got[name], want[name], low_g[name], f"d{name}")
+
+
+def test_equals_bitsandbytes_own_matmul():
+    lin = linear4bit(nn.Linear(K, N), "nf4", 64, True)
+    x = torch.randn(2, 7, K)
+    lora_a, lora_b, _ = adapters("lora")
+    y = lf.low_rank_linear(x, lin.weight, lora_a, lora_b * 0, bias=lin.bias)
+    torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+
+
+def test_a_frozen_keeps_no_x_and_no_dense_weight():
+    for method, expected in [("lora_fa", None), ("lora_xs", None), ("lora", K)]:
+        lin = linear4bit(nn.Linear(K, N), "nf4", 64, True)
+        layer = lf.LowRankLinear.from_linear(lin, R, method, dropout=0.1)
+        assert layer.weight is lin.weight and quantized.is_4bit(layer.weight)
+        x = torch.randn(*M_SHAPE, K, requires_grad=True)
+        with SavedActivations(layer) as saved:
+            loss = layer(x).sum()
+        loss.backward()
+        m = x[..., 0].numel()
+        numels = sorted(t.numel() for t in saved.tensors)
+        assert N * K not in numels, saved.shapes()  # never the dense W
+        assert numels == sorted([m * R] + ([m * K] if expected else [])), (method, saved.shapes())
+        assert x.grad is not None and lin.weight.grad is None
+
+
+def test_layer_lora_xs_initialises_from_the_dequantized_weight():
+    lin = linear4bit(nn.Linear(K, N), "fp4", 128, False)
+    layer = lf.LowRankLinear.from_linear(lin, R, "lora_xs")
+    dense = quantized.dequantize(lin.weight, torch.float32)
+    u, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)
+    best = (u[:, :R] * s[:R]) @ vh[:R]
+    torch.testing.assert_close((layer.lora_b.double() @ layer.lora_a.double()), best,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="4-bit"):
+        layer.merge()
+
+
+def test_apply_low_rank_on_a_4bit_model_and_compute_dtype():
+    model = quantize_model(Small(), names=["q", "v"], compute_dtype=torch.bfloat16)
+    summary = lf.apply_low_rank(model, ["q", "v"], rank=R, method="lora_fa")
+    assert summary.replaced == ["q", "v"]
+    assert model.q.lora_a.dtype == torch.float32 and model.q.compute_dtype == torch.bfloat16
+    x = torch.randn(3, 16)
+    out = model(x)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == \
+        ["q.lora_b", "v.lora_b"]
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("damage,message", [
+    ("no_state", "no quant_state"),
+    ("absmax", "missing absmax"),
+    ("code", "missing code"),
+    ("state2", "state2"),
+    ("quant_type", "quant_type must be one of"),
+])
+def test_a_partial_quant_state_is_a_clear_error(damage, message):
+    weight = params4bit(nested=True)
+    if damage == "no_state":
+        weight.quant_state = None
+    else:
+        state = copy.copy(weight.quant_state)
+        setattr(state, damage, "int8" if damage == "quant_type" else None)
+        weight.quant_state = state
+    lora_a, lora_b, _ = adapters("lora")
+    with pytest.raises(ValueError, match=message):
+        lf.low_rank_linear(torch.randn(2, K), weight, lora_a, lora_b)
+
+
+def test_shapes_are_checked_against_the_quant_state():
+    weight = params4bit()
+    lora_a, lora_b, _ = adapters("lora")
+    with pytest.raises(ValueError, match="K = weight.shape"):
+        lf.low_rank_linear(torch.randn(2, K // 2), weight, lora_a, lora_b)
+    with pytest.raises(ValueError, match="lora_b"):
+        lf.low_rank_linear(torch.randn(2, K), weight, lora_a, lora_b[:-1])
+
+
+# ---- backends: 4-bit calls go to the reference path ----
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_backends_route_4bit_calls_to_the_reference(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    seen = []
+    real = ops.run_forward
+    monkeypatch.setattr(lf.functional, "run_forward",
+                        lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(ops, "run_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    weight = params4bit()
+    lora_a, lora_b, _ = adapters("lora_fa")
+    lf.low_rank_linear(torch.randn(2, K), weight, lora_a.detach(), lora_b.detach(),
+                       backend=backend)
+    assert seen == ["reference"]
+    # "auto" on CUDA tensors picks the reference for a 4-bit weight (no GPU needed to ask)
+    assert dispatch.quantized_choice("auto", torch.device("cuda")) == "reference"
+    assert dispatch.quantized_choice("reference", torch.device("cuda")) == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.quantized_choice("bogus", torch.device("cpu"))
+
+
+# ---- PEFT: lora.bnb.Linear4bit served by enable_fused ----
+
+def qlora_peft(method="lora", dropout=0.0, compute_dtype=torch.float32, **options):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = quantize_model(Small(), names=["q", "v"], compute_dtype=compute_dtype, **options)
+    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=8, target_modules=["q", "v"],
+                                                  lora_dropout=dropout))
+    nonzero_b(peft_model)
+    if method == "lora_fa":
+        lfp.freeze_lora_a(peft_model)
+    if method == "lora_xs":
+        lfp.convert_to_lora_xs(peft_model, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            for latent in lfp.latents(peft_model).values():
+                latent.normal_(0, 0.1)
+    return peft_model
+
+
+def run(model, x):
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad()
+    y = model(x)
+    y.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_enable_fused_serves_peft_linear4bit_with_peft_outputs_and_grads(method):
+    model = qlora_peft(method, quant_type="nf4", blocksize=64, nested=True)
+    from peft.tuners.lora.bnb import Linear4bit
+    assert isinstance(model.base_model.model.q, Linear4bit)
+    x = torch.randn(3, 5, 16)
+    y0, dx0, g0 = run(model, x)
+    fused = lfp.enable_fused(model)
+    assert fused.served == ["base_model.model.q", "base_model.model.v"] and not fused.fallbacks
+    with counting_ops() as calls:
+        y1, dx1, g1 = run(model, x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-6)
+    trained = {"lora": "lora_", "lora_fa": "lora_B", "lora_xs": "latent"}[method]
+    assert set(g1) == set(g0) and any(trained in n for n in g1), sorted(g1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
+    fused.disable()
+    assert type(model.base_model.model.q) is Linear4bit
+
+
+def test_bf16_compute_and_dropout_keep_less_than_peft():
+    model = qlora_peft("lora_fa", dropout=0.1, compute_dtype=torch.bfloat16)
+    x = torch.randn(4, 8, 16)
+
+    def saved_bytes():
+        with SavedActivations(model) as saved:
+            loss = model(x).float().pow(2).sum()
+        loss.backward()
+        return saved.nbytes
+
+    peft_bytes = saved_bytes()
+    fused = lfp.enable_fused(model)
+    with counting_ops() as calls:
+        fused_bytes = saved_bytes()
+    assert len(calls) == 2 and not fused.fallbacks
+    assert fused_bytes < peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_peft_save_and_load_with_a_4bit_base(tmp_path):
+    from peft import PeftModel
+    model = qlora_peft("lora")
+    lfp.enable_fused(model)
+    x = torch.randn(2, 16)
+    want = model(x).detach()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    torch.manual_seed(0)
+    base = quantize_model(Small(), names=["q", "v"])
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    fused = lfp.enable_fused(loaded)
+    assert len(fused.served) == 2
+    with counting_ops() as calls:
+        got = loaded(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_8bit_base_is_reported_with_the_reason():
+    from peft import LoraConfig, get_peft_model
+    model = Small()
+    lin8 = bnb.nn.Linear8bitLt(16, 24, has_fp16_weights=False)
+    model.q = lin8
+    model.is_loaded_in_8bit = True
+    try:
+        peft_model = get_peft_model(model, LoraConfig(r=R, target_modules=["q", "v"]))
+    except Exception as err:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"an 8-bit PEFT layer cannot be built here: {err}")
+    with pytest.warns(UserWarning, match="Linear8bitLt"):
+        fused = lfp.enable_fused(peft_model)
+    assert "8-bit" in fused.fallbacks["base_model.model.q"]
+    assert fused.served == ["base_model.model.v"]
+
+
+def test_import_works_without_bitsandbytes():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["bitsandbytes"] = None  # blocks the import
+        import torch
+        import lowrank_fused as lf
+        from lowrank_fused import peft as lfp, quantized
+        sys.path.insert(0, "tests")
+        from peft_helpers import small_peft
+        model = small_peft()
+        fused = lfp.enable_fused(model)
+        assert len(fused.served) == 2 and not fused.fallbacks, fused
+        model(torch.randn(2, 16)).sum().backward()
+        assert not quantized.is_4bit(torch.zeros(2))
+        assert "bitsandbytes" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_torch_compile_runs_a_4bit_call_eagerly():
+    lin = linear4bit(nn.Linear(K, N), "nf4", 64, False)
+    layer = lf.LowRankLinear.from_linear(lin, R, "lora_fa")
+    x = torch.randn(3, K)
+    want = layer(x)
+    torch._dynamo.reset()
+    got = torch.compile(layer, backend="eager")(x)  # a graph break around the 4-bit call
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.sum().backward()
+    assert layer.lora_b.grad is not None
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="disable"):  # fullgraph: the break is refused
+        torch.compile(layer, backend="eager", fullgraph=True)(x)
