@@ -10,7 +10,8 @@ An explicit ``backend=`` argument wins; otherwise the environment variable
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
 names, else Triton, else the CUDA extension; and the reference backend for anything else.
 A 4-bit (bitsandbytes) weight takes the reference backend whatever was asked
-(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet.
+(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet. So does a DoRA
+call (``dora_choice``): the GPU kernels have no DoRA epilogue yet.
 """
 from __future__ import annotations
 
@@ -187,6 +188,13 @@ def quantized_choice(backend: str, device: torch.device) -> str:
     if name in ("triton", "cuda") and device.type != "meta":
         backend_module(name, device)
     return "reference"
+
+
+def dora_choice(backend: str, device: torch.device) -> str:
+    """The backend for a DoRA call (``magnitude=``): the reference path, whatever was asked for,
+    as for 4-bit weights. The Triton and CUDA kernels have no DoRA epilogue yet (c ⊙ ... and the
+    dm reduction), so "triton" and "cuda" route there after checking that they could run."""
+    return quantized_choice(backend, device)
 
 
 def call_kind(x, weight, lora_a, lora_b, latent) -> str:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, quantized
+from . import dispatch, dora, quantized
 from .dropout import seed_tensor
 from .ops import EagerLowRank, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
@@ -25,6 +25,7 @@ def low_rank_linear(
     training: bool = True,
     backend: str = "auto",
     dropout_seed: Optional[int] = None,
+    magnitude: Optional[Tensor] = None,
 ) -> Tensor:
     """y = x·Wᵀ + bias + scaling · dropout(x)·Aᵀ·R·Bᵀ, forward and backward fused.
 
@@ -46,6 +47,11 @@ def low_rank_linear(
         backend: "auto", "reference", "triton" or "cuda"; the environment variable
             ``LOWRANK_FUSED_BACKEND`` replaces "auto".
         dropout_seed: seed of the dropout mask; drawn from torch's RNG when None.
+        magnitude: DoRA's magnitude m, shape (N,), the adapters' dtype: then
+            y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached),
+            and with dropout PEFT's rule y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
+            (``lowrank_fused.dora``). Runs on the reference backend whatever ``backend`` says
+            (the GPU kernels have no DoRA epilogue yet); a dense weight only.
 
     Adapters (lora_a, lora_b, latent) share one dtype, which may differ from x's (fp32
     adapters on a bf16 base, as PEFT keeps them); y has x's dtype and every gradient its own
@@ -67,6 +73,10 @@ def low_rank_linear(
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
     """
     check_call_arguments(x, scaling, dropout_seed)
+    if magnitude is not None:
+        return _dora_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent, scaling=scaling,
+                            dropout_p=dropout_p, training=training, backend=backend,
+                            dropout_seed=dropout_seed, magnitude=magnitude)
     four_bit = quantized.is_4bit(weight)
     compiling = torch.compiler.is_compiling()
     if four_bit and compiling:
@@ -108,6 +118,26 @@ def low_rank_linear(
 
 
 _eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
+
+
+@torch.compiler.disable  # eager under torch.compile (a graph break): no custom op for DoRA yet
+def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p, training,
+                 backend, dropout_seed, magnitude):
+    if quantized.is_4bit(weight):
+        raise ValueError("magnitude= (DoRA) needs a dense weight; a 4-bit Params4bit base is not "
+                         "supported with DoRA yet")
+    if _any_autocast_enabled():
+        x, weight, bias = _autocast_base(x, weight, bias)
+    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    n, k = weight.shape
+    dora.check_magnitude(magnitude, n, lora_a, x)
+    choice = dispatch.dora_choice(backend, x.device)
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    y2d = dora.DoraLowRank.apply(rows, weight, bias, lora_a, lora_b, latent, magnitude,
+                                 float(scaling), dropout_p, seed, choice)
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
 
 
 # One C call that says whether any autocast is on (eager only: compile keeps the public checks);

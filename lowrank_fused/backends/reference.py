@@ -153,3 +153,54 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
     if need_bias:
         dbias = grad_y.sum(0)
     return dx, da, db, dr, dbias
+
+
+# DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
+# the accumulation dtype (fp32, fp64 for fp64 tensors). Every backend routes DoRA here for now.
+
+def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
+    """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
+    PEFT's x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ), p = x̃·Aᵀ, and z = x̃·Wᵀ + s·P·B_effᵀ
+    in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a transient."""
+    w = quantized.dense_like(weight, x.dtype)
+    if dropout is None:
+        x_drop = x
+        p = _as(x, lora_a.dtype) @ lora_a.T
+    else:
+        x_drop = _dropped(x, dropout, x.dtype)
+        p = _as(x_drop, lora_a.dtype) @ lora_a.T
+    lr = (p @ lora_b_eff.T).mul_(scaling)                  # adapters' dtype
+    z = torch.nn.functional.linear(x_drop, w)              # x̃·Wᵀ, x's dtype
+    del x_drop
+    if dropout is None:
+        full = _as(z, c.dtype).add_(_as(lr, c.dtype))     # Z in the accumulation dtype
+        z_keep = _as(full, x.dtype) if need_z else None
+        out = full * c
+        if bias is not None:
+            out += bias
+        return _as(out, x.dtype), p, z_keep
+    # with dropout: y = x·Wᵀ + bias + c ⊙ (x̃·Wᵀ + s·P·B_effᵀ) − x̃·Wᵀ
+    full = _as(z, c.dtype) + _as(lr, c.dtype)             # Z in the accumulation dtype
+    out = torch.nn.functional.linear(x, w, bias).to(c.dtype)
+    out.add_(full * c).sub_(z)
+    z_keep = _as(full, x.dtype) if need_z else None
+    return _as(out, x.dtype), p, z_keep
+
+
+def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
+                  need_x, need_a, need_b, need_latent, need_bias, need_m):
+    """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G, plus with dropout
+    dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached)."""
+    g_acc = _as(grad_y, c.dtype)
+    g_scaled = _as(g_acc * c, grad_y.dtype)
+    dx, da, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
+                                 latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
+                                 need_latent=need_latent, need_bias=False)
+    if need_x and dropout is not None:
+        h = _as(g_acc * (1.0 - c), grad_y.dtype) @ quantized.dense_like(weight, grad_y.dtype)
+        dx = dx + (h - _dropped(h, dropout, h.dtype))
+    dbias = grad_y.sum(0) if need_bias else None
+    dm = None
+    if need_m:
+        dm = torch.einsum("mn,mn->n", g_acc, _as(z, c.dtype)) / norm
+    return dx, da, db, dr, dbias, dm

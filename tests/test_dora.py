@@ -1,0 +1,194 @@
+"""DoRA (``magnitude=``): the factored row norm and its cache, and the operator against a float64
+dense PEFT-style formula for y and every gradient."""
+import pytest
+import torch
+
+import lowrank_fused as lf
+from lowrank_fused import dora
+from lowrank_fused.backends.reference import dropout_keep_mask
+from lowrank_fused.dropout import DropoutSpec
+from lowrank_fused.saved_activations import SavedActivations
+
+
+def _dense_norm64(w, a, b, s):
+    return (w.double() + s * b.double() @ a.double()).norm(dim=1)
+
+
+def test_row_norm_matches_float64_dense():
+    torch.manual_seed(0)
+    w, a, b = torch.randn(48, 96), torch.randn(8, 96) * 0.1, torch.randn(48, 8) * 0.1
+    got = dora.row_norm(w, a, b, 2.0)
+    assert got.dtype == torch.float32
+    want = _dense_norm64(w, a, b, 2.0)
+    assert ((got.double() - want).abs() / want).max() < 1e-6
+
+
+def test_row_norm_under_cancellation():
+    """B·A close to −W on some rows: the factored sum cancels; those rows are recomputed."""
+    torch.manual_seed(1)
+    n, k, r, s = 32, 64, 16, 0.5
+    a = torch.randn(r, k)
+    b = torch.randn(n, r)
+    w = -s * (b @ a)
+    w[::2] += 1e-3 * torch.randn(n // 2, k)       # ‖W_n + s·b_n·A‖ ~ 1e-4 ‖W_n‖ on even rows
+    w[1::2] = torch.randn(n // 2, k)
+    got = dora.row_norm(w, a, b, s).double()
+    want = _dense_norm64(w, a, b, s)
+    rel = (got - want).abs() / want
+    assert rel.max() < 1e-3, rel.max()
+    # without the dense fallback the factored sum alone is far off on the cancelling rows
+    old = dora.CANCEL_RATIO
+    try:
+        dora.CANCEL_RATIO = 0.0
+        dora.clear_cache()
+        plain = dora.row_norm(w, a, b, s).double()
+    finally:
+        dora.CANCEL_RATIO = old
+    assert ((plain - want).abs() / want)[::2].max() > 1e-2
+
+
+def test_norm_cache_follows_versions():
+    torch.manual_seed(2)
+    w, a, b = torch.randn(16, 32), torch.randn(4, 32), torch.randn(16, 4)
+    dora.clear_cache()
+    first = dora.weight_row_sq(w)
+    assert dora.weight_row_sq(w) is first                    # cached
+    dora.row_norm(w, a, b, 1.0)
+    assert len(dora._weight_a_cache) == 1                     # frozen A: W·Aᵀ cached
+    before = dora.row_norm(w, a, b, 1.0)
+    with torch.no_grad():
+        w.mul_(2.0)
+        a.add_(1.0)
+    after = dora.row_norm(w, a, b, 1.0)
+    assert dora.weight_row_sq(w) is not first
+    torch.testing.assert_close(after.double(), _dense_norm64(w, a, b, 1.0), rtol=1e-5, atol=0)
+    assert not torch.allclose(before, after)
+    a_train = a.clone().requires_grad_()
+    dora.clear_cache()
+    dora.row_norm(w, a_train, b, 1.0)
+    assert len(dora._weight_a_cache) == 0                     # trainable A: not cached
+
+
+def _dense_dora64(x, w, bias, a, b, m, s, mask=None, latent=None):
+    """PEFT's DoRA on float64 leaves: returns y and the leaves (x, a, b, m, bias, latent)."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (x, a, b, m, bias, latent)]
+    x64, a64, b64, m64, bias64, r64 = leaves
+    w64 = w.double()
+    b_eff = b64 if r64 is None else b64 @ r64.T
+    norm = (w64 + s * b_eff @ a64).norm(dim=1).detach()
+    c = m64 / norm
+    base = x64 @ w64.T
+    if mask is None:
+        y = base + (c - 1) * base + c * s * ((x64 @ a64.T) @ b_eff.T)
+    else:
+        xd = x64 * mask
+        y = base + (c - 1) * (xd @ w64.T) + c * s * ((xd @ a64.T) @ b_eff.T)
+    if bias64 is not None:
+        y = y + bias64
+    return y, leaves
+
+
+def _case(method, dropout, three_d=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    n, k, r = 24, 40, 4
+    shape = (2, 5, k) if three_d else (9, k)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    a = (torch.randn(r, k) * 0.2).requires_grad_(method == "lora")
+    b = (torch.randn(n, r) * 0.2).requires_grad_(method != "lora_xs")
+    latent = (torch.randn(r, r) * 0.3).requires_grad_() if method == "lora_xs" else None
+    m = (torch.rand(n) + 0.5).requires_grad_()
+    return x, w, bias, a, b, latent, m
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa", "lora_xs"])
+def test_operator_matches_dense_float64(method, dropout, three_d):
+    x, w, bias, a, b, latent, m = _case(method, dropout, three_d)
+    s, seed = 1.5, 1234
+    y = lf.low_rank_linear(x, w, a, b, bias=bias, latent=latent, scaling=s, dropout_p=dropout,
+                           dropout_seed=seed, magnitude=m)
+    mask = None
+    if dropout:
+        spec = DropoutSpec(dropout, seed)
+        rows = x.reshape(-1, x.shape[-1])
+        mask = (dropout_keep_mask(spec, rows.shape, x.device).double() * spec.keep_scale
+                ).reshape(x.shape)
+    want, leaves = _dense_dora64(x, w, bias, a, b, m, s, mask, latent)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    y.backward(g.to(y.dtype))
+    want.backward(g)
+    for ours, ref in zip((x, a, b, m, bias, latent), leaves):
+        if ours is None or not ours.requires_grad:
+            continue
+        assert ours.grad is not None
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_ignores_dropout():
+    x, w, bias, a, b, latent, m = _case("lora", 0.3)
+    y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=2.0, dropout_p=0.3, training=False,
+                           magnitude=m)
+    want, _ = _dense_dora64(x, w, bias, a, b, m, 2.0)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_saved_bytes(method, dropout):
+    """A frozen: P plus one M x N tensor (for dm) and never x; A trainable: x as well."""
+    x, w, bias, a, b, latent, m = _case(method, dropout)
+    x = x.detach()        # a leaf input that needs no grad: anything saved is the operator's
+    with SavedActivations() as saved:
+        y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=1.0, dropout_p=dropout,
+                               magnitude=m)
+    mm, nn_ = x.shape[0], w.shape[0]
+    expected = mm * a.shape[0] * 4 + mm * nn_ * 4 + (x.numel() * 4 if method == "lora" else 0)
+    tensors = [t for t in saved.tensors if t.dim() == 2 and t.shape[0] == mm]
+    assert sum(t.numel() * t.element_size() for t in tensors) == expected
+    assert any(t.data_ptr() == x.data_ptr() for t in saved.tensors) == (method == "lora")
+    y.sum().backward()
+
+
+def test_saved_without_trainable_magnitude_has_no_m_by_n():
+    x, w, bias, a, b, latent, m = _case("lora_fa", 0.0)
+    m.requires_grad_(False)
+    with SavedActivations() as saved:
+        lf.low_rank_linear(x.detach(), w, a, b, magnitude=m)
+    assert all(t.shape[-1] != w.shape[0] or t.dim() != 2 for t in saved.tensors)
+
+
+def test_routes_other_backends_to_reference():
+    x, w, bias, a, b, latent, m = _case("lora_fa", 0.0)
+    y_ref = lf.low_rank_linear(x, w, a, b, magnitude=m, backend="reference")
+    y_auto = lf.low_rank_linear(x, w, a, b, magnitude=m, backend="auto")
+    torch.testing.assert_close(y_ref, y_auto, rtol=0, atol=0)
+    from lowrank_fused import dispatch
+    assert dispatch.dora_choice("auto", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.parametrize("bad, err", [
+    (torch.ones(7), ValueError),
+    (torch.ones(24, dtype=torch.float64), TypeError),
+    (torch.ones(24, dtype=torch.int64), TypeError),
+    ([1.0] * 24, TypeError),
+    (torch.ones(24, device="meta"), ValueError),
+])
+def test_bad_magnitude(bad, err):
+    x, w, bias, a, b, latent, m = _case("lora_fa", 0.0)
+    with pytest.raises(err, match="magnitude"):
+        lf.low_rank_linear(x, w, a, b, magnitude=bad)
+
+
+def test_bf16_base_close_to_float64():
+    x, w, bias, a, b, latent, m = _case("lora", 0.0, dtype=torch.bfloat16)
+    y = lf.low_rank_linear(x, w, a, b, bias=bias, magnitude=m)
+    assert y.dtype == torch.bfloat16
+    want, _ = _dense_dora64(x, w, bias, a, b, m, 1.0)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert m.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
