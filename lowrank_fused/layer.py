@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import dora as dora_norm
 from . import quantized
 from .ops import effective_lora_b
 from .functional import low_rank_linear
@@ -45,6 +46,9 @@ class LowRankLinear(nn.Module):
         xs_source, xs_triplets, xs_fold_sigma: LoRA-XS init ablations, see
             ``lowrank_fused.initialization.lora_xs_factors``.
         generator: RNG for the adapters' initialisation.
+        dora: DoRA (with "lora" or "lora_fa"): a trainable magnitude m (out,), initialised as
+            PEFT does to ‖W + s·B·A‖ per row, and y = c ⊙ (x·Wᵀ + s·P·Bᵀ) + bias with
+            c = m / ‖W + s·B·A‖ (``low_rank_linear(..., magnitude=)``).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
@@ -52,13 +56,13 @@ class LowRankLinear(nn.Module):
                  use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None,
                  backend: str = "auto", device=None, dtype=None,
                  xs_source: str = "weight", xs_triplets: str = "top", xs_fold_sigma: bool = True,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, dora: bool = False) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._build(base.weight, base.bias, rank, method=method, alpha=alpha, dropout=dropout,
                     use_rslora=use_rslora, adapter_dtype=adapter_dtype, backend=backend,
                     xs_source=xs_source, xs_triplets=xs_triplets, xs_fold_sigma=xs_fold_sigma,
-                    generator=generator)
+                    generator=generator, dora=dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, method: str = "lora", *,
@@ -66,7 +70,8 @@ class LowRankLinear(nn.Module):
                     adapter_dtype: Optional[torch.dtype] = None, backend: str = "auto",
                     xs_source: str = "weight", xs_triplets: str = "top",
                     xs_fold_sigma: bool = True,
-                    generator: Optional[torch.Generator] = None) -> "LowRankLinear":
+                    generator: Optional[torch.Generator] = None,
+                    dora: bool = False) -> "LowRankLinear":
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are reused (not copied)
         and frozen. Other arguments as in the constructor.
 
@@ -85,14 +90,22 @@ class LowRankLinear(nn.Module):
         layer._build(linear.weight, linear.bias, rank, method=method, alpha=alpha,
                      dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
                      backend=backend, xs_source=xs_source, xs_triplets=xs_triplets,
-                     xs_fold_sigma=xs_fold_sigma, generator=generator)
+                     xs_fold_sigma=xs_fold_sigma, generator=generator, dora=dora)
         return layer
 
     def _build(self, weight: nn.Parameter, bias: Optional[nn.Parameter], rank: int, *, method,
                alpha, dropout, use_rslora, adapter_dtype, backend, xs_source, xs_triplets,
-               xs_fold_sigma, generator) -> None:
+               xs_fold_sigma, generator, dora=False) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+        if not isinstance(dora, bool):
+            raise TypeError(f"dora must be a bool, got {type(dora).__name__}")
+        if dora and method == "lora_xs":
+            raise ValueError("dora=True works with method='lora' or 'lora_fa' (DoRA-FA); "
+                             "LoRA-XS with a DoRA magnitude is not supported")
+        if dora and quantized.is_4bit(weight):
+            raise ValueError("dora=True needs a dense base weight: a 4-bit (bitsandbytes) base "
+                             "is not supported with DoRA yet")
         out_features, in_features = quantized.shape(weight)
         check_rank(rank, out_features, in_features)
         check_dropout_p(dropout, "dropout")
@@ -107,10 +120,13 @@ class LowRankLinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = scaling_for(rank, alpha, use_rslora)
         self.merged = False
+        self.dora = dora
         self._warned_merged = False
         # While merged: W as it was before merge(), so unmerge() restores it bit-for-bit. A
         # non-persistent buffer: it follows .to() but never enters the state_dict.
         self.register_buffer("_weight_before_merge", None, persistent=False)
+        # DoRA while merged: the row norm ‖W + s·B·A‖ of the unmerged W (unmerge's c).
+        self.register_buffer("_dora_norm_at_merge", None, persistent=False)
 
         self.weight = weight
         self.weight.requires_grad_(False)
@@ -129,6 +145,10 @@ class LowRankLinear(nn.Module):
             self.latent = nn.Parameter(torch.empty(rank, rank, **factory))
         else:
             self.register_parameter("latent", None)
+        if dora:
+            self.magnitude = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("magnitude", None)
         if not weight.is_meta:  # on the meta device: call reset_adapters() after to_empty()
             self.reset_adapters(generator)
 
@@ -151,6 +171,13 @@ class LowRankLinear(nn.Module):
         else:
             kaiming_uniform_a_(self.lora_a, generator)
             self.lora_b.zero_()
+        if self.dora:  # PEFT's init: m = ‖W + s·B·A‖ per row
+            self.magnitude.copy_(self._dora_norm())
+
+    def _dora_norm(self) -> Tensor:
+        """‖W + s·B·A‖ per row, fp32 (fp64 for fp64), factored (``lowrank_fused.dora``)."""
+        return dora_norm.row_norm(self.weight, self.lora_a,
+                                  effective_lora_b(self.lora_b, self.latent), self.scaling)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -167,8 +194,16 @@ class LowRankLinear(nn.Module):
                                "keeps the update of adapters that no longer exist")
 
     def delta_weight(self) -> Tensor:
-        """s · B·R·A, shape (out, in), in the adapters' dtype: what merging adds to W."""
-        return self.scaling * (effective_lora_b(self.lora_b, self.latent) @ self.lora_a)
+        """s · B·R·A, shape (out, in), in the adapters' dtype: what merging adds to W. With DoRA,
+        c ⊙ (W + s·B·A) − W (c = m / ‖W + s·B·A‖ per row, of the unmerged W)."""
+        delta = self.scaling * (effective_lora_b(self.lora_b, self.latent) @ self.lora_a)
+        if not self.dora:
+            return delta
+        with torch.no_grad():
+            c = (self.magnitude.detach().to(torch.float32 if self.weight.dtype != torch.float64
+                                            else torch.float64) / self._dora_norm())
+        w = self.weight.to(c.dtype)
+        return (c.unsqueeze(1) * (w + delta.to(c.dtype)) - w).to(delta.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -192,7 +227,7 @@ class LowRankLinear(nn.Module):
         return low_rank_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias,
                                latent=self.latent, scaling=self.scaling,
                                dropout_p=self.dropout, training=self.training,
-                               backend=self.backend)
+                               backend=self.backend, magnitude=self.magnitude)
 
     def _refuse_if_4bit(self, what: str) -> None:
         if quantized.is_4bit(self.weight):
@@ -214,6 +249,8 @@ class LowRankLinear(nn.Module):
             raise RuntimeError("LowRankLinear is already merged")
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
+        if self.dora:
+            self._dora_norm_at_merge = self._dora_norm()
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
@@ -226,9 +263,19 @@ class LowRankLinear(nn.Module):
             raise RuntimeError("LowRankLinear is not merged")
         if self._weight_before_merge is not None:
             self.weight.copy_(self._weight_before_merge)
+        elif self.dora:
+            norm = self._dora_norm_at_merge
+            if norm is None:
+                raise RuntimeError("this DoRA layer was loaded merged: its unmerged row norms "
+                                   "are unknown, so W cannot be taken back out; load the "
+                                   "unmerged state_dict instead")
+            c = (self.magnitude.to(norm.dtype) / norm).unsqueeze(1)
+            delta = self.scaling * (effective_lora_b(self.lora_b, self.latent) @ self.lora_a)
+            self.weight.copy_((self.weight.to(c.dtype) / c - delta.to(c.dtype)))
         else:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
         self._weight_before_merge = None
+        self._dora_norm_at_merge = None
         self.merged = False
 
     @torch.no_grad()
@@ -244,8 +291,11 @@ class LowRankLinear(nn.Module):
         return linear
 
     def get_extra_state(self) -> dict:
-        return {"method": self.method, "rank": self.rank, "scaling": self.scaling,
-                "merged": self.merged}
+        state = {"method": self.method, "rank": self.rank, "scaling": self.scaling,
+                 "merged": self.merged}
+        if self.dora:
+            state["dora"] = True
+        return state
 
     def _extra_state_problem(self, state) -> Optional[str]:
         """Why a saved extra state cannot be loaded into this layer, or None."""
@@ -255,6 +305,9 @@ class LowRankLinear(nn.Module):
             if state.get(key) != getattr(self, key):
                 return (f"state_dict is for {key}={state.get(key)!r}, this layer has "
                         f"{key}={getattr(self, key)!r}")
+        if bool(state.get("dora", False)) != self.dora:
+            return (f"state_dict is for dora={bool(state.get('dora', False))!r}, this layer has "
+                    f"dora={self.dora!r}")
         merged = state.get("merged", False)
         if not isinstance(merged, bool):
             return f"state_dict's 'merged' must be a bool, got {type(merged).__name__} {merged!r}"
@@ -294,9 +347,11 @@ class LowRankLinear(nn.Module):
             raise ValueError(problem)
         self.merged = state.get("merged", False)
         self._weight_before_merge = None  # W was just loaded: any pre-merge copy is stale
+        self._dora_norm_at_merge = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, method={self.method!r}, scaling={self.scaling:g}, "
                 f"dropout={self.dropout:g}, bias={self.bias is not None}, "
-                f"merged={self.merged}, backend={self.backend!r}")
+                f"merged={self.merged}, backend={self.backend!r}"
+                + (", dora=True" if self.dora else ""))

@@ -192,3 +192,84 @@ def test_bf16_base_close_to_float64():
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert m.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+# --- LowRankLinear(dora=True) ---------------------------------------------------------------
+
+def _dora_layer(method="lora", dropout=0.0, dtype=torch.float32):
+    torch.manual_seed(3)
+    base = torch.nn.Linear(40, 24, dtype=dtype)
+    layer = lf.LowRankLinear.from_linear(base, 4, method, alpha=8, dropout=dropout, dora=True)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.3)           # a non-zero update
+        layer.magnitude.mul_(torch.rand(24, dtype=layer.magnitude.dtype) + 0.5)
+    return layer
+
+
+def test_layer_init_magnitude_is_peft_norm():
+    torch.manual_seed(4)
+    base = torch.nn.Linear(40, 24)
+    layer = lf.LowRankLinear.from_linear(base, 4, "lora_fa", dora=True)
+    torch.testing.assert_close(layer.magnitude.detach(), base.weight.detach().norm(dim=1))
+    assert layer.magnitude.requires_grad and not layer.lora_a.requires_grad
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(layer(x), base(x))  # B = 0, m = ‖W‖: the base layer
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_layer_forward_backward_matches_dense(method):
+    layer = _dora_layer(method)
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y = layer(x)
+    want, leaves = _dense_dora64(x, layer.weight, layer.bias, layer.lora_a, layer.lora_b,
+                                 layer.magnitude, layer.scaling)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(layer.magnitude.grad.double(), leaves[3].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_b.grad.double(), leaves[2].grad, rtol=1e-4, atol=1e-4)
+    assert (layer.lora_a.grad is not None) == (method == "lora")
+
+
+def test_layer_merge_unmerge_to_linear():
+    layer = _dora_layer("lora").eval()
+    x = torch.randn(5, 40)
+    y = layer(x)
+    w0 = layer.weight.detach().clone()
+    lin = layer.to_linear()
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight + layer.delta_weight(), lin.weight)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+    layer.merge(keep_original=False)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_state_dict_round_trip_and_mismatch():
+    layer = _dora_layer("lora_fa")
+    state = layer.state_dict()
+    assert "magnitude" in state
+    other = lf.LowRankLinear(40, 24, 4, method="lora_fa", alpha=8, dora=True)
+    other.load_state_dict(state)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(other(x), layer(x))
+    plain = lf.LowRankLinear(40, 24, 4, method="lora_fa", alpha=8)
+    with pytest.raises(RuntimeError, match="dora"):
+        plain.load_state_dict(state)
+    merged = _dora_layer("lora_fa")
+    merged.merge()
+    loaded = lf.LowRankLinear(40, 24, 4, method="lora_fa", alpha=8, dora=True)
+    loaded.load_state_dict(merged.state_dict())
+    with pytest.raises(RuntimeError, match="loaded merged"):
+        loaded.unmerge()
+
+
+def test_layer_dora_refusals():
+    with pytest.raises(ValueError, match="lora_xs|LoRA-XS"):
+        lf.LowRankLinear(40, 24, 4, method="lora_xs", dora=True)
+    with pytest.raises(TypeError, match="dora"):
+        lf.LowRankLinear(40, 24, 4, dora="yes")
