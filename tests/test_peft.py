@@ -1,4 +1,5 @@
 """PEFT glue: our operator under PEFT's LoRA layers gives PEFT's own outputs and gradients."""
+import contextlib
 import copy
 import os
 import warnings
@@ -11,6 +12,7 @@ peft = pytest.importorskip("peft", reason="the peft package is not installed")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lowrank_fused import peft as lfp  # noqa: E402
+from lowrank_fused.backends import reference  # noqa: E402
 from lowrank_fused.saved_activations import SavedActivations  # noqa: E402
 from peft_helpers import Small, counting_ops, nonzero_b, small_peft  # noqa: E402
 
@@ -114,8 +116,98 @@ def _base_only(model, x):
     return base(x)
 
 
-def test_dora_falls_back_reported_once():
+@contextlib.contextmanager
+def counting_dora():
+    """Count the DoRA calls that reach the reference backend."""
+    calls = []
+    real = reference.dora_forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    reference.dora_forward = counted
+    try:
+        yield calls
+    finally:
+        reference.dora_forward = real
+
+
+def _dora_model(**config):
+    model = small_peft(use_dora=True, **config)
+    with torch.no_grad():  # magnitudes away from their init, so c != ‖·‖ / ‖·‖
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_dora_served_matches_peft(frozen_a):
+    model = _dora_model()
+    if frozen_a:
+        lfp.freeze_lora_a(model)  # DoRA-FA
+    x = torch.randn(3, 5, 16)
+    want = outputs_and_grads(model, x)
+    with lfp.enable_fused(model, backend="reference") as fused, counting_dora() as calls:
+        assert len(fused.served) == 2 and not fused.fallbacks
+        got = outputs_and_grads(model, x)
+    assert len(calls) == 2
+    for w, g in ((want[0], got[0]), (want[2], got[2])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert set(got[1]) == set(want[1])
+    assert any("lora_magnitude_vector" in n for n in want[1])
+    assert any("lora_A" in n for n in want[1]) == (not frozen_a)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dora_served_with_dropout_matches_peft_under_the_same_mask():
+    from lowrank_fused.backends.reference import dropout_keep_mask
+    from lowrank_fused.dropout import DropoutSpec, seed_tensor
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 24)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
+                                      lora_dropout=0.3))
+    nonzero_b(model)
+    layer = model.base_model.model[0]
+    x = torch.randn(6, 16)
+    torch.manual_seed(7)
+    seed = int(seed_tensor(None).item())   # the seed the served call will draw
+    spec = DropoutSpec(0.3, seed)
+    mask = dropout_keep_mask(spec, x.shape, x.device).float() * spec.keep_scale
+
+    class SameMask(nn.Module):
+        def forward(self, t):
+            return t * mask
+
+    real_dropout = layer.lora_dropout["default"]
+    layer.lora_dropout["default"] = SameMask()
+    want = outputs_and_grads(model, x)
+    layer.lora_dropout["default"] = real_dropout
+    with lfp.enable_fused(model, backend="reference"), counting_dora() as calls:
+        torch.manual_seed(7)
+        got = outputs_and_grads(model, x)
+    assert len(calls) == 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    assert set(got[1]) == set(want[1])
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-5, msg=name)
+    # in eval PEFT's DoRA takes its no-dropout path: so do we
+    model.eval()
+    with torch.no_grad():
+        want_eval = model(x)
+        with lfp.enable_fused(model, backend="reference"):
+            torch.testing.assert_close(model(x), want_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_several_active_adapters_fall_back_reported():
     model = small_peft(use_dora=True)
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                          use_dora=True))
+    model.base_model.set_adapter(["default", "other"])
     x = torch.randn(4, 16)
     want = model(x)
     with lfp.enable_fused(model):
@@ -126,7 +218,7 @@ def test_dora_falls_back_reported_once():
     torch.testing.assert_close(got, want)
     reports = [w for w in caught if "runs PEFT's own forward" in str(w.message)]
     assert len(reports) == 2  # q and v, once each
-    assert all("DoraLinearVariant" in str(w.message) for w in reports)
+    assert all("several active adapters with DoRA" in str(w.message) for w in reports)
 
 
 def test_lora_fa_keeps_no_full_width_activation():

@@ -21,7 +21,11 @@ is served the same way by ``FusedLoraLinear4bit`` (in ``qlora.py``, importable o
 bitsandbytes): x is cast to the base's compute dtype as bitsandbytes does, the 4-bit weight goes
 to the operator as it is (dequantized per call, never saved), y comes back in x's dtype.
 
-What cannot be served (DoRA and other variants, LoRA bias, conv/embedding/8-bit layers,
+PEFT's DoRA (``use_dora=True``) on a Linear over a plain nn.Linear, one active adapter, is
+served by the operator's ``magnitude=`` (the reference path on every device for now).
+
+What cannot be served (DoRA over a quantized base or with several active adapters, other
+variants, LoRA bias, conv/embedding/8-bit layers,
 ``fan_in_fan_out``, mixed-adapter batches, several active adapters with dropout) runs PEFT's own
 forward and is reported once per layer and reason.
 """
@@ -49,13 +53,51 @@ def _dropout_p(module, adapter: str) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
+def _is_dora(module, adapter: str) -> bool:
+    """Whether ``adapter`` of this layer is PEFT's DoRA on a Linear (DoraLinearVariant)."""
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    return variant is not None and _dora_variant_class() is not None and (
+        variant is _dora_variant_class() or type(variant) is _dora_variant_class())
+
+
+def _dora_variant_class():
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # an older PEFT: no variant registry
+        return None
+    return DoraLinearVariant
+
+
+def _dora_reason(module, active) -> Optional[str]:
+    """Why a DoRA call cannot be served, or None: one active adapter over a dense nn.Linear,
+    the magnitude in the adapters' dtype."""
+    if len(active) > 1:
+        return "several active adapters with DoRA"
+    (adapter,) = active
+    if type(module.get_base_layer()) is not nn.Linear:
+        return "DoRA over a quantized base layer"
+    magnitude = module.lora_magnitude_vector[adapter].weight
+    if magnitude.dtype != module.lora_A[adapter].weight.dtype:
+        return "a DoRA magnitude of another dtype than its adapters"
+    if module.training and _dropout_p(module, adapter) >= 1.0:
+        return "DoRA with lora_dropout=1.0"
+    return None
+
+
 def _call_reason(module, active) -> Optional[str]:
     variants = getattr(module, "lora_variant", {})
+    dora = False
     for adapter in active:
-        if adapter in variants:
+        if adapter in variants and _is_dora(module, adapter):
+            dora = True
+        elif adapter in variants:
             return f"adapter {adapter!r} is a {type(variants[adapter]).__name__}"
         if module.lora_B[adapter].bias is not None:
             return f"adapter {adapter!r} has a LoRA bias"
+    if dora:
+        reason = _dora_reason(module, active)
+        if reason is not None:
+            return reason
     if len({module.lora_A[a].weight.dtype for a in active}) > 1:
         return "active adapters of different dtypes"
     if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
@@ -84,16 +126,25 @@ def fused_forward(self, x, peft_forward, base_weight, bias):
         _report_once(self, reason, stacklevel=4)
         return peft_forward(x)
 
+    magnitude = None
     if len(active) == 1:
         (adapter,) = active
         lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         scaling, p = self.scaling[adapter], _dropout_p(self, adapter)
+        if _is_dora(self, adapter):
+            # PEFT's DoRA rule: dropout only when the layer trains (and its dropout does)
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            p = p if self.training else 0.0
         if p >= 1.0:  # PEFT accepts p = 1: the branch contributes zero (and zero gradients)
             scaling, p = 0.0, 0.0
     else:  # one call for all: [A_1; A_2; ...] and [s_1·B_1 | s_2·B_2 | ...]
         lora_a = torch.cat([self.lora_A[a].weight for a in active], 0)
         lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], 1)
         scaling, p = 1.0, 0.0
+    if magnitude is not None:
+        return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
+                               dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND],
+                               magnitude=magnitude)
     return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
                            dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND])
 
