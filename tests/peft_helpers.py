@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import lowrank_fused.functional as functional
 import lowrank_fused.ops as ops
+from lowrank_fused.backends import reference
 
 
 class Small(nn.Module):
@@ -48,11 +49,20 @@ def counting_ops():
         calls.append((scaling, dropout_p, lora_a.shape[0]))
         return real(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
 
+    real_dora = reference.dora_forward
+
+    def counted_dora(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, **kwargs):
+        # a DoRA call (magnitude=) reaches the reference backend's dora_forward instead
+        calls.append((scaling, dropout.p if dropout is not None else 0.0, lora_a.shape[0]))
+        return real_dora(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, **kwargs)
+
     patched = [(module, "run_forward") for module in (ops, functional)]
     for module, name in patched:
         setattr(module, name, counted)
+    reference.dora_forward = counted_dora
     try:
         yield calls
     finally:
         for module, name in patched:
             setattr(module, name, real)
+        reference.dora_forward = real_dora

@@ -65,8 +65,9 @@ def test_lora_fa_with_dropout_keeps_less_than_peft(arch):
 
 def test_cases_cover_the_grid():
     ids = {c.id for c in model_level.cases("ci")}
-    assert len(ids) == 2 * 3 * 2 * 2
+    assert len(ids) == 2 * 5 * 2 * 2
     assert "llama-lora_fa-bfloat16-p0.05" in ids and "bert-lora_xs-float32-p0" in ids
+    assert "llama-dora-float32-p0" in ids and "bert-dora_fa-bfloat16-p0.05" in ids
     assert model_level.preset("reference").threads == 1
     with pytest.raises(ValueError, match="expected one of"):
         model_level.preset("nope")

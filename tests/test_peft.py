@@ -203,6 +203,12 @@ def test_dora_served_with_dropout_matches_peft_under_the_same_mask():
             torch.testing.assert_close(model(x), want_eval, rtol=1e-5, atol=1e-5)
 
 
+def test_dora_refuses_lora_xs():
+    model = small_peft(use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        lfp.convert_to_lora_xs(model)
+
+
 def test_dora_several_active_adapters_fall_back_reported():
     model = small_peft(use_dora=True)
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],

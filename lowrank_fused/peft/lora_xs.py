@@ -96,6 +96,10 @@ def convert_to_lora_xs(model: nn.Module, adapter: str = "default", *, init: bool
         raise ValueError(f"no PEFT LoRA Linear layer has an adapter named {adapter!r}")
     if any(parametrize.is_parametrized(m.lora_B[adapter], "weight") for _, m in layers):
         raise ValueError(f"adapter {adapter!r} is already LoRA-XS")
+    dora = [n for n, m in layers if adapter in getattr(m, "lora_variant", {})]
+    if dora:
+        raise ValueError(f"adapter {adapter!r} is a LoRA variant (DoRA: use_dora=True) on "
+                         f"{dora[:5]}: LoRA-XS converts plain LoRA adapters only")
     keep = _trainable_aux_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
