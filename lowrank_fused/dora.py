@@ -18,6 +18,9 @@ backend's ``backward``), plus, with dropout, the term of x through (c − 1) ⊙
 dx += H − dropout(H), H = ((1 − c) ⊙ G)·W. dm = Σ_rows G ⊙ Z / ‖·‖ with Z = x̃·Wᵀ + s·P·B_effᵀ
 (x̃ = x without dropout), the one M x N tensor kept (in the base dtype, only when m trains);
 dbias = Σ_rows G. Saved: P (M x r), Z when m trains, x only when A trains; dropout keeps its seed.
+Without dropout and bias (and no c = 0), Z = y / c: the output y is what is kept (the op after
+the layer often keeps it too, so it costs no bytes of its own; an in-place change of y before
+backward then raises autograd's usual error).
 
 Layering: this module is the functional op (called by ``functional.low_rank_linear`` with
 ``magnitude=``); the backend comes from ``dispatch.dora_choice``, which routes every DoRA call to
@@ -144,11 +147,15 @@ class DoraLowRank(torch.autograd.Function):
         c = magnitude.detach().to(norm.dtype) / norm
         dropout = DropoutSpec(dropout_p, int(seed)) if dropout_p > 0.0 else None
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
+        # Without dropout and bias, Z = y / c: keep y itself (the output, which the next op often
+        # keeps anyway: no bytes of its own) instead of a separate M x N Z; not where some c = 0.
+        z_from_y = bool(need_m and dropout is None and bias is None and not bool((c == 0).any()))
         y, p, z = impl.dora_forward(x, weight, bias, lora_a, b_eff.detach(), scaling, dropout, c,
-                                    need_z=need_m)
+                                    need_z=need_m and not z_from_y)
         ctx.save_for_backward(x if need_a else None,
                               p if (need_b or need_latent) else None,
-                              z, weight, lora_a, lora_b, latent)
+                              y if z_from_y else z, weight, lora_a, lora_b, latent)
+        ctx.z_from_y = z_from_y
         ctx.c, ctx.norm = c, norm  # N-vectors, not activations of size M
         ctx.scaling, ctx.dropout, ctx.impl = scaling, dropout, impl
         ctx.m_dtype = magnitude.dtype
@@ -161,6 +168,8 @@ class DoraLowRank(torch.autograd.Function):
                 "lowrank_fused does not support double backward through the DoRA operator "
                 "(create_graph=True): second-order gradients would come out wrong")
         x, p, z, weight, lora_a, lora_b, latent = ctx.saved_tensors
+        if ctx.z_from_y:
+            z = z.to(ctx.c.dtype) / ctx.c
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         if need_w:
             raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")

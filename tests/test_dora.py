@@ -154,6 +154,33 @@ def test_saved_bytes(method, dropout):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_no_bias_no_dropout_keeps_y_for_dm(method):
+    """Z = y / c: the output itself is kept, no M x N tensor of its own; gradients unchanged."""
+    x, w, bias, a, b, latent, m = _case(method, 0.0)
+    with SavedActivations() as saved:
+        y = lf.low_rank_linear(x, w, a, b, scaling=1.5, magnitude=m)
+    big = [t for t in saved.tensors if t.dim() == 2 and t.shape == y.shape]
+    assert big and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                       for t in big)
+    want, leaves = _dense_dora64(x, w, None, a, b, m, 1.5)
+    g = torch.randn_like(want)
+    y.backward(g.float())
+    want.backward(g)
+    for ours, ref in zip((x, a, b, m), leaves):
+        if ours.requires_grad:
+            torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+    # a zero magnitude entry (c = 0) keeps Z instead, and dm there is still right
+    x.grad = m.grad = None
+    with torch.no_grad():
+        m[3] = 0.0
+    y = lf.low_rank_linear(x, w, a, b, scaling=1.5, magnitude=m)
+    want, leaves = _dense_dora64(x, w, None, a, b, m, 1.5)
+    y.backward(g.float())
+    want.backward(g)
+    torch.testing.assert_close(m.grad.double(), leaves[3].grad, rtol=1e-4, atol=1e-4)
+
+
 def test_saved_without_trainable_magnitude_has_no_m_by_n():
     x, w, bias, a, b, latent, m = _case("lora_fa", 0.0)
     m.requires_grad_(False)
