@@ -110,6 +110,8 @@ def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float)
     cross = (b * wa).sum(1)                                  # b_n·(A·W_nᵀ)
     sq = w_sq + (2.0 * s) * cross + (s * s) * ba_sq
     scale = w_sq + (s * s) * ba_sq
+    if sq.is_meta:  # shapes only
+        return sq
     bad = sq < CANCEL_RATIO * scale
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
@@ -149,7 +151,8 @@ class DoraLowRank(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         # Without dropout and bias, Z = y / c: keep y itself (the output, which the next op often
         # keeps anyway: no bytes of its own) instead of a separate M x N Z; not where some c = 0.
-        z_from_y = bool(need_m and dropout is None and bias is None and not bool((c == 0).any()))
+        z_from_y = bool(need_m and dropout is None and bias is None and not c.is_meta
+                        and not bool((c == 0).any()))
         y, p, z = impl.dora_forward(x, weight, bias, lora_a, b_eff.detach(), scaling, dropout, c,
                                     need_z=need_m and not z_from_y)
         ctx.save_for_backward(x if need_a else None,

@@ -71,6 +71,9 @@ def low_rank_linear(
             adapters of mixed dtypes, scaling not a number, dropout_p not a number, dropout_seed
             not an int.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
+        With ``magnitude``: ValueError for a shape other than (N,), another device than x's or a
+        4-bit weight; TypeError for a non-tensor, a non-floating dtype or another dtype than
+        the adapters'.
     """
     check_call_arguments(x, scaling, dropout_seed)
     if magnitude is not None:

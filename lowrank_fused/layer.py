@@ -199,6 +199,9 @@ class LowRankLinear(nn.Module):
         delta = self.scaling * (effective_lora_b(self.lora_b, self.latent) @ self.lora_a)
         if not self.dora:
             return delta
+        if self.merged:  # W holds c·(W + s·B·A): the unmerged W (and so c) is not at hand
+            raise RuntimeError("delta_weight() of a merged DoRA layer: unmerge() first (its W "
+                               "already holds c·(W + s·B·A))")
         with torch.no_grad():
             c = (self.magnitude.detach().to(torch.float32 if self.weight.dtype != torch.float64
                                             else torch.float64) / self._dora_norm())

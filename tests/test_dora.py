@@ -300,3 +300,17 @@ def test_layer_dora_refusals():
         lf.LowRankLinear(40, 24, 4, method="lora_xs", dora=True)
     with pytest.raises(TypeError, match="dora"):
         lf.LowRankLinear(40, 24, 4, dora="yes")
+
+
+def test_meta_tensors_propagate_shapes():
+    x, w, bias, a, b, latent, m = (t.detach().to("meta").requires_grad_(t.requires_grad)
+                                   if t is not None else None for t in _case("lora", 0.0))
+    y = lf.low_rank_linear(x, w, a, b, bias=bias, magnitude=m)
+    assert y.shape == (9, 24) and y.is_meta
+
+
+def test_merged_dora_layer_refuses_delta_weight():
+    layer = _dora_layer("lora")
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.delta_weight()
