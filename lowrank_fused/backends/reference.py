@@ -193,12 +193,35 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
     dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached)."""
     g_acc = _as(grad_y, c.dtype)
     g_scaled = _as(g_acc * c, grad_y.dtype)
-    dx, da, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
-                                 latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-                                 need_latent=need_latent, need_bias=False)
-    if need_x and dropout is not None:
-        h = _as(g_acc * (1.0 - c), grad_y.dtype) @ quantized.dense_like(weight, grad_y.dtype)
-        dx = dx + (h - _dropped(h, dropout, h.dtype))
+    if dropout is None or not need_x:
+        dx, da, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
+                                     latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
+                                     need_latent=need_latent, need_bias=False)
+    else:
+        # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): both dropped terms under one mask pass,
+        # which also gives dA's x̃ (chunk by chunk, as the plain backward does)
+        _, _, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
+                                   latent=latent, need_x=False, need_a=False, need_b=need_b,
+                                   need_latent=need_latent, need_bias=False)
+        adapter_dtype = lora_a.dtype
+        dp = scaling * (_as(g_scaled, adapter_dtype) @ lora_b)
+        if latent is not None:
+            dp = dp @ _as(latent, dp.dtype).T
+        w = quantized.dense_like(weight, grad_y.dtype)
+        low = _as(_as(g_acc * (c - 1.0), grad_y.dtype) @ w, c.dtype)
+        low += _as(dp @ lora_a, c.dtype)
+
+        def drop_low(rows, mask):
+            low[rows].mul_(mask)
+
+        da = None
+        if need_a:
+            da = dp.T @ _dropped(x, dropout, adapter_dtype, drop_low)
+        else:
+            for rows, mask in _dropout_chunks(low, dropout):
+                drop_low(rows, mask)
+        dx = grad_y @ w
+        dx = _as(dx.to(c.dtype).add_(low), grad_y.dtype) if dx.dtype != c.dtype else dx.add_(low)
     dbias = grad_y.sum(0) if need_bias else None
     dm = None
     if need_m:
