@@ -390,3 +390,17 @@ def test_minilm_bf16_matches_peft(minilm_parts):
     for got, want in zip(got_g, want_g):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+def test_a_served_model_prints_as_peft_prints_it():
+    """PEFT's own test_repr_lora_linear expects a served layer's repr to start "lora.Linear"."""
+    model = small_peft()
+    before = repr(model)
+    fused = lfp.enable_fused(model)
+    try:
+        assert any(type(m) is lfp.FusedLoraLinear for m in model.modules())
+        assert repr(model) == before
+        layer = next(m for m in model.modules() if type(m) is lfp.FusedLoraLinear)
+        assert repr(layer).startswith("lora.Linear(")
+    finally:
+        fused.disable()

@@ -241,6 +241,15 @@ def test_enable_fused_serves_peft_linear4bit_with_peft_outputs_and_grads(method)
     assert type(model.base_model.model.q) is Linear4bit
 
 
+def test_a_served_4bit_model_prints_as_peft_prints_it():
+    model = qlora_peft()
+    before = repr(model)
+    fused = lfp.enable_fused(model)
+    assert fused.served and repr(model) == before
+    assert repr(model.base_model.model.q).startswith("lora.Linear4bit(")
+    fused.disable()
+
+
 def test_bf16_compute_and_dropout_keep_less_than_peft():
     model = qlora_peft("lora_fa", dropout=0.1, compute_dtype=torch.bfloat16)
     x = torch.randn(4, 8, 16)

@@ -24,6 +24,9 @@ class FusedLoraLinear4bit(Linear4bit):
     _lowrank_fused_served = True
     _peft_class = Linear4bit
 
+    def _get_name(self):  # prints as PEFT's layer does: "lora.Linear4bit(...)"
+        return Linear4bit.__name__
+
     def forward(self, x, *args, **kwargs):
         peft_forward = super().forward
         if args or kwargs:

@@ -153,6 +153,9 @@ class FusedLoraLinear(LoraLinear):
     """PEFT's LoRA Linear whose forward (and so backward) runs ``low_rank_linear`` on the
     layer's own tensors; everything else is PEFT's. Made by ``enable_fused``, never directly."""
 
+    def _get_name(self):  # prints as PEFT's layer does: "lora.Linear(...)"
+        return LoraLinear.__name__
+
     def forward(self, x, *args, **kwargs):
         peft_forward = super().forward
         if args or kwargs:
