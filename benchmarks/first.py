@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,7 @@ def step_env(sink, dry: bool, deadline: float) -> None:
                gcc=_run(["gcc", "--version"]),
                python_h=os.path.isfile(os.path.join(sysconfig.get_paths()["include"],
                                                     "Python.h")),
-               nvcc=_run(["nvcc", "--version"]) if shutil.which("nvcc") else None,
-               nvcc_release=nvcc_release())
+               nvcc=shutil.which("nvcc"), nvcc_release=nvcc_release())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         row.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(0)),
@@ -110,11 +110,8 @@ def nvcc_release():
     if not shutil.which("nvcc"):
         return None
     text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
-    for part in text.replace(",", " ").split():
-        if part[:1].isdigit() and "." in part and "release" in text:
-            if f"release {part}" in text:
-                return part
-    return None
+    found = re.search(r"release (\d+\.\d+)", text)
+    return found.group(1) if found else None
 
 
 # ---------------------------------------------------------------------------------- step 2

@@ -14,23 +14,16 @@ from __future__ import annotations
 
 from peft.tuners.lora.bnb import Linear4bit
 
-from .serving import fused_forward
+from .serving import ServedLayer, fused_forward
 
 
-class FusedLoraLinear4bit(Linear4bit):
+class FusedLoraLinear4bit(ServedLayer, Linear4bit):
     """PEFT's LoRA Linear4bit whose forward runs ``low_rank_linear`` over the 4-bit base. Made
     by ``enable_fused``, never directly."""
 
-    _lowrank_fused_served = True
     _peft_class = Linear4bit
 
-    def _get_name(self):  # prints as PEFT's layer does: "lora.Linear4bit(...)"
-        return Linear4bit.__name__
-
-    def forward(self, x, *args, **kwargs):
-        peft_forward = super().forward
-        if args or kwargs:
-            return peft_forward(x, *args, **kwargs)  # PEFT's mixed-batch path
+    def _served_forward(self, x, peft_forward):
         base = self.get_base_layer()
         if base.compute_dtype is None:  # bitsandbytes sets it on its first call, from x
             base.set_compute_type(x)

@@ -141,25 +141,39 @@ def fused_forward(self, x, peft_forward, base_weight, bias):
         lora_a = torch.cat([self.lora_A[a].weight for a in active], 0)
         lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], 1)
         scaling, p = 1.0, 0.0
-    if magnitude is not None:
-        return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
-                               dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND],
-                               magnitude=magnitude)
     return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
-                           dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND])
+                           dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND],
+                           magnitude=magnitude)
 
 
-class FusedLoraLinear(LoraLinear):
-    """PEFT's LoRA Linear whose forward (and so backward) runs ``low_rank_linear`` on the
-    layer's own tensors; everything else is PEFT's. Made by ``enable_fused``, never directly."""
+class ServedLayer:
+    """What a served class adds to the PEFT layer class it serves (``_peft_class``, after this
+    mixin in its bases): a forward that runs the operator (``_served_forward``) where the call
+    can be served, and PEFT's printed name. Everything else is PEFT's."""
+
+    _lowrank_fused_served = True
+    _peft_class: type
 
     def _get_name(self):  # prints as PEFT's layer does: "lora.Linear(...)"
-        return LoraLinear.__name__
+        return self._peft_class.__name__
 
     def forward(self, x, *args, **kwargs):
         peft_forward = super().forward
         if args or kwargs:
             return peft_forward(x, *args, **kwargs)  # PEFT's mixed-batch path
+        return self._served_forward(x, peft_forward)
+
+    def _served_forward(self, x, peft_forward):
+        raise NotImplementedError
+
+
+class FusedLoraLinear(ServedLayer, LoraLinear):
+    """PEFT's LoRA Linear whose forward (and so backward) runs ``low_rank_linear`` on the
+    layer's own tensors; everything else is PEFT's. Made by ``enable_fused``, never directly."""
+
+    _peft_class = LoraLinear
+
+    def _served_forward(self, x, peft_forward):
         base = self.get_base_layer()
         return fused_forward(self, x, peft_forward, base.weight, base.bias)
 
@@ -177,10 +191,6 @@ def _fused_class(module):
 
 def _is_fused(module) -> bool:
     return getattr(type(module), "_lowrank_fused_served", False)
-
-
-FusedLoraLinear._lowrank_fused_served = True
-FusedLoraLinear._peft_class = LoraLinear
 
 
 def _quantized_reason(module) -> Optional[str]:
