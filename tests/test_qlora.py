@@ -340,3 +340,75 @@ def test_torch_compile_runs_a_4bit_call_eagerly():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="disable"):  # fullgraph: the break is refused
         torch.compile(layer, backend="eager", fullgraph=True)(x)
+
+
+class Siblings(nn.Module):
+    """q, k, v read one x (as attention's projections read one normed hidden state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(K, N) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def test_sibling_layers_share_one_cast_of_x(monkeypatch):
+    """An fp32 model over bf16-computing 4-bit bases, A trainable: q/k/v keep one bf16 copy of
+    their common x for dA, not one each; outputs and gradients are bit-identical to casting per
+    layer."""
+    from peft import LoraConfig, get_peft_model
+    from lowrank_fused.peft import qlora
+    torch.manual_seed(0)
+    model = quantize_model(Siblings(), compute_dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=8, target_modules=["q", "k", "v"]))
+    nonzero_b(model)
+    lfp.enable_fused(model)
+    x = torch.randn(3, 7, K)
+
+    def step():
+        x1 = x.clone().requires_grad_()
+        model.zero_grad()
+        with SavedActivations(model) as saved, counting_ops() as calls:
+            y = model(x1)
+        y.pow(2).sum().backward()
+        assert len(calls) == 3
+        copies = {t.untyped_storage().data_ptr() for t in saved.tensors
+                  if t.dtype == torch.bfloat16 and tuple(t.shape) == (21, K)}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return len(copies), y.detach(), x1.grad, grads
+
+    shared, y0, dx0, g0 = step()
+    monkeypatch.setattr(qlora, "shared_cast", lambda t, dtype: t.to(dtype))
+    per_layer, y1, dx1, g1 = step()
+    assert (shared, per_layer) == (1, 3)
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+    assert set(g0) == set(g1) and len(g0) == 6
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+def test_shared_cast_only_reuses_an_unchanged_input():
+    from lowrank_fused.peft import input_cast
+    input_cast.clear()
+    x = torch.randn(4, 8)
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    first = input_cast.shared_cast(x, torch.bfloat16)
+    assert torch.equal(first, x.to(torch.bfloat16))
+    assert storage(input_cast.shared_cast(x, torch.bfloat16)) == storage(first)
+    assert input_cast.shared_cast(x, torch.float32) is x                 # no cast needed
+    assert storage(input_cast.shared_cast(x, torch.float16)) != storage(first)  # another dtype
+    x.add_(1.0)                                                           # changed in place
+    changed = input_cast.shared_cast(x, torch.bfloat16)
+    assert torch.equal(changed, x.to(torch.bfloat16))
+    x.requires_grad_()
+    with_grad = input_cast.shared_cast(x, torch.bfloat16)
+    assert with_grad.grad_fn is not None and storage(with_grad) == storage(changed)
+    (with_grad.float() * 3).sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, torch.full_like(x, 3.0))
+    with torch.no_grad():
+        assert input_cast.shared_cast(x, torch.bfloat16).grad_fn is None
+    y = torch.randn(4, 8)
+    assert storage(input_cast.shared_cast(y, torch.bfloat16)) != storage(changed)  # another x
+    del y
+    assert input_cast._last.entry is None                       # forgotten with its source

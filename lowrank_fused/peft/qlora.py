@@ -8,12 +8,14 @@ operator as it is: the reference path dequantizes it per call, forward and backw
 ``bnb.matmul_4bit`` does, and nothing dense is saved. Unlike PEFT's forward it does not clone
 the base output nor cast x to the adapters' fp32 (a full-width copy that a trainable A keeps):
 the operator casts x to the adapters' dtype inside its own pass and keeps x only for a trainable
-A, P = dropout(x)·Aᵀ otherwise.
+A, P = dropout(x)·Aᵀ otherwise. Where x must be cast to the compute dtype (an fp32 model over a
+bf16-computing 4-bit base), sibling layers reading the same x share one cast (``input_cast``).
 """
 from __future__ import annotations
 
 from peft.tuners.lora.bnb import Linear4bit
 
+from .input_cast import shared_cast
 from .serving import ServedLayer, fused_forward
 
 
@@ -32,6 +34,6 @@ class FusedLoraLinear4bit(ServedLayer, Linear4bit):
         bias = base.bias
         if bias is not None and bias.dtype != compute:
             bias = bias.to(compute)
-        x_c = x if x.dtype == compute else x.to(compute)
+        x_c = shared_cast(x, compute)  # q/k/v (gate/up) share one cast copy
         y = fused_forward(self, x_c, lambda _: peft_forward(x), base.weight, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
