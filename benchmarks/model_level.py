@@ -347,6 +347,8 @@ def run_case(case: Case, device="cpu", *, warmup: int = 1, repeats: int = 3,
                                  trainable=sum(map(torch.numel, trainable)), **made)
             del saved, loss
 
+        floor = frozen_model_bytes(models[next(iter(CONTENDERS))], arch, ids)
+
         def step(name):
             model, optimizer = models[name], optimizers[name]
             optimizer.zero_grad(set_to_none=True)
@@ -384,6 +386,9 @@ def run_case(case: Case, device="cpu", *, warmup: int = 1, repeats: int = 3,
         for key in ("saved_bytes", "peak_bytes", "step_ms"):
             b, o = figures[base][key], figures[name][key]
             ratios[f"{key}_{name}_over_{base}"] = o / b if b and o is not None else None
+    for name in others:  # the bytes the adapted layers add to the frozen model's own
+        b, o = figures[base]["saved_bytes"] - floor, figures[name]["saved_bytes"] - floor
+        ratios[f"added_bytes_{name}_over_{base}"] = o / b if b > 0 else None
     agreement = {}
     for name in others:
         if case.dropout == 0:
@@ -397,7 +402,33 @@ def run_case(case: Case, device="cpu", *, warmup: int = 1, repeats: int = 3,
                 shape=asdict(case.shape), tokens=case.shape.batch * case.shape.seq,
                 threads=torch.get_num_threads() if threads is None else threads,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                warmup=warmup, repeats=repeats, contenders=figures, **ratios, **agreement)
+                warmup=warmup, repeats=repeats, frozen_model_bytes=floor, contenders=figures,
+                **ratios, **agreement)
+
+
+def frozen_model_bytes(model: nn.Module, arch: Arch, ids: torch.Tensor) -> int:
+    """What the model keeps for backward by itself: the same PEFT model with its adapters off and
+    a gradient entering at each adapted layer's output, as the adapters' would (the same graph,
+    minus what the adapters keep). No adapter implementation can keep less; the ``added_bytes``
+    ratios are taken over it."""
+    from peft.tuners.lora import LoraLayer
+
+    from lowrank_fused.saved_activations import SavedActivations
+
+    def enter_gradient(module, args, out):
+        return out if out.requires_grad else out.requires_grad_()
+
+    hooks = [m.get_base_layer().register_forward_hook(enter_gradient)
+             for m in model.modules() if isinstance(m, LoraLayer)]
+    try:
+        with model.disable_adapter(), SavedActivations(model) as saved:
+            loss = arch.loss(model, ids)
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    model.zero_grad(set_to_none=True)
+    return saved.nbytes
 
 
 def tolerance(case: Case) -> float:

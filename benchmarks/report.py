@@ -108,13 +108,15 @@ def model_table(infos: list[dict]) -> str:
                 i["model"], i["setup"], i["base_dtype"], f"{i['dropout']:g}", name,
                 f"{_mib(b['saved_bytes'])} / {_mib(o['saved_bytes'])}",
                 _ratio(i.get(f"saved_bytes_{name}_over_{base}")),
+                _mib(i.get("frozen_model_bytes")),
+                _ratio(i.get(f"added_bytes_{name}_over_{base}")),
                 f"{b['step_ms']:.1f} / {o['step_ms']:.1f}",
                 _ratio(i.get(f"step_ms_{name}_over_{base}")),
                 f"{_mib(b['peak_bytes'])} / {_mib(o['peak_bytes'])}",
                 _ratio(i.get(f"peak_bytes_{name}_over_{base}")),
                 "n/a (dropout)" if diff[0] is None else f"{diff[0]:.1e} / {diff[1]:.1e}"])
     return _table(["model", "setup", "base", "dropout", "vs PEFT", "saved MiB PEFT / ours",
-                   "bytes ×PEFT", "step ms PEFT / ours", "time ×PEFT", "peak MiB PEFT / ours",
+                   "bytes ×PEFT", "frozen model MiB", "added bytes ×PEFT", "step ms PEFT / ours", "time ×PEFT", "peak MiB PEFT / ours",
                    "peak ×PEFT", "max rel. diff loss / grads"], rows)
 
 
@@ -132,7 +134,9 @@ def model_caption(infos: list[dict]) -> str:
             + "; ".join(shapes.values())
             + f". Adapters fp32 over the base dtype; step = forward + backward + AdamW step, "
             f"median of {first['repeats']} (the contenders alternate); ratios are ours / PEFT "
-            "in the same run (lower is better).")
+            "in the same run (lower is better). Frozen model: what the model keeps by itself "
+            "(adapters off, a gradient through its input embeddings), which no adapter can "
+            "avoid; added bytes = (saved − frozen model) ours / PEFT's.")
 
 
 def markdown(machine: dict, infos: list[dict]) -> str:

@@ -30,6 +30,8 @@ def test_model_level(benchmark, case):
     assert info["contenders"]["fused"]["fallback_layers"] == 0  # every adapted layer is ours
     for name, figures in info["contenders"].items():
         assert figures["saved_bytes"] > 0, name
+        # the frozen model's own activations are a floor no contender goes below
+        assert 0 < info["frozen_model_bytes"] <= figures["saved_bytes"], name
         assert figures["step_ms"] > 0, name
     if case.setup == "lora_fa" and case.dropout > 0:  # x is never kept, the mask not either
         assert info["saved_bytes_fused_over_peft"] < 1

@@ -39,6 +39,8 @@ def test_agrees_with_peft_without_dropout(arch, setup):
     for name, figures in info["contenders"].items():
         assert figures["saved_bytes"] > 0 and figures["step_ms"] > 0, name
         assert figures["peak_bytes"] is None and figures["trainable"] > 0, name
+        # the frozen model's own activations: a floor under every contender, not zero
+        assert 0 < info["frozen_model_bytes"] <= figures["saved_bytes"], name
     assert info["contenders"]["fused"]["trainable"] == info["contenders"]["peft"]["trainable"]
     assert info["contenders"]["fused"]["served_layers"] == layers
     assert info["contenders"]["fused"]["fallback_layers"] == 0
@@ -60,6 +62,8 @@ def test_lora_fa_with_dropout_keeps_less_than_peft(arch):
     info = run(case(arch, "lora_fa", dropout=0.05))
     figures = info["contenders"]
     assert 0 < figures["fused"]["saved_bytes"] < figures["peft"]["saved_bytes"]
+    # PEFT adds a mask and a dropped copy of x per layer over the frozen model; we add P
+    assert 0 < info["added_bytes_fused_over_peft"] < 0.5
     assert info["loss_rel_diff_fused"] is None  # the masks differ by design
 
 
