@@ -13,6 +13,10 @@ tensor changes (identity, storage or version counter). Rows where the sum cancel
 −W: the result below ``CANCEL_RATIO`` of ‖W_n‖² + s²‖b_n·A‖²) are recomputed densely, those rows
 only, so the norm keeps fp32's relative accuracy there too.
 
+A 4-bit (bitsandbytes) W, QDoRA: the norm's terms of W come from W dequantized (bitsandbytes'
+values, in fp32) when they are computed, and are cached as a dense W's are; the forward and
+backward dequantize per call, as every 4-bit call does (``quantized``).
+
 Backward: with G' = c ⊙ G, the gradients of x, A, B, R are the plain operator's for G' (the
 backend's ``backward``), plus, with dropout, the term of x through (c − 1) ⊙ x̃·Wᵀ:
 dx += H − dropout(H), H = ((1 − c) ⊙ G)·W. dm = Σ_rows G ⊙ Z / ‖·‖ with Z = x̃·Wᵀ + s·P·B_effᵀ
@@ -34,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, quantized
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
 
@@ -52,7 +56,10 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 
 def _key(t: Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+    # a 4-bit weight: its packed bytes and its quant state's absmax (requantizing replaces it)
+    state = getattr(t, "quant_state", None) if quantized.is_4bit(t) else None
+    absmax = None if state is None else (id(state.absmax), state.absmax._version)
+    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device, absmax)
 
 
 def _cached(cache: dict, tensors: tuple, compute):
@@ -77,19 +84,28 @@ def clear_cache() -> None:
     _weight_a_cache.clear()
 
 
+def _dense(weight: Tensor, acc: torch.dtype) -> Tensor:
+    """W in ``acc``; a 4-bit weight dequantized (bitsandbytes' values, a transient)."""
+    return quantized.dequantize(weight, acc) if quantized.is_4bit(weight) else weight.to(acc)
+
+
+def _acc_of(weight: Tensor) -> torch.dtype:
+    return torch.float32 if quantized.is_4bit(weight) else _acc_dtype(weight)
+
+
 def weight_row_sq(weight: Tensor) -> Tensor:
     """‖W_n‖² per row, accumulated in fp32 (fp64 for fp64), cached while W is unchanged."""
-    acc = _acc_dtype(weight)
+    acc = _acc_of(weight)
     return _cached(_weight_sq_cache, (weight,),
-                   lambda: weight.to(acc).square().sum(1))
+                   lambda: _dense(weight, acc).square().sum(1))
 
 
 def _weight_times_a(weight: Tensor, lora_a: Tensor) -> Tensor:
     """W·Aᵀ (N x r) in the accumulation dtype; cached when A is frozen."""
-    acc = _acc_dtype(weight)
+    acc = _acc_of(weight)
 
     def compute():
-        return weight.to(acc) @ lora_a.to(acc).T
+        return _dense(weight, acc) @ lora_a.to(acc).T
 
     if lora_a.requires_grad:
         return compute()
@@ -100,7 +116,7 @@ def _weight_times_a(weight: Tensor, lora_a: Tensor) -> Tensor:
 def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float) -> Tensor:
     """‖W + s·B_eff·A‖ per row (N,), detached, in fp32 (fp64 for fp64 tensors), without the
     dense N x K product (see the module docstring)."""
-    acc = _acc_dtype(weight)
+    acc = _acc_of(weight)
     s = float(scaling)
     a = lora_a.detach().to(acc)
     b = lora_b_eff.detach().to(acc)
@@ -115,7 +131,7 @@ def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float)
     bad = sq < CANCEL_RATIO * scale
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
-        dense = weight.detach()[rows].to(acc) + s * (b[rows] @ a)
+        dense = _dense(weight, acc)[rows] + s * (b[rows] @ a)
         sq = sq.clone()
         sq[rows] = dense.square().sum(1)
     return sq.clamp_min(0).sqrt()

@@ -51,7 +51,8 @@ def low_rank_linear(
             y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached),
             and with dropout PEFT's rule y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
             (``lowrank_fused.dora``). Runs on the reference backend whatever ``backend`` says
-            (the GPU kernels have no DoRA epilogue yet); a dense weight only.
+            (the GPU kernels have no DoRA epilogue yet); over a 4-bit weight too (QDoRA: the
+            norm's terms of W from W dequantized once and cached while it is unchanged).
 
     Adapters (lora_a, lora_b, latent) share one dtype, which may differ from x's (fp32
     adapters on a bf16 base, as PEFT keeps them); y has x's dtype and every gradient its own
@@ -71,8 +72,8 @@ def low_rank_linear(
             adapters of mixed dtypes, scaling not a number, dropout_p not a number, dropout_seed
             not an int.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
-        With ``magnitude``: ValueError for a shape other than (N,), another device than x's or a
-        4-bit weight; TypeError for a non-tensor, a non-floating dtype or another dtype than
+        With ``magnitude``: ValueError for a shape other than (N,) or another device than x's;
+        TypeError for a non-tensor, a non-floating dtype or another dtype than
         the adapters'.
     """
     check_call_arguments(x, scaling, dropout_seed)
@@ -126,15 +127,15 @@ _eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
 @torch.compiler.disable  # eager under torch.compile (a graph break): no custom op for DoRA yet
 def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p, training,
                  backend, dropout_seed, magnitude):
-    if quantized.is_4bit(weight):
-        raise ValueError("magnitude= (DoRA) needs a dense weight; a 4-bit Params4bit base is not "
-                         "supported with DoRA yet")
+    four_bit = quantized.is_4bit(weight)
     if _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    n, k = weight.shape
+    n, k = quantized.shape(weight)
     dora.check_magnitude(magnitude, n, lora_a, x)
-    choice = dispatch.dora_choice(backend, x.device)
+    # QDoRA (a 4-bit base) runs on the reference path, as 4-bit calls do
+    choice = (dispatch.quantized_choice(backend, x.device) if four_bit
+              else dispatch.dora_choice(backend, x.device))
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
     rows = x if x.dim() == 2 else x.reshape(-1, k)

@@ -48,7 +48,8 @@ class LowRankLinear(nn.Module):
         generator: RNG for the adapters' initialisation.
         dora: DoRA (with "lora" or "lora_fa"): a trainable magnitude m (out,), initialised as
             PEFT does to ‖W + s·B·A‖ per row, and y = c ⊙ (x·Wᵀ + s·P·Bᵀ) + bias with
-            c = m / ‖W + s·B·A‖ (``low_rank_linear(..., magnitude=)``).
+            c = m / ‖W + s·B·A‖ (``low_rank_linear(..., magnitude=)``); over a 4-bit base too
+            (QDoRA; merge() refuses there, as for every 4-bit layer).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
@@ -103,9 +104,6 @@ class LowRankLinear(nn.Module):
         if dora and method == "lora_xs":
             raise ValueError("dora=True works with method='lora' or 'lora_fa' (DoRA-FA); "
                              "LoRA-XS with a DoRA magnitude is not supported")
-        if dora and quantized.is_4bit(weight):
-            raise ValueError("dora=True needs a dense base weight: a 4-bit (bitsandbytes) base "
-                             "is not supported with DoRA yet")
         out_features, in_features = quantized.shape(weight)
         check_rank(rank, out_features, in_features)
         check_dropout_p(dropout, "dropout")
@@ -205,7 +203,7 @@ class LowRankLinear(nn.Module):
         with torch.no_grad():
             c = (self.magnitude.detach().to(torch.float32 if self.weight.dtype != torch.float64
                                             else torch.float64) / self._dora_norm())
-        w = self.weight.to(c.dtype)
+        w = quantized.dense_like(self.weight, c.dtype).to(c.dtype)  # 4-bit: dequantized
         return (c.unsqueeze(1) * (w + delta.to(c.dtype)) - w).to(delta.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -225,7 +223,7 @@ class LowRankLinear(nn.Module):
             y = low_rank_linear(x_c, self.weight, self.lora_a, self.lora_b, bias=bias,
                                 latent=self.latent, scaling=self.scaling,
                                 dropout_p=self.dropout, training=self.training,
-                                backend=self.backend)
+                                backend=self.backend, magnitude=self.magnitude)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         return low_rank_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias,
                                latent=self.latent, scaling=self.scaling,

@@ -412,3 +412,134 @@ def test_shared_cast_only_reuses_an_unchanged_input():
     assert storage(input_cast.shared_cast(y, torch.bfloat16)) != storage(changed)  # another x
     del y
     assert input_cast._last.entry is None                       # forgotten with its source
+
+
+# ---- QDoRA: DoRA's magnitude over a 4-bit base ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_dora_over_4bit_equals_dora_over_the_dequantized_weight(dtype, dropout):
+    """The 4-bit path is the dense path on bitsandbytes' dequantized W, bit for bit: the norm's
+    cached terms come from it, forward and backward dequantize per call."""
+    from lowrank_fused import dora
+    dora.clear_cache()
+    w4 = params4bit(quant_type="fp4", nested=True, dtype=dtype)
+    dense = quantized.dequantize(w4, dtype)
+    a, b, _ = adapters("lora")
+    m = (torch.rand(N, generator=torch.Generator().manual_seed(2)) + 0.5).requires_grad_()
+    x = torch.randn(*M_SHAPE, K, dtype=dtype)
+    results = []
+    for weight in (w4, dense):
+        xx = x.clone().requires_grad_()
+        y = lf.low_rank_linear(xx, weight, a, b, scaling=2.0, magnitude=m, dropout_p=dropout,
+                               dropout_seed=11, training=True)
+        results.append([y.detach()] + list(torch.autograd.grad(y.float().pow(2).sum(),
+                                                               (xx, a, b, m))))
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert torch.equal(got, want), name
+
+
+def test_dora_norm_of_a_4bit_weight_follows_a_requantized_weight():
+    from lowrank_fused import dora
+    w4 = params4bit()
+    a, b, _ = adapters("lora_fa")
+    first = dora.row_norm(w4, a, b, 2.0)
+    dense = quantized.dequantize(w4, torch.float32)
+    torch.testing.assert_close(first, (dense + 2.0 * b.detach() @ a).norm(dim=1))
+    other = params4bit(seed=5)  # a new quantization written into the same parameter
+    w4.data, w4.quant_state = other.data, other.quant_state
+    dense = quantized.dequantize(w4, torch.float32)
+    torch.testing.assert_close(dora.row_norm(w4, a, b, 2.0),
+                               (dense + 2.0 * b.detach() @ a).norm(dim=1))
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_layer_dora_over_linear4bit(method):
+    base = linear4bit(nn.Linear(K, N), compute_dtype=torch.float32)
+    layer = lf.LowRankLinear.from_linear(base, R, method=method, dora=True,
+                                         generator=torch.Generator().manual_seed(0))
+    dense = quantized.dequantize(base.weight, torch.float32)
+    torch.testing.assert_close(layer.magnitude.detach(), dense.norm(dim=1))  # B = 0 at init
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.1)
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(4, K, requires_grad=True)
+    y = layer(x)
+    c = layer.magnitude.detach() / (dense + layer.scaling * layer.lora_b.detach()
+                                    @ layer.lora_a.detach()).norm(dim=1)
+    want = (c * (x @ dense.T + layer.scaling * (x @ layer.lora_a.T) @ layer.lora_b.T)
+            + layer.bias)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert layer.magnitude.grad is not None and layer.lora_b.grad is not None
+    assert (layer.lora_a.grad is not None) == (method == "lora")
+    delta = layer.delta_weight()
+    torch.testing.assert_close(x.detach() @ (dense + delta).T + layer.bias, y.detach(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="4-bit"):
+        layer.merge()
+
+
+def _qdora_peft(frozen_a=False, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = quantize_model(Small(), names=["q", "v"], compute_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=8, target_modules=["q", "v"],
+                                             use_dora=True, lora_dropout=dropout))
+    nonzero_b(model)
+    with torch.no_grad():  # magnitudes away from their init
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+    if frozen_a:
+        lfp.freeze_lora_a(model)
+    return model
+
+
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_enable_fused_serves_peft_qdora_with_peft_outputs_and_grads(frozen_a):
+    model = _qdora_peft(frozen_a)
+    x = torch.randn(3, 5, 16)
+    y0, dx0, g0 = run(model, x)
+    fused = lfp.enable_fused(model)
+    assert fused.served == ["base_model.model.q", "base_model.model.v"] and not fused.fallbacks
+    with counting_ops() as calls:
+        y1, dx1, g1 = run(model, x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-6)
+    assert set(g1) == set(g0) and any("lora_magnitude_vector" in n for n in g1)
+    assert any("lora_A" in n for n in g1) == (not frozen_a)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_served_qdora_with_dropout_matches_peft_under_the_same_mask():
+    from lowrank_fused.backends.reference import dropout_keep_mask
+    from lowrank_fused.dropout import DropoutSpec, seed_tensor
+    model = _qdora_peft(dropout=0.3)
+    layer = model.base_model.model.q
+    x = torch.randn(6, 16)
+    torch.manual_seed(7)
+    spec = DropoutSpec(0.3, int(seed_tensor(None).item()))  # the seed the served call draws
+    mask = dropout_keep_mask(spec, x.shape, x.device).float() * spec.keep_scale
+
+    class SameMask(nn.Module):
+        def forward(self, t):
+            return t * mask
+
+    real = layer.lora_dropout["default"]
+    layer.lora_dropout["default"] = SameMask()
+    model.base_model.model.v.lora_dropout["default"] = nn.Identity()
+    model.base_model.model.v.lora_dropout["default"].training = True
+    y0, dx0, g0 = run(model, x)
+    layer.lora_dropout["default"] = real
+    lfp.enable_fused(model)
+    model.base_model.model.v.lora_dropout["default"] = nn.Dropout(0.0)  # v: no dropout either
+    torch.manual_seed(7)
+    y1, dx1, g1 = run(model, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)

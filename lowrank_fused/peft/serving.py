@@ -21,10 +21,11 @@ is served the same way by ``FusedLoraLinear4bit`` (in ``qlora.py``, importable o
 bitsandbytes): x is cast to the base's compute dtype as bitsandbytes does, the 4-bit weight goes
 to the operator as it is (dequantized per call, never saved), y comes back in x's dtype.
 
-PEFT's DoRA (``use_dora=True``) on a Linear over a plain nn.Linear, one active adapter, is
-served by the operator's ``magnitude=`` (the reference path on every device for now).
+PEFT's DoRA (``use_dora=True``) on a Linear over a plain nn.Linear or a 4-bit base (QDoRA), one
+active adapter, is served by the operator's ``magnitude=`` (the reference path on every device
+for now).
 
-What cannot be served (DoRA over a quantized base or with several active adapters, other
+What cannot be served (DoRA with several active adapters, other
 variants, LoRA bias, conv/embedding/8-bit layers,
 ``fan_in_fan_out``, mixed-adapter batches, several active adapters with dropout) runs PEFT's own
 forward and is reported once per layer and reason.
@@ -38,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import quantized
 from ..functional import low_rank_linear
 from .lora_layers import LoraLayer, LoraLinear, lora_layers, lora_linear4bit_class
 
@@ -69,13 +71,14 @@ def _dora_variant_class():
 
 
 def _dora_reason(module, active) -> Optional[str]:
-    """Why a DoRA call cannot be served, or None: one active adapter over a dense nn.Linear,
-    the magnitude in the adapters' dtype."""
+    """Why a DoRA call cannot be served, or None: one active adapter over a dense nn.Linear or
+    a bitsandbytes 4-bit base, the magnitude in the adapters' dtype."""
     if len(active) > 1:
         return "several active adapters with DoRA"
     (adapter,) = active
-    if type(module.get_base_layer()) is not nn.Linear:
-        return "DoRA over a quantized base layer"
+    base = module.get_base_layer()
+    if type(base) is not nn.Linear and not quantized.is_linear4bit(base):  # QDoRA is served
+        return f"DoRA over a {type(base).__name__} base layer"
     magnitude = module.lora_magnitude_vector[adapter].weight
     if magnitude.dtype != module.lora_A[adapter].weight.dtype:
         return "a DoRA magnitude of another dtype than its adapters"
