@@ -64,6 +64,17 @@ class Sink:
         shown = {k: v for k, v in row.items() if k != "step"}
         print(f"[{row.get('step', '-')}] {json.dumps(shown, default=str)[:240]}", flush=True)
 
+    def sync(self) -> None:
+        """Makes every copy equal to the first: a step killed between its writes to the two
+        copies leaves the first one line ahead (rename, so a kill here leaves a whole file)."""
+        with open(self.paths[0]) as f:
+            text = f.read()
+        for path in self.paths[1:]:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+
 
 def _sink_paths(results: str, name: str) -> list:
     paths = [os.path.join(results, f"{name}.first.jsonl")]
@@ -402,6 +413,7 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
             status = "out of time (killed)"
         if status != "done":
             failed.append(step)
+        sink.sync()
         sink(step=step, kind="step", status=status, seconds=round(time.time() - step_start, 1),
              budget_s=round(budget, 1))
     if build is not None and build.poll() is None:

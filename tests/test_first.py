@@ -32,3 +32,15 @@ def test_work_past_the_deadline_is_skipped_not_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").open()]
     assert ran == [] and rows[0]["skipped"] == "out of time"
     assert rows[1]["ok"] is False and "ZeroDivisionError" in rows[1]["error"]
+
+
+def test_a_copy_left_behind_by_a_kill_is_brought_level(tmp_path):
+    sink = first.Sink([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    sink(step="s", n=1)
+    with open(sink.paths[0], "a") as f:  # what a kill between the two writes leaves
+        f.write('{"step": "s", "n": 2}\n')
+    assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "b.jsonl").read_text()
+    sink.sync()
+    sink(step="s", n=3)
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert [json.loads(line)["n"] for line in (tmp_path / "b.jsonl").open()] == [1, 2, 3]
