@@ -10,8 +10,10 @@ An explicit ``backend=`` argument wins; otherwise the environment variable
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
 names, else Triton, else the CUDA extension; and the reference backend for anything else.
 A 4-bit (bitsandbytes) weight takes the reference backend whatever was asked
-(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet. So does a DoRA
-call (``dora_choice``): the GPU kernels have no DoRA epilogue yet.
+(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet. A DoRA call
+(``dora_choice``) runs on Triton for "triton", for "auto" on CUDA tensors and for "cuda" (the CUDA
+extension has no DoRA kernels: its calls go to Triton's); QDoRA (DoRA over a 4-bit weight) stays
+on the reference.
 """
 from __future__ import annotations
 
@@ -190,11 +192,36 @@ def quantized_choice(backend: str, device: torch.device) -> str:
     return "reference"
 
 
-def dora_choice(backend: str, device: torch.device) -> str:
-    """The backend for a DoRA call (``magnitude=``): the reference path, whatever was asked for,
-    as for 4-bit weights. The Triton and CUDA kernels have no DoRA epilogue yet (c ⊙ ... and the
-    dm reduction), so "triton" and "cuda" route there after checking that they could run."""
-    return quantized_choice(backend, device)
+def dora_choice(backend: str, device: torch.device, four_bit: bool = False) -> str:
+    """The backend for a DoRA call (``magnitude=``):
+
+    - "triton": the Triton backend (triton_kernels/dora.py: c in the GEMM epilogues, the dm
+      reduction in the pass over G);
+    - "auto": on CUDA tensors Triton when it is installed (no measured policy for DoRA yet),
+      else the reference; anything else, the reference;
+    - "cuda": the Triton DoRA path. The CUDA C++ extension does not implement DoRA, so the
+      call runs on Triton after checking that both could run here (a DoRA call with
+      backend="cuda" needs the extension built, as every "cuda" call does, and triton);
+    - "reference": the reference.
+
+    ``four_bit`` (a bitsandbytes weight, QDoRA): the reference path whatever was asked for,
+    after the same check that the backend asked for could run; the GPU kernels do not
+    dequantize inside their K loop for DoRA."""
+    name = requested_choice(backend)
+    if device.type == "meta":  # shapes only: the reference ops propagate them
+        return "reference"
+    if four_bit:
+        if name in ("triton", "cuda"):
+            backend_module(name, device)
+        return "reference"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if name == "cuda":
+        backend_module("cuda", device)  # raises with the reason when the extension cannot run
+        backend_module("triton", device)
+        return "triton"
+    backend_module(name, device)
+    return name
 
 
 def call_kind(x, weight, lora_a, lora_b, latent) -> str:

@@ -27,8 +27,10 @@ the layer often keeps it too, so it costs no bytes of its own; an in-place chang
 backward then raises autograd's usual error).
 
 Layering: this module is the functional op (called by ``functional.low_rank_linear`` with
-``magnitude=``); the backend comes from ``dispatch.dora_choice``, which routes every DoRA call to
-the reference backend for now (the Triton / CUDA epilogues are a later step).
+``magnitude=``); the backend comes from ``dispatch.dora_choice``: the Triton backend
+(triton_kernels/dora.py: c in the forward GEMM's epilogue, G scaled as the backward kernels load
+it, dm and dbias reduced in the pass over G) for "triton", "cuda" (the CUDA extension has no
+DoRA kernels) and "auto" on CUDA tensors; the reference backend otherwise, and for QDoRA.
 """
 from __future__ import annotations
 
@@ -187,8 +189,6 @@ class DoraLowRank(torch.autograd.Function):
                 "lowrank_fused does not support double backward through the DoRA operator "
                 "(create_graph=True): second-order gradients would come out wrong")
         x, p, z, weight, lora_a, lora_b, latent = ctx.saved_tensors
-        if ctx.z_from_y:
-            z = z.to(ctx.c.dtype) / ctx.c
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         if need_w:
             raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")
@@ -196,7 +196,7 @@ class DoraLowRank(torch.autograd.Function):
             grad_y.contiguous(), x, p, z, weight, lora_a, lora_b, latent, ctx.scaling,
             ctx.dropout, ctx.c, ctx.norm, need_x=need_x, need_a=need_a, need_b=need_b,
             need_latent=need_latent and latent is not None, need_bias=need_bias,
-            need_m=need_m)
+            need_m=need_m, z_is_output=ctx.z_from_y)
         if dm is not None:
             dm = dm.to(ctx.m_dtype)
         return dx, None, dbias, da, db, dr, dm, None, None, None, None

@@ -50,9 +50,10 @@ def low_rank_linear(
         magnitude: DoRA's magnitude m, shape (N,), the adapters' dtype: then
             y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached),
             and with dropout PEFT's rule y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
-            (``lowrank_fused.dora``). Runs on the reference backend whatever ``backend`` says
-            (the GPU kernels have no DoRA epilogue yet); over a 4-bit weight too (QDoRA: the
-            norm's terms of W from W dequantized once and cached while it is unchanged).
+            (``lowrank_fused.dora``). Runs on the Triton backend for "triton", "cuda" (the
+            CUDA extension has no DoRA kernels) and "auto" on CUDA tensors
+            (``dispatch.dora_choice``); over a 4-bit weight (QDoRA: the norm's terms of W from
+            W dequantized once and cached while it is unchanged) on the reference backend.
 
     Adapters (lora_a, lora_b, latent) share one dtype, which may differ from x's (fp32
     adapters on a bf16 base, as PEFT keeps them); y has x's dtype and every gradient its own
@@ -133,9 +134,8 @@ def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p,
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     n, k = quantized.shape(weight)
     dora.check_magnitude(magnitude, n, lora_a, x)
-    # QDoRA (a 4-bit base) runs on the reference path, as 4-bit calls do
-    choice = (dispatch.quantized_choice(backend, x.device) if four_bit
-              else dispatch.dora_choice(backend, x.device))
+    # QDoRA (a 4-bit base) runs on the reference path (dora_choice says so explicitly)
+    choice = dispatch.dora_choice(backend, x.device, four_bit=four_bit)
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
     rows = x if x.dim() == 2 else x.reshape(-1, k)

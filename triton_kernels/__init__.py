@@ -4,8 +4,9 @@ Launchers take 2-D tensors and plain numbers; they know nothing of modules or au
 Run on CPU tensors under TRITON_INTERPRET=1 (how CI tests them).
 """
 from .backward import grad_a, grad_input, grad_output_pass
+from .dora import dora_grad_input, dora_grad_output_pass, dora_linear
 from .dropout import dropout_keep_mask
 from .forward import fused_linear, project
 
 __all__ = ["project", "fused_linear", "grad_output_pass", "grad_input", "grad_a",
-           "dropout_keep_mask"]
+           "dropout_keep_mask", "dora_linear", "dora_grad_output_pass", "dora_grad_input"]

@@ -85,6 +85,22 @@ GEMM_CONFIGS = {
         _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),  # dx with dropout at r = 128
     ],
 }
+# DoRA's GEMMs with dropout (triton_kernels/dora.py): two fp32 accumulators per tile (x·Wᵀ and
+# x̃·Wᵀ in the forward, G·W and the dropped term in dx), so half the tile area of GEMM_CONFIGS for
+# the same registers; BLOCK_K a multiple of 32 (the forward draws the mask on x's K tiles as two
+# 16-column halves).
+GEMM_DUAL_CONFIGS = {
+    "sm80": [
+        _c(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+}
 # Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
 # Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
 GEMM_TMA_CONFIGS = {
@@ -136,11 +152,13 @@ FP32_CONFIGS = {
     "skinny": [_c(8, 3, BLOCK_M=64, BLOCK_N=32)],
     "grad_output": [_c(4, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=32, BLOCK_N=64),
                     _c(8, 3, BLOCK_M=64, BLOCK_N=32)],
+    "gemm_dual": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                  _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
 }
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
-           "grad_output": GRAD_OUTPUT_CONFIGS}
+           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_dual": GEMM_DUAL_CONFIGS}
 CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
                 for family, table in FP32_CONFIGS.items()})
 
@@ -189,7 +207,7 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     meta, stages = config.kwargs, config.num_stages
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     family = _shape_family(family)
-    if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
+    if family in ("gemm", "gemm_dual"):  # the rank tiles reuse the K loop's buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
     if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
         return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
@@ -211,6 +229,8 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     family = _shape_family(family)
     if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
+    if family == "gemm_dual":  # two accumulators, the rank tiles
+        return (2 * block_m * block_n + (block_m + block_n) * rank_block_) / threads
     if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
         return block_m * (block_n + rank_block_) / threads
     if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
@@ -225,7 +245,8 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
 # r = 128 (sm_90a) and 4-warp 128x64 at r = 64 (sm_80), the skinny passes' 4-warp 128x64 and
 # 64x128 at r = 64 (P with dropout, dA) and 8-warp 128x128 at r = 128.
 # gemm_tma: 4 warps at 128 x 128 spill at r = 128, not at r = 64.
-REGISTER_BUDGET = {"gemm": 256, "gemm_tma": 192, "grad_output": 160, "skinny": 112}
+REGISTER_BUDGET = {"gemm": 256, "gemm_tma": 192, "grad_output": 160, "skinny": 112,
+                   "gemm_dual": 192}
 # The tiled GEMMs by target and dropout (the dx kernel's mask and scaled low-rank halves): over
 # the budget the aot_check builds spilled (sm_90a: 4-warp 128x128 at r = 64 without dropout;
 # with dropout 4-warp 128x128 and 8-warp 256x128 from r = 1; sm_80, whose mma.sync keeps
@@ -349,7 +370,7 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     ``family``: a key of CONFIGS."""
     mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
     if interpreting():
-        gemm_like = _shape_family(family) in ("gemm", "gemm_tma")
+        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", "gemm_dual")
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner

@@ -47,6 +47,17 @@ def keep_pairs(seed, rows, cols_lo, p_drop):
     return (h & 0xFFFF) >= t, (h >> 16) >= t
 
 
+@triton.jit
+def keep_tile(seed, rows, cols, p_drop):
+    """True where (row, col) survive dropout, for a tile of any columns in their own order (an
+    epilogue's output tile): column c takes its bits from the hash of its pair, the high half
+    where c has bit 4 set. One hash per element, twice ``keep_pairs``' count: for code that
+    runs once per output tile, not in a streamed loop. (keep_pairs' column key is the same for
+    c and c + 16 when bit 4 of c is clear, so ``cols`` may be passed as they are.)"""
+    keep_lo, keep_hi = keep_pairs(seed, rows, cols, p_drop)
+    return tl.where(((cols & 16) != 0)[None, :], keep_hi, keep_lo)
+
+
 def seed_arg(seed: int) -> int:
     """The seed as the kernels take it: its low 32 bits (all the mask uses: keep_pairs casts to
     uint32) as a signed 32-bit int. Every seed then passes as an i32, and with the kernels'

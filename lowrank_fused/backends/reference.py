@@ -156,7 +156,8 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 
 
 # DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
-# the accumulation dtype (fp32, fp64 for fp64 tensors). Every backend routes DoRA here for now.
+# the accumulation dtype (fp32, fp64 for fp64 tensors). The Triton backend has the same two
+# functions (its kernels fuse c); dispatch.dora_choice routes "cuda" to it.
 
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
     """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
@@ -188,9 +189,12 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
 
 
 def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
-                  need_x, need_a, need_b, need_latent, need_bias, need_m):
+                  need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_output=False):
     """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G, plus with dropout
-    dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached)."""
+    dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached).
+    ``z_is_output``: ``z`` is the output y (no dropout, no bias, no c = 0), so Z = y / c."""
+    if need_m and z_is_output:
+        z = _as(z, c.dtype) / c
     g_acc = _as(grad_y, c.dtype)
     g_scaled = _as(g_acc * c, grad_y.dtype)
     if dropout is None or not need_x:

@@ -45,3 +45,51 @@ def _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent, ne
     dx = kernels.grad_input(grad_y, weight, dp, lora_a, seed, p_drop) if need_x else None
     da = kernels.grad_a(dp, x, lora_a.dtype, seed, p_drop) if need_a else None
     return dx, da, db, dr, dbias
+
+
+# DoRA (lowrank_fused.dora; the reference's dora_forward / dora_backward contract): the column
+# scale c fused into the kernels (triton_kernels/dora.py). A 4-bit weight never comes here
+# (dispatch.dora_choice keeps QDoRA on the reference path).
+
+def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
+    """(y, p, z) as the reference's: P by the plain operator's pass, then y (and Z when
+    ``need_z``) from one GEMM with c in its epilogue."""
+    check_dtypes("triton", x, lora_a)
+    seed, p_drop = seed_and_p(dropout)
+    with device_guard(x.device):
+        p = kernels.project(x, lora_a, seed, p_drop)
+        y, z = kernels.dora_linear(x, weight, bias, p, lora_b_eff, scaling, _column_scale(c),
+                                   seed, p_drop, need_z)
+    return y, p, z
+
+
+def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
+                  need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_output=False):
+    """(dx, dA, dB, dR, dbias, dm) as the reference's: one pass over G (c applied on load) for
+    dP, dB, dbias and Σ_rows G ⊙ Z; dx by one GEMM over G; dA as the plain operator's.
+    ``z_is_output``: ``z`` is the output y, so Z = y / c (dm divides the N-vector by c)."""
+    with device_guard(grad_y.device):
+        seed, p_drop = seed_and_p(dropout)
+        scale = _column_scale(c)
+        need_latent = need_latent and latent is not None
+        need_dp = need_x or need_a
+        dp, db, dbias, gz = kernels.dora_grad_output_pass(
+            grad_y, z, scale, lora_b, latent_operands(p, latent, need_b), scaling,
+            need_dp=need_dp or need_latent, need_db=need_b, need_dbias=need_bias,
+            need_gz=need_m, bias_dtype=weight.dtype,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+        dr = None
+        if latent is not None:
+            dp, dr = latent_gradients(dp, p, latent, need_dp, need_latent)
+        dx = (kernels.dora_grad_input(grad_y, weight, scale, dp, lora_a, seed, p_drop)
+              if need_x else None)
+        da = kernels.grad_a(dp, x, lora_a.dtype, seed, p_drop) if need_a else None
+        dm = None
+        if need_m:
+            dm = gz / (c * norm) if z_is_output else gz / norm
+    return dx, da, db, dr, dbias, dm
+
+
+def _column_scale(c):
+    """c as the kernels read it: fp32, contiguous (it is an fp32 N-vector already)."""
+    return c.to(torch.float32).contiguous()
