@@ -14,13 +14,13 @@ from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa
 from lowrank_fused.dropout import keep_mask, quantised_p  # noqa: E402
-from lowrank_fused.triton_kernels import (backward, configs, dropout, forward,  # noqa: E402
-                                          persistent, variants)
+from lowrank_fused.triton_kernels import (backward, configs, dora, dropout,  # noqa: E402
+                                          forward, persistent, variants)
 
 pytestmark = pytest.mark.skipif(not configs.interpreting(), reason="fakes the GPU path on CPU")
 
 SEEDED_KERNELS = [forward._project_kernel, backward._grad_input_kernel, backward._grad_a_kernel,
-                  dropout._keep_mask_kernel]
+                  dropout._keep_mask_kernel, dora._dora_grad_input_kernel]
 
 
 # --- autotune keys ---------------------------------------------------------------------------

@@ -87,8 +87,7 @@ GEMM_CONFIGS = {
 }
 # DoRA's GEMMs with dropout (triton_kernels/dora.py): two fp32 accumulators per tile (x·Wᵀ and
 # x̃·Wᵀ in the forward, G·W and the dropped term in dx), so half the tile area of GEMM_CONFIGS for
-# the same registers; BLOCK_K a multiple of 32 (the forward draws the mask on x's K tiles as two
-# 16-column halves).
+# the same registers.
 GEMM_DUAL_CONFIGS = {
     "sm80": [
         _c(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),

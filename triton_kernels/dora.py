@@ -5,10 +5,13 @@ Forward (P = dropout(x)·Aᵀ from forward.project first):
 - no dropout: y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias, the plain K-extended GEMM with c in the
   epilogue; Z = x·Wᵀ + s·P·B_effᵀ (what dm needs) stored from the same accumulator when asked;
 - dropout: y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ, x̃ = dropout(x). One K loop
-  loads each x and W tile once and feeds two accumulators that both start from the low-rank
-  term L = s·P·B_effᵀ: acc = x·Wᵀ + L and Z = x̃·Wᵀ + L, then y = acc + (c − 1) ⊙ Z + bias
-  (= x·Wᵀ + (c − 1) ⊙ x̃·Wᵀ + c ⊙ L). The mask is drawn on x's tiles in the loop (two column
-  halves, one hash per pair, as forward.project does), never stored.
+  loads each W tile once and feeds two accumulators that both start from the low-rank term
+  L = s·P·B_effᵀ: acc = x·Wᵀ + L and Z = x̃·Wᵀ + L, then y = acc + (c − 1) ⊙ Z + bias
+  (= x·Wᵀ + (c − 1) ⊙ x̃·Wᵀ + c ⊙ L). x̃ comes from the P pass (forward.project_dropped), which
+  draws the mask once per element of x and writes x̃ as it goes: a transient M x K read once
+  more by the GEMM and dropped after it. Drawing the mask inside the GEMM's K loop instead
+  would hash every element of x once per N tile (N / BLOCK_N times), an integer load that
+  rivals the GEMM's own tensor-core time; one write and one read of x̃ cost ~2 passes over x.
 
 Backward, G = dL/dy, G' = c ⊙ G applied to G's tiles as they are loaded (no M x N pass of its
 own):
@@ -27,17 +30,16 @@ import triton.language as tl
 from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
                       rank_block)
 from . import accumulators
-from .dropout import keep_pairs, keep_tile, pair_columns, seed_arg
+from .dropout import keep_tile, seed_arg
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 
-# seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
-@triton.jit(do_not_specialize=["seed"])
-def _dora_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, c_ptr, y_ptr, z_ptr, M, M_BUCKET,
-                        N, K, R, scaling,
+@triton.jit
+def _dora_linear_kernel(x_ptr, xd_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, c_ptr, y_ptr, z_ptr, M,
+                        M_BUCKET, N, K, R, scaling,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
-                        stride_bias, seed, p_drop, keep_scale,
+                        stride_bias,
                         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_Z: tl.constexpr,
                         PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         LR_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
@@ -60,37 +62,24 @@ def _dora_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, c_ptr, y_ptr, z_pt
               LR_PRECISION)
     scale = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
     if HAS_DROPOUT:
-        # acc = x·Wᵀ + L and z = x̃·Wᵀ + L in one K loop: x's tile as the mask's two column
-        # halves (one hash per pair), each half's W rows loaded once for both products.
+        # acc = x·Wᵀ + L and z = x̃·Wᵀ + L in one K loop, each W tile loaded once for both
         z = acc
-        HALF_K: tl.constexpr = BLOCK_K // 2
-        ks_lo, ks_hi = pair_columns(0, HALF_K)
-        x_lo = x_ptr + offsets_2d(rows, ks_lo, stride_xm, stride_xk)
-        x_hi = x_ptr + offsets_2d(rows, ks_hi, stride_xm, stride_xk)
-        w_lo = w_ptr + offsets_2d(ks_lo, cols, stride_wk, stride_wn)
-        w_hi = w_ptr + offsets_2d(ks_hi, cols, stride_wk, stride_wn)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offsets_2d(rows, ks, stride_xm, stride_xk)
+        xd_ptrs = xd_ptr + offsets_2d(rows, ks, K, 1)
+        w_ptrs = w_ptr + offsets_2d(ks, cols, stride_wk, stride_wn)
         x_step = tl.full((), BLOCK_K, tl.int64) * stride_xk
         w_step = tl.full((), BLOCK_K, tl.int64) * stride_wk
         for k0 in range(0, K, BLOCK_K):
-            lo_ok = (k0 + ks_lo) < K
-            hi_ok = (k0 + ks_hi) < K
-            keep_lo, keep_hi = keep_pairs(seed, rows, k0 + ks_lo, p_drop)
-            x = tl.load(x_lo, mask=row_ok[:, None] & lo_ok[None, :], other=0.0)
-            w = tl.load(w_lo, mask=lo_ok[:, None] & col_ok[None, :], other=0.0)
+            k_ok = (k0 + ks) < K
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             acc = mma(x, w, acc, PRECISION)
-            x = narrow(x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0),  # NaN·0 = NaN
-                       x_ptr.dtype.element_ty)
+            x = tl.load(xd_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             z = mma(x, w, z, PRECISION)
-            x = tl.load(x_hi, mask=row_ok[:, None] & hi_ok[None, :], other=0.0)
-            w = tl.load(w_hi, mask=hi_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(x, w, acc, PRECISION)
-            x = narrow(x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0),
-                       x_ptr.dtype.element_ty)
-            z = mma(x, w, z, PRECISION)
-            x_lo += x_step
-            x_hi += x_step
-            w_lo += w_step
-            w_hi += w_step
+            x_ptrs += x_step
+            xd_ptrs += BLOCK_K
+            w_ptrs += w_step
         out = acc + (scale - 1.0)[None, :] * z
     else:
         z = matmul_tile(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
@@ -283,10 +272,12 @@ def _gemm_family(dropout: bool, base_dtype) -> str:
     return for_base("gemm_dual" if dropout else "gemm", base_dtype)
 
 
-def dora_linear(x, weight, bias, p, lora_b_eff, scaling, scale, seed=0, p_drop=0.0,
+def dora_linear(x, weight, bias, p, lora_b_eff, scaling, scale, x_dropped=None,
                 need_z=False):
     """(y, z): y by DoRA's rule (module docstring) in x's dtype, and z = x̃·Wᵀ + s·P·B_effᵀ in
-    x's dtype when ``need_z``, else None. ``scale``: c, fp32 (N,); ``p``: dropout(x)·Aᵀ."""
+    x's dtype when ``need_z``, else None. ``scale``: c, fp32 (N,); ``p``: dropout(x)·Aᵀ;
+    ``x_dropped``: x̃ = dropout(x), contiguous, with dropout (forward.project_dropped), else
+    None."""
     m, k = x.shape
     n = weight.shape[0]
     r = p.shape[1]
@@ -294,20 +285,20 @@ def dora_linear(x, weight, bias, p, lora_b_eff, scaling, scale, seed=0, p_drop=0
     z = torch.empty((m, n), dtype=x.dtype, device=x.device) if need_z else None
     if m == 0:
         return y, z
-    dropout = p_drop > 0.0
+    dropout = x_dropped is not None
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
     kernel, meta = launcher(_dora_linear_kernel, _gemm_family(dropout, x.dtype),
                             key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_DROPOUT", "NEED_Z",
                                  "PRECISION", "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](x, weight, bias if bias is not None else y, p, lora_b_eff, scale, y,
-                 z if z is not None else y, m, m_bucket(m), n, k, r, float(scaling),
-                 x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+    kernel[grid](x, x_dropped if dropout else x, weight, bias if bias is not None else y, p,
+                 lora_b_eff, scale, y, z if z is not None else y, m, m_bucket(m), n, k, r,
+                 float(scaling), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                  lora_b_eff.stride(0), lora_b_eff.stride(1),
-                 bias.stride(0) if bias is not None else 0, seed_arg(seed), p_drop,
-                 1.0 / (1.0 - p_drop), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout,
-                 NEED_Z=need_z, PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype,
-                 LR_PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
+                 bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None,
+                 HAS_DROPOUT=dropout, NEED_Z=need_z, PRECISION=dot_precision(x.dtype),
+                 DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
+                 RANK_BLOCK=rank_block(r), **meta)
     return y, z
 
 

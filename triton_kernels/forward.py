@@ -15,12 +15,15 @@ from .tiling import grouped_tile, matmul_tile, offsets_2d
 
 # seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
 @triton.jit(do_not_specialize=["seed"])
-def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
+def _project_kernel(x_ptr, a_ptr, p_ptr, xd_ptr, M, M_BUCKET, K, R,
                     stride_xm, stride_xk, stride_ar, stride_ak,
                     seed, p_drop, keep_scale,
-                    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # BLOCK_N is the width of the streamed K tile.
+    # BLOCK_N is the width of the streamed K tile. STORE_DROPPED (with dropout; DoRA's forward):
+    # also write dropout(x) in x's dtype to xd_ptr (M x K, contiguous), the values the
+    # reference's x̃ has, for a GEMM that needs x̃·Wᵀ.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, RANK_BLOCK)
     rank_ok = ranks < R
@@ -45,10 +48,18 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, M, M_BUCKET, K, R,
             x = tl.load(x_lo, mask=lo_ok[None, :], other=0.0)
             a_t = tl.load(a_lo, mask=lo_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
+            if STORE_DROPPED:
+                tl.store(xd_ptr + offsets_2d(rows, k0 + cols_lo, K, 1),
+                         narrow(x, xd_ptr.dtype.element_ty),
+                         mask=(rows < M)[:, None] & lo_ok[None, :])
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x = tl.load(x_hi, mask=hi_ok[None, :], other=0.0)
             a_t = tl.load(a_hi, mask=hi_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
+            if STORE_DROPPED:
+                tl.store(xd_ptr + offsets_2d(rows, k0 + cols_hi, K, 1),
+                         narrow(x, xd_ptr.dtype.element_ty),
+                         mask=(rows < M)[:, None] & hi_ok[None, :])
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x_lo += x_step
             x_hi += x_step
@@ -110,19 +121,35 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKE
 def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float = 0.0
             ) -> torch.Tensor:
     """P = dropout(x)·Aᵀ, shape (M, r), in A's dtype; dropout is applied when p_drop > 0."""
+    return _project(x, lora_a, seed, p_drop, None)
+
+
+def project_dropped(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p_drop: float):
+    """(P, x̃): ``project``'s P and, from the same pass over x, x̃ = dropout(x) (M, K) in x's
+    dtype (p_drop > 0): DoRA's forward needs x̃·Wᵀ beside x·Wᵀ. x̃ is a transient of the
+    forward (never saved); the mask itself is never stored."""
+    dropped = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _project(x, lora_a, seed, p_drop, dropped), dropped
+
+
+def _project(x, lora_a, seed, p_drop, dropped):
     m, k = x.shape
     r = lora_a.shape[0]
     p = torch.empty((m, r), dtype=lora_a.dtype, device=x.device)
     if m == 0:
         return p
+    store_dropped = dropped is not None and p_drop > 0.0
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_a.dtype)
     kernel, meta = launcher(_project_kernel, for_base("skinny", x.dtype), key=[
-        "M_BUCKET", "K", "R", "HAS_DROPOUT", "DOT_DTYPE", "PRECISION", "RANK_BLOCK"])
+        "M_BUCKET", "K", "R", "HAS_DROPOUT", "STORE_DROPPED", "DOT_DTYPE", "PRECISION",
+        "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](x, lora_a, p, m, m_bucket(m), k, r, x.stride(0), x.stride(1),
+    kernel[grid](x, lora_a, p, dropped if store_dropped else p, m, m_bucket(m), k, r,
+                 x.stride(0), x.stride(1),
                  lora_a.stride(0), lora_a.stride(1), seed_arg(seed), p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, DOT_DTYPE=dot_dtype,
-                 PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, STORE_DROPPED=store_dropped,
+                 DOT_DTYPE=dot_dtype, PRECISION=dot_precision(dot_dtype),
+                 RANK_BLOCK=rank_block(r), **meta)
     return p
 
 

@@ -52,14 +52,17 @@ def _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent, ne
 # (dispatch.dora_choice keeps QDoRA on the reference path).
 
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
-    """(y, p, z) as the reference's: P by the plain operator's pass, then y (and Z when
-    ``need_z``) from one GEMM with c in its epilogue."""
+    """(y, p, z) as the reference's: P by the plain operator's pass (with dropout, writing x̃
+    as it goes), then y (and Z when ``need_z``) from one GEMM with c in its epilogue."""
     check_dtypes("triton", x, lora_a)
     seed, p_drop = seed_and_p(dropout)
     with device_guard(x.device):
-        p = kernels.project(x, lora_a, seed, p_drop)
+        if dropout is None:
+            p, x_dropped = kernels.project(x, lora_a), None
+        else:  # x̃ from the same pass (a transient of this call, never saved)
+            p, x_dropped = kernels.project_dropped(x, lora_a, seed, p_drop)
         y, z = kernels.dora_linear(x, weight, bias, p, lora_b_eff, scaling, _column_scale(c),
-                                   seed, p_drop, need_z)
+                                   x_dropped, need_z)
     return y, p, z
 
 
