@@ -14,11 +14,13 @@ recorded as such, and a step's groups not started within its budget are recorded
 2. correctness: the Triton backend against the float64 reference at one LLaMA shape (M = 4096,
    K = N = 4096, r = 16) under the tests' tolerance rule (tests/tolerance.py), forward and every
    gradient: bf16 base with fp32 and bf16 adapters, dropout off and on, LoRA / LoRA-FA / LoRA-XS,
-   tiled and TMA GEMMs forced in turn, an fp32 base with TF32 off and on; the same call twice
+   tiled and TMA GEMMs forced in turn, an fp32 base with TF32 off and on, DoRA (A trainable
+   and frozen, dropout off and on, bf16 base; fp32 base with TF32); the same call twice
    (kept accumulators); the keep-mask bit for bit against the reference at an odd shape.
    Autotuning is ``quick`` here (one fitting config per kernel, no timing).
 3. speed: benchmarks.probe's figures (Triton GEMMs vs cuBLAS, both variants; fwd and fwd+bwd of
-   each method against a bare frozen nn.Linear and PEFT at the compass shapes), most decisive
+   each method against a bare frozen nn.Linear and PEFT at the compass shapes; DoRA's Triton
+   backend against bare, PEFT's use_dora and the reference backend), most decisive
    first, each next to benchmarks.model's prediction, with the cold first call of each.
 4. cuda: the CUDA extension, built in the background from the start for this GPU's arch alone
    (skipped with the reason where nvcc is missing or its CUDA major differs from torch's), then
@@ -128,7 +130,9 @@ def nvcc_release():
 # ---------------------------------------------------------------------------------- step 2
 
 
-TRAINS = {"lora": ("lora_a", "lora_b", "bias"), "lora_fa": ("lora_b",), "lora_xs": ("latent",)}
+TRAINS = {"lora": ("lora_a", "lora_b", "bias"), "lora_fa": ("lora_b",), "lora_xs": ("latent",),
+          # DoRA (magnitude=): with A trainable, and DoRA-FA (A frozen)
+          "dora": ("lora_a", "lora_b", "bias", "magnitude"), "dora_fa": ("lora_b", "magnitude")}
 
 
 def correctness_cases(dry: bool):
@@ -146,6 +150,14 @@ def correctness_cases(dry: bool):
         for dropout in (False, True):
             cases.append(dict(base=fp32, adapter=fp32, method="lora", dropout=dropout,
                               variant="tiled", tf32=tf32))
+    # DoRA (triton_kernels/dora.py; tiled GEMMs only), last: new kernels, so the plain cases
+    # keep their place in the step's budget
+    for dropout in (False, True):
+        for method in ("dora", "dora_fa"):
+            cases.append(dict(base=bf16, adapter=fp32, method=method, dropout=dropout,
+                              variant="tiled", tf32=False))
+    cases.append(dict(base=fp32, adapter=fp32, method="dora", dropout=True, variant="tiled",
+                      tf32=True))
     return [(_label(c), c) for c in cases]
 
 
@@ -170,25 +182,28 @@ def _case_tensors(c, shape, device, seed):
                 lora_b=t(n, r, dtype=c["adapter"], scale=r ** -0.5),
                 latent=t(r, r, dtype=c["adapter"], scale=r ** -0.5)
                 if c["method"] == "lora_xs" else None,
-                grad=t(m, n, dtype=c["base"]))
+                grad=t(m, n, dtype=c["base"]),
+                # DoRA's m around ‖W_n‖ (≈ 1 here), not equal to it: c − 1 ≠ 0
+                magnitude=(t(n, dtype=torch.float32, scale=0.2) + 1.0).to(c["adapter"])
+                if c["method"].startswith("dora") else None)
 
 
 def _call(tensors, c, backend, dtype=None, adapter_dtype=None, seed=7):
     """(y, {name: grad}) of one forward+backward, tensors cast to the dtypes given."""
     from lowrank_fused import low_rank_linear
     leaves = {}
-    for name in ("x", "weight", "bias", "lora_a", "lora_b", "latent"):
+    for name in ("x", "weight", "bias", "lora_a", "lora_b", "latent", "magnitude"):
         t = tensors[name]
         if t is None:
             leaves[name] = None
             continue
-        cast = adapter_dtype if name in ("lora_a", "lora_b", "latent") else dtype
+        cast = adapter_dtype if name in ("lora_a", "lora_b", "latent", "magnitude") else dtype
         t = t.detach().to(cast or t.dtype)
         leaves[name] = t.requires_grad_(name == "x" or name in TRAINS[c["method"]])
     y = low_rank_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"],
                         bias=leaves["bias"], latent=leaves["latent"], scaling=2.0,
                         dropout_p=DROPOUT_P if c["dropout"] else 0.0, dropout_seed=seed,
-                        backend=backend)
+                        backend=backend, magnitude=leaves["magnitude"])
     names = [n for n, t in leaves.items() if t is not None and t.requires_grad]
     grad = tensors["grad"].to(y.dtype)
     grads = __import__("torch").autograd.grad(y, [leaves[n] for n in names], grad)
@@ -335,7 +350,9 @@ def step_cuda(sink, dry: bool, deadline: float, build_log: str) -> None:
         sink(step="cuda", name="extension", skipped="lowrank_fused._C did not load",
              log=build_log)
         return
-    cases = [(label, c) for label, c in correctness_cases(dry) if c["variant"] == "tiled"]
+    # DoRA's "cuda" calls run on Triton (dispatch.dora_choice): the correctness step has them
+    cases = [(label, c) for label, c in correctness_cases(dry)
+             if c["variant"] == "tiled" and not c["method"].startswith("dora")]
     step_correctness(sink, dry, deadline - 20, backend="cuda", cases=cases[:12] + cases[-4:])
     left = deadline - time.time()
     if left < 10:

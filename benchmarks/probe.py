@@ -211,6 +211,70 @@ def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
                     "measured_ratio": None if mine is None else round(mine / theirs, 3)})
 
 
+def _dora_layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device):
+    """A DoRA layer (B non-zero, m off ‖W‖ so c ≠ 1): PEFT's use_dora, or LowRankLinear(dora=True)
+    on backend ``impl``."""
+    from torch import nn
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+    base.requires_grad_(False)
+    if impl == "bare":
+        return base
+    if impl == "peft":
+        from peft import LoraConfig, get_peft_model
+        from benchmarks.layers import _Holder
+        layer = get_peft_model(_Holder(base), LoraConfig(
+            r=r, lora_alpha=r, target_modules=["proj"], use_dora=True,
+            lora_dropout=DROPOUT_P if dropout else 0.0))
+        for name, param in layer.named_parameters():
+            if "lora_A" in name and method == "lora_fa":
+                param.requires_grad_(False)
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.01)
+        return layer
+    from lowrank_fused import LowRankLinear
+    layer = LowRankLinear.from_linear(base, r, method, backend=impl, dora=True,
+                                      dropout=DROPOUT_P if dropout else 0.0).train()
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.01)
+        layer.magnitude.mul_(1.1)
+    return layer
+
+
+def probe_dora(probe: Probe, label, m, k, n, r, method, dropout):
+    """DoRA layers (fwd and fwd+bwd under bf16 autocast): the Triton backend against a bare
+    frozen nn.Linear, PEFT's use_dora and the reference backend (what DoRA ran on before);
+    measured only (benchmarks.model has no DoRA passes: predictions are None)."""
+    import importlib.util
+    dm, dk, dn = _dims(probe, m, k, n)
+    dev = probe.device
+    impls = (["bare"] + (["peft"] if importlib.util.find_spec("peft") else [])
+             + ["reference", "triton"])
+    x = torch.randn(dm, dk, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(dm, dn, device=dev, dtype=torch.bfloat16)
+    tag = f"{label} r={r} dora {method} dropout={'on' if dropout else 'off'}"
+    times = {}
+    for impl in impls:
+        layer = _dora_layer(impl, dk, dn, r, method, dropout, dev)
+
+        def fwd():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return layer(x)
+
+        def fwd_bwd():
+            fwd().backward(g)
+
+        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            times[impl, mode] = probe.add(f"{tag} {mode} {impl}", None, fn)
+    for mode in ("fwd", "fwd+bwd"):
+        for ref in impls[:-1]:
+            if (ref, mode) in times:
+                mine, theirs = times["triton", mode], times[ref, mode]
+                probe.record({"name": f"{tag} {mode} triton/{ref}", "predicted_ratio": None,
+                              "measured_ratio": None if mine is None or theirs is None
+                              else round(mine / theirs, 3)})
+
+
 SHAPE_11008_4096 = ("11008→4096", 8192, 11008, 4096)
 METHODS = ("lora_fa", "lora", "lora_xs")
 
@@ -228,7 +292,8 @@ def probe_model(probe: Probe, dry: bool) -> None:
 def first_groups(probe: Probe, dry: bool) -> list:
     """(name, callable) groups of benchmarks.first's speed step, most decisive first: the Triton
     GEMMs against cuBLAS, then each method against bare and PEFT at 4096², r = 16, dropout off
-    and on, the per-kernel breakdown there, the FFN shapes, r = 64. A dry run keeps the groups
+    and on, the per-kernel breakdown there, the model case, DoRA (Triton against bare, PEFT's
+    use_dora and the reference backend), the FFN shapes, r = 64. A dry run keeps the groups
     whose code differs (the rest only repeat them at other shapes)."""
     square, wide = SHAPES
     groups = [(f"gemm {square[0]}", lambda: probe_gemms(probe, *square))]
@@ -242,9 +307,15 @@ def first_groups(probe: Probe, dry: bool) -> list:
         return (f"kernels {shape[0]} r={r} lora dropout={'on' if dropout else 'off'}",
                 lambda: probe_kernels(probe, *shape, r, "lora", dropout))
 
+    def dora(shape, r, dropout):
+        return (f"dora {shape[0]} r={r} dropout={'on' if dropout else 'off'}",
+                lambda: [probe_dora(probe, *shape, r, method, dropout)
+                         for method in ("lora", "lora_fa")])
+
     groups += [layers(square, 16, False), layers(square, 16, True),
                kernels(square, 16, False), kernels(square, 16, True),
-               ("model bert lora_fa bf16 dropout=0.05", lambda: probe_model(probe, dry))]
+               ("model bert lora_fa bf16 dropout=0.05", lambda: probe_model(probe, dry)),
+               dora(square, 16, False), dora(square, 16, True)]
     if dry:
         return groups
     groups += [layers(wide, 16, False), layers(SHAPE_11008_4096, 16, False),

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import dispatch, dora, quantized
 from .dropout import seed_tensor
-from .ops import EagerLowRank, forward_op, run_forward
+from .ops import EagerLowRank, _without_autocast, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
 
 
@@ -139,8 +139,11 @@ def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p,
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
     rows = x if x.dim() == 2 else x.reshape(-1, k)
-    y2d = dora.DoraLowRank.apply(rows, weight, bias, lora_a, lora_b, latent, magnitude,
-                                 float(scaling), dropout_p, seed, choice)
+    # autocast already applied to the base (above); the adapters keep their dtype, as in the
+    # plain operator (under autocast P came out in the autocast dtype and the backward's
+    # products then mixed dtypes)
+    y2d = _without_autocast(x, dora.DoraLowRank.apply, rows, weight, bias, lora_a, lora_b,
+                            latent, magnitude, float(scaling), dropout_p, seed, choice)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
 
 

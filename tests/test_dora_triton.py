@@ -151,6 +151,21 @@ def test_empty_batch():
         torch.testing.assert_close(got[name], want[name])
 
 
+def test_under_autocast_adapters_keep_their_dtype():
+    """A bf16 autocast over an fp32 layer: the base runs in bf16, the adapters and m keep fp32
+    (on both backends: the reference's backward used to mix a bf16 P with fp32 gradients)."""
+    leaves = make((37,), 12, torch.float32, seed=10)
+    results = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast("cuda" if DEVICE == "cuda" else "cpu", dtype=torch.bfloat16):
+            results[backend] = run(leaves, backend, 0.1, grad_dtype=torch.bfloat16)
+    for name, got in results["triton"].items():
+        want = results["reference"][name]
+        assert got.dtype == want.dtype, name
+        scale = want.double().abs().max().item()
+        assert (got.double() - want.double()).abs().max().item() <= 0.05 * scale, name
+
+
 # --- routing (dispatch-level: no GPU needed) ----------------------------------------------
 
 def test_dora_routing(monkeypatch):

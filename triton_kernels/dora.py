@@ -80,20 +80,23 @@ def _dora_linear_kernel(x_ptr, xd_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, c_ptr, y_p
             x_ptrs += x_step
             xd_ptrs += BLOCK_K
             w_ptrs += w_step
-        out = acc + (scale - 1.0)[None, :] * z
     else:
         z = matmul_tile(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
                         stride_wk, stride_wn, PRECISION, BLOCK_K)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    # Z stored first, so y's tile can take its registers (no second tile live beside it)
+    if NEED_Z:
+        tl.store(z_ptr + offsets_2d(rows, cols, N, 1), narrow(z, z_ptr.dtype.element_ty),
+                 mask=out_mask)
+    if HAS_DROPOUT:
+        out = acc + (scale - 1.0)[None, :] * z
+    else:
         out = z * scale[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
         out += bias.to(tl.float32)[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(y_ptr + offsets_2d(rows, cols, N, 1), narrow(out, y_ptr.dtype.element_ty),
              mask=out_mask)
-    if NEED_Z:
-        tl.store(z_ptr + offsets_2d(rows, cols, N, 1), narrow(z, z_ptr.dtype.element_ty),
-                 mask=out_mask)
 
 
 @triton.jit
