@@ -3,7 +3,8 @@
     python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--every-target] [--only KERNELS]
                                    [--json PATH] [--report-only]
 
-The kernel launches are discovered by running the Triton backend's forward and backward on meta
+The kernel launches are discovered by running the Triton backend's forward and backward (and
+DoRA's, ``dora_forward`` / ``dora_backward``: cases ``dora:fwd``, ``dora:bwd:*``) on meta
 tensors with the kernels' ``launcher`` replaced by a recorder, so every kernel the backend calls,
 with the exact arguments it passes, is compiled at every autotune config of its family in
 triton_kernels/configs.py. One row per build: registers, spill bytes, shared memory, what the
@@ -168,6 +169,11 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float,
                     finally:
                         torch.use_deterministic_algorithms(was)
                     cases += [f"bwd:{name}"] * (len(launches) - before)
+            # DoRA (triton_kernels/dora.py; one GEMM variant, tiled): forward with Z kept, each
+            # backward variant with m trainable
+            os.environ[variants.ENV] = "tiled"
+            cases += _record_dora(backend, launches, x, weight, bias, lora_a, lora_b, dropout,
+                                  dt(base))
     finally:
         for mod, launcher in zip(patched, saved):
             mod.launcher = launcher
@@ -176,6 +182,31 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float,
         else:
             os.environ[variants.ENV] = saved_variant
     return [(*launch, case) for launch, case in zip(launches, cases)]
+
+
+def _record_dora(backend, launches, x, weight, bias, lora_a, lora_b, dropout, base_dtype):
+    """The case labels of the DoRA launches appended to ``launches`` by one forward and each
+    backward variant of the Triton backend's DoRA (meta tensors)."""
+    import torch
+    m, n = x.shape[0], weight.shape[0]
+    scale = torch.empty((n,), dtype=torch.float32, device="meta")
+    cases, before = [], len(launches)
+    _, p, z = backend.dora_forward(x, weight, bias, lora_a, lora_b, 2.0, dropout, scale,
+                                   need_z=True)
+    cases += ["dora:fwd"] * (len(launches) - before)
+    for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
+        before = len(launches)
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            backend.dora_backward(torch.empty((m, n), dtype=base_dtype, device="meta"), x, p, z,
+                                  weight, lora_a, lora_b, None, 2.0, dropout, scale, scale,
+                                  need_x=True, need_a=need_a, need_b=True, need_latent=False,
+                                  need_bias=need_bias, need_m=True)
+        finally:
+            torch.use_deterministic_algorithms(was)
+        cases += [f"dora:bwd:{name}"] * (len(launches) - before)
+    return cases
 
 
 def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16,

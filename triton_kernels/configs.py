@@ -100,6 +100,13 @@ GEMM_DUAL_CONFIGS = {
         _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     ],
 }
+# DoRA's forward GEMM without dropout (triton_kernels/dora.py): GEMM_CONFIGS less sm_90a's
+# 8-warp 256x128, which spilled 68 B there (255 registers: the epilogue's Z store and c scale).
+GEMM_DORA_CONFIGS = {
+    "sm80": list(GEMM_CONFIGS["sm80"]),
+    "sm90": [c for c in GEMM_CONFIGS["sm90"]
+             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (256, 128)],
+}
 # Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
 # Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
 GEMM_TMA_CONFIGS = {
@@ -154,10 +161,17 @@ FP32_CONFIGS = {
     "gemm_dual": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                   _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
 }
+# DoRA's pass over G: GRAD_OUTPUT_CONFIGS, with its own register rule (register_estimate: G is
+# held in fp32 beside its c-scaled copy and the Z tile), which prunes what spilled on sm_90a: the
+# 8-warp 256x128 (up to 312 B) and the 4-warp 64x128 at r = 64 (up to 104 B).
+GRAD_OUTPUT_DORA_CONFIGS = GRAD_OUTPUT_CONFIGS
+FP32_CONFIGS["gemm_dora"] = FP32_CONFIGS["gemm"]
+FP32_CONFIGS["grad_output_dora"] = FP32_CONFIGS["grad_output"]
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
-           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_dual": GEMM_DUAL_CONFIGS}
+           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_dual": GEMM_DUAL_CONFIGS,
+           "gemm_dora": GEMM_DORA_CONFIGS, "grad_output_dora": GRAD_OUTPUT_DORA_CONFIGS}
 CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
                 for family, table in FP32_CONFIGS.items()})
 
@@ -170,9 +184,14 @@ def for_base(family: str, base_dtype) -> str:
     return family
 
 
+# Families whose kernels share another's tile shapes (so its estimates and budgets).
+_SAME_SHAPES = {"gemm_dora": "gemm"}
+
+
 def _shape_family(family: str) -> str:
     """The family whose kernels (so whose estimates) ``family``'s configs are for."""
-    return family.removesuffix("_fp32")
+    family = family.removesuffix("_fp32")
+    return _SAME_SHAPES.get(family, family)
 
 
 def config_family() -> str:
@@ -212,7 +231,8 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
         return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
                              + block_n * rank_block_)
     streamed = block_m * block_n * base_bytes
-    if family == "grad_output":  # G and B streamed; P and the dB partial's conversion held
+    if family in ("grad_output", "grad_output_dora"):  # G and B streamed; P and the dB
+        # partial's conversion held
         return (stages * (streamed + block_n * rank_block_ * _RANK_BYTES)
                 + block_n * rank_block_ * _DOT_BYTES + block_m * rank_block_ * _RANK_BYTES)
     rank_tile = max(block_m, block_n) * rank_block_  # A, dP or P beside the streamed tile
@@ -235,6 +255,9 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
         return (2 * block_m * rank_block_ + block_n * rank_block_
                 + block_m * block_n / 2) / threads
+    if family == "grad_output_dora":  # the same, G held in fp32 too (for dbias and Σ G ⊙ Z)
+        return (2 * block_m * rank_block_ + block_n * rank_block_
+                + block_m * block_n) / threads
     return ((block_m + block_n) * rank_block_ + block_m * block_n / 2) / threads
 
 
@@ -245,7 +268,7 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
 # 64x128 at r = 64 (P with dropout, dA) and 8-warp 128x128 at r = 128.
 # gemm_tma: 4 warps at 128 x 128 spill at r = 128, not at r = 64.
 REGISTER_BUDGET = {"gemm": 256, "gemm_tma": 192, "grad_output": 160, "skinny": 112,
-                   "gemm_dual": 192}
+                   "gemm_dual": 192, "grad_output_dora": 160}
 # The tiled GEMMs by target and dropout (the dx kernel's mask and scaled low-rank halves): over
 # the budget the aot_check builds spilled (sm_90a: 4-warp 128x128 at r = 64 without dropout;
 # with dropout 4-warp 128x128 and 8-warp 256x128 from r = 1; sm_80, whose mma.sync keeps
@@ -258,6 +281,7 @@ def register_budget(family: str, generation: str = "sm90", dropout: bool = False
     """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
     if family.endswith("_fp32"):
         return float("inf")  # small tiles, each checked by aot_check (FP32_CONFIGS)
+    family = _shape_family(family)
     if family == "gemm":
         return GEMM_REGISTER_BUDGET[(generation, dropout)]
     return REGISTER_BUDGET[family]

@@ -270,9 +270,12 @@ def _dora_grad_input_kernel(g_ptr, w_ptr, c_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUC
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _gemm_family(dropout: bool, base_dtype) -> str:
-    """Two fp32 accumulators per tile with dropout: the "gemm_dual" configs (configs.py)."""
-    return for_base("gemm_dual" if dropout else "gemm", base_dtype)
+def _gemm_family(dropout: bool, base_dtype, forward: bool) -> str:
+    """Two fp32 accumulators per tile with dropout: the "gemm_dual" configs (configs.py); the
+    forward without dropout "gemm_dora", dx without dropout the plain GEMM's."""
+    if dropout:
+        return for_base("gemm_dual", base_dtype)
+    return for_base("gemm_dora" if forward else "gemm", base_dtype)
 
 
 def dora_linear(x, weight, bias, p, lora_b_eff, scaling, scale, x_dropped=None,
@@ -290,7 +293,7 @@ def dora_linear(x, weight, bias, p, lora_b_eff, scaling, scale, x_dropped=None,
         return y, z
     dropout = x_dropped is not None
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
-    kernel, meta = launcher(_dora_linear_kernel, _gemm_family(dropout, x.dtype),
+    kernel, meta = launcher(_dora_linear_kernel, _gemm_family(dropout, x.dtype, True),
                             key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_DROPOUT", "NEED_Z",
                                  "PRECISION", "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
@@ -331,7 +334,8 @@ def dora_grad_output_pass(grad_y, z, scale, lora_b_eff, p, scaling, *, need_dp, 
     scratch = torch.empty(1, dtype=torch.float32, device=device)
     z_arg = z if z is not None else grad_y
     if m and (need_dp or fused and (need_db or need_dbias or need_gz)):
-        kernel, meta = launcher(_dora_grad_output_kernel, for_base("grad_output", grad_y.dtype),
+        kernel, meta = launcher(_dora_grad_output_kernel,
+                                for_base("grad_output_dora", grad_y.dtype),
                                 key=["M_BUCKET", "N", "R", "NEED_DP", "NEED_DB", "NEED_DBIAS",
                                      "NEED_DM", "DOT_DTYPE", "PRECISION", "RANK_BLOCK"],
                                 reset_to_zero=["db_ptr", "dbias_ptr", "gz_ptr"])
@@ -381,9 +385,9 @@ def dora_grad_input(grad_y, weight, scale, dp, lora_a, seed=0, p_drop=0.0):
         return dx
     dropout = p_drop > 0.0
     dot_dtype = low_rank_dot_dtype(weight.dtype, lora_a.dtype)
-    kernel, meta = launcher(_dora_grad_input_kernel, _gemm_family(dropout, weight.dtype), key=[
-        "M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "PRECISION", "DOT_DTYPE", "LR_PRECISION",
-        "RANK_BLOCK"])
+    kernel, meta = launcher(_dora_grad_input_kernel, _gemm_family(dropout, weight.dtype, False),
+                            key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "PRECISION",
+                                 "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](grad_y, weight, scale, dp, lora_a, dx, m, m_bucket(m), n, k, r,
                  grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),

@@ -35,6 +35,10 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, xd_ptr, M, M_BUCKET, K, R,
     if HAS_DROPOUT:
         # The tile as the mask's two column halves, one hash per pair of elements.
         cols_lo, cols_hi = pair_columns(0, BLOCK_N // 2)
+        # Storing x̃, rows past M draw row M - 1's mask too and store row M - 1's own values
+        # again (the same program, the same values): no row mask in the loop (ptxas spilled
+        # one, sm_90a, r = 1). Their P is never stored, so its rows' masks do not matter.
+        mask_rows = x_rows if STORE_DROPPED else rows
         x_lo = x_ptr + offsets_2d(x_rows, cols_lo, stride_xm, stride_xk)
         x_hi = x_ptr + offsets_2d(x_rows, cols_hi, stride_xm, stride_xk)
         a_lo = a_ptr + offsets_2d(cols_lo, ranks, stride_ak, stride_ar)
@@ -44,22 +48,20 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, xd_ptr, M, M_BUCKET, K, R,
         for k0 in range(0, K, BLOCK_N):
             lo_ok = (k0 + cols_lo) < K
             hi_ok = (k0 + cols_hi) < K
-            keep_lo, keep_hi = keep_pairs(seed, rows, k0 + cols_lo, p_drop)
+            keep_lo, keep_hi = keep_pairs(seed, mask_rows, k0 + cols_lo, p_drop)
             x = tl.load(x_lo, mask=lo_ok[None, :], other=0.0)
             a_t = tl.load(a_lo, mask=lo_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
             if STORE_DROPPED:
-                tl.store(xd_ptr + offsets_2d(rows, k0 + cols_lo, K, 1),
-                         narrow(x, xd_ptr.dtype.element_ty),
-                         mask=(rows < M)[:, None] & lo_ok[None, :])
+                tl.store(xd_ptr + offsets_2d(x_rows, k0 + cols_lo, K, 1),
+                         narrow(x, xd_ptr.dtype.element_ty), mask=lo_ok[None, :])
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x = tl.load(x_hi, mask=hi_ok[None, :], other=0.0)
             a_t = tl.load(a_hi, mask=hi_ok[:, None] & rank_ok[None, :], other=0.0)
             x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
             if STORE_DROPPED:
-                tl.store(xd_ptr + offsets_2d(rows, k0 + cols_hi, K, 1),
-                         narrow(x, xd_ptr.dtype.element_ty),
-                         mask=(rows < M)[:, None] & hi_ok[None, :])
+                tl.store(xd_ptr + offsets_2d(x_rows, k0 + cols_hi, K, 1),
+                         narrow(x, xd_ptr.dtype.element_ty), mask=hi_ok[None, :])
             acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x_lo += x_step
             x_hi += x_step
