@@ -190,7 +190,8 @@ SETUPS = {
     "qlora": Setup(four_bit=True, compute_dtype="bfloat16"),
     "qlora_fa": Setup(prepare=_lora_fa, four_bit=True, compute_dtype="bfloat16"),
     "qlora_xs": Setup(prepare=_lora_xs, four_bit=True, compute_dtype="bfloat16"),
-    # DoRA (PEFT's use_dora=True; served through the operator's magnitude=, reference path),
+    # DoRA (PEFT's use_dora=True; served through the operator's magnitude=: Triton on a GPU,
+    # the reference path on the CPU),
     # and DoRA-FA (freeze_lora_a on top)
     "dora": Setup(config={"use_dora": True}),
     "dora_fa": Setup(config={"use_dora": True}, prepare=_lora_fa),
