@@ -33,8 +33,9 @@ def low_rank_linear(
         x: input, shape (..., K), same dtype as ``weight``.
         weight: frozen base weight W, shape (N, K) (nn.Linear's layout), or a bitsandbytes
             ``Params4bit`` (QLoRA: NF4/FP4, any blocksize, nested absmax or not) holding it:
-            dequantized to x's dtype per call, as ``bnb.matmul_4bit`` does, on the reference
-            backend (every backend routes 4-bit calls there for now); never saved dense.
+            dequantized to x's dtype as ``bnb.matmul_4bit`` does: inside the GEMMs' K loops on
+            the Triton backend ("triton", "auto" on CUDA tensors, and "cuda", whose C++
+            kernels have no 4-bit path), per call on the reference backend; never saved dense.
         lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
             backward: only P = dropout(x)·Aᵀ, shape (M, r).
         lora_b: B, shape (N, r).
@@ -127,15 +128,13 @@ _eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
 @torch.compiler.disable  # eager under torch.compile (a graph break): no custom op for DoRA yet
 def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p, training,
                  backend, dropout_seed, magnitude):
-    four_bit = quantized.is_4bit(weight)
     if _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
     check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
     n, k = quantized.shape(weight)
     dora.check_magnitude(magnitude, n, lora_a, x)
-    # QDoRA (a 4-bit base) runs on the reference path, as 4-bit calls do
-    choice = (dispatch.quantized_choice(backend, x.device) if four_bit
-              else dispatch.dora_choice(backend, x.device))
+    # DoRA, QDoRA (a 4-bit base) included, runs on the reference path: no GPU DoRA epilogue yet
+    choice = dispatch.dora_choice(backend, x.device)
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
     rows = x if x.dim() == 2 else x.reshape(-1, k)

@@ -85,6 +85,23 @@ GEMM_CONFIGS = {
         _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),  # dx with dropout at r = 128
     ],
 }
+# The 4-bit GEMMs (quantized.py: forward y and dx over a bitsandbytes NF4/FP4 W, dequantized in
+# registers inside the K loop). The dequantization costs integer and load instructions per W
+# element, paid once per BLOCK_M rows: tall tiles amortise it. The dequantized W tile sits in
+# registers beside the accumulator, so no register rule: each config is checked by aot_check.
+GEMM_4BIT_CONFIGS = {
+    "sm80": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+    "sm90": [
+        _c(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+}
 # Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
 # Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
 GEMM_TMA_CONFIGS = {
@@ -133,6 +150,8 @@ GRAD_OUTPUT_CONFIGS = {
 FP32_CONFIGS = {
     "gemm": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
              _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
+    "gemm_4bit": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                  _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     "skinny": [_c(8, 3, BLOCK_M=64, BLOCK_N=32)],
     "grad_output": [_c(4, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=32, BLOCK_N=64),
                     _c(8, 3, BLOCK_M=64, BLOCK_N=32)],
@@ -140,7 +159,7 @@ FP32_CONFIGS = {
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
-           "grad_output": GRAD_OUTPUT_CONFIGS}
+           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_4bit": GEMM_4BIT_CONFIGS}
 CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
                 for family, table in FP32_CONFIGS.items()})
 
@@ -191,6 +210,9 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     family = _shape_family(family)
     if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
+    if family == "gemm_4bit":  # x streamed (and W's bytes, 1 per element at most), plus the
+        # dequantized W tile staged for the dot
+        return (stages * (block_m * base_bytes + block_n) + block_n * base_bytes) * meta["BLOCK_K"]
     if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
         return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
                              + block_n * rank_block_)
@@ -211,6 +233,9 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     family = _shape_family(family)
     if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
+    if family == "gemm_4bit":  # as gemm, plus the W tile being dequantized (fp32)
+        return (block_m * block_n + (block_m + block_n) * rank_block_
+                + block_n * meta["BLOCK_K"]) / threads
     if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
         return block_m * (block_n + rank_block_) / threads
     if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
@@ -236,8 +261,8 @@ GEMM_REGISTER_BUDGET = {("sm90", False): 240, ("sm90", True): 144,
 
 def register_budget(family: str, generation: str = "sm90", dropout: bool = False) -> float:
     """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
-    if family.endswith("_fp32"):
-        return float("inf")  # small tiles, each checked by aot_check (FP32_CONFIGS)
+    if family.endswith("_fp32") or family == "gemm_4bit":
+        return float("inf")  # each config checked by aot_check (FP32_CONFIGS, GEMM_4BIT_CONFIGS)
     if family == "gemm":
         return GEMM_REGISTER_BUDGET[(generation, dropout)]
     return REGISTER_BUDGET[family]
@@ -349,7 +374,7 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     ``family``: a key of CONFIGS."""
     mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
     if interpreting():
-        gemm_like = _shape_family(family) in ("gemm", "gemm_tma")
+        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", "gemm_4bit")
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner
