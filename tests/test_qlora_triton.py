@@ -129,32 +129,34 @@ def check_4bit(case, dtype, p=0.0, quant_type="nf4", blocksize=64, nested=False,
         assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
 
 
-# (M rows, r, method, bias, dropout, dtype, quant type, blocksize, nested): every method, each
-# rank of the issue, odd M, both quant types, blocksizes that span rows, nested and not
+# (M rows, K, r, method, bias, dropout, dtype, quant type, blocksize, nested): every method, each
+# rank of the issue, odd M, both quant types, nested and not; K = 70 (blocks span rows: the
+# kernels' flat-index path) and K = 128 or 256 (whole blocks per row: their aligned path)
 CASES = [
-    (37, 12, "lora", True, 0.0, torch.bfloat16, "nf4", 64, True),
-    (1, 1, "lora_fa", False, 0.0, torch.float32, "fp4", 128, False),
-    (37, 25, "lora_xs", True, 0.2, torch.float16, "nf4", 256, False),
-    (33, 64, "lora", False, 0.2, torch.float32, "fp4", 64, True),
-    (37, 16, "lora_fa", True, 0.2, torch.bfloat16, "fp4", 64, False),
-    (5, 12, "lora_xs", False, 0.0, torch.bfloat16, "nf4", 128, True),
+    (37, 70, 12, "lora", True, 0.0, torch.bfloat16, "nf4", 64, True),
+    (1, 70, 1, "lora_fa", False, 0.0, torch.float32, "fp4", 128, False),
+    (37, 70, 25, "lora_xs", True, 0.2, torch.float16, "nf4", 256, False),
+    (33, 128, 64, "lora", False, 0.2, torch.float32, "fp4", 64, True),
+    (37, 128, 16, "lora_fa", True, 0.2, torch.bfloat16, "fp4", 64, False),
+    (5, 256, 12, "lora_xs", False, 0.0, torch.bfloat16, "nf4", 128, True),
+    (37, 128, 12, "lora", True, 0.0, torch.float16, "nf4", 128, False),
 ]
 
 
-def _id(m, r, method, bias, p, dtype, quant_type, blocksize, nested):
-    return (f"{m}-{r}-{method}-{'bias' if bias else 'no_bias'}-"
+def _id(m, k, r, method, bias, p, dtype, quant_type, blocksize, nested):
+    return (f"{m}-{k}-{r}-{method}-{'bias' if bias else 'no_bias'}-"
             f"{'dropout' if p else 'no_dropout'}-{DTYPE_IDS[dtype]}-{quant_type}{blocksize}"
             f"{'-nested' if nested else ''}")
 
 
 @needs_triton_here
-@pytest.mark.parametrize("m,r,method,bias,p,dtype,quant_type,blocksize,nested", CASES,
+@pytest.mark.parametrize("m,k,r,method,bias,p,dtype,quant_type,blocksize,nested", CASES,
                          ids=[_id(*c) for c in CASES])
-def test_4bit_triton_matches_float64_over_the_dequantized_weight(m, r, method, bias, p, dtype,
+def test_4bit_triton_matches_float64_over_the_dequantized_weight(m, k, r, method, bias, p, dtype,
                                                                   quant_type, blocksize, nested):
     # fp32 adapters over the base, as PEFT keeps them; bias trainable where present
     trainable = METHOD_TRAINABLE[method] | ({"bias"} if bias else set())
-    case = make_case((m,), K, N, r, trainable=trainable, bias=bias, latent=method == "lora_xs",
+    case = make_case((m,), k, N, r, trainable=trainable, bias=bias, latent=method == "lora_xs",
                      dtype=dtype, adapter_dtype=torch.float32, device=DEVICE, seed=m + r)
     check_4bit(case, dtype, p, quant_type, blocksize, nested)
 

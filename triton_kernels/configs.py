@@ -89,15 +89,27 @@ GEMM_CONFIGS = {
 # registers inside the K loop). The dequantization costs integer and load instructions per W
 # element, paid once per BLOCK_M rows: tall tiles amortise it. The dequantized W tile sits in
 # registers beside the accumulator, so no register rule: each config is checked by aot_check.
-GEMM_4BIT_CONFIGS = {
+GEMM_4BIT_CONFIGS = {  # forward: BLOCK_K divides the blocksize (64 by default)
     "sm80": [
         _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     ],
     "sm90": [
-        _c(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+}
+# dx: its BLOCK_N columns (of K) within one block of W's row, so BLOCK_N divides the blocksize
+GEMM_4BIT_DX_CONFIGS = {
+    "sm80": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     ],
@@ -152,14 +164,18 @@ FP32_CONFIGS = {
              _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
     "gemm_4bit": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                   _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    "gemm_4bit_dx": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                     _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     "skinny": [_c(8, 3, BLOCK_M=64, BLOCK_N=32)],
     "grad_output": [_c(4, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=32, BLOCK_N=64),
                     _c(8, 3, BLOCK_M=64, BLOCK_N=32)],
 }
+GEMM_4BIT_FAMILIES = ("gemm_4bit", "gemm_4bit_dx")
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
-           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_4bit": GEMM_4BIT_CONFIGS}
+           "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_4bit": GEMM_4BIT_CONFIGS,
+           "gemm_4bit_dx": GEMM_4BIT_DX_CONFIGS}
 CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
                 for family, table in FP32_CONFIGS.items()})
 
@@ -210,8 +226,8 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     family = _shape_family(family)
     if family == "gemm":  # the rank tiles are loaded after the K loop, into its freed buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
-    if family == "gemm_4bit":  # x streamed (and W's bytes, 1 per element at most), plus the
-        # dequantized W tile staged for the dot
+    if family in GEMM_4BIT_FAMILIES:  # x (or G) streamed (and W's bytes, 1 per element at
+        # most), plus the dequantized W tile staged for the dot
         return (stages * (block_m * base_bytes + block_n) + block_n * base_bytes) * meta["BLOCK_K"]
     if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
         return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
@@ -233,7 +249,7 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
     family = _shape_family(family)
     if family == "gemm":  # accumulator, then the P and B_eff (or dP and A) tiles
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
-    if family == "gemm_4bit":  # as gemm, plus the W tile being dequantized (fp32)
+    if family in GEMM_4BIT_FAMILIES:  # as gemm, plus the W tile being dequantized (fp32)
         return (block_m * block_n + (block_m + block_n) * rank_block_
                 + block_n * meta["BLOCK_K"]) / threads
     if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
@@ -261,7 +277,7 @@ GEMM_REGISTER_BUDGET = {("sm90", False): 240, ("sm90", True): 144,
 
 def register_budget(family: str, generation: str = "sm90", dropout: bool = False) -> float:
     """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
-    if family.endswith("_fp32") or family == "gemm_4bit":
+    if family.endswith("_fp32") or family in GEMM_4BIT_FAMILIES:
         return float("inf")  # each config checked by aot_check (FP32_CONFIGS, GEMM_4BIT_CONFIGS)
     if family == "gemm":
         return GEMM_REGISTER_BUDGET[(generation, dropout)]
@@ -374,7 +390,7 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     ``family``: a key of CONFIGS."""
     mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
     if interpreting():
-        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", "gemm_4bit")
+        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", *GEMM_4BIT_FAMILIES)
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner

@@ -62,32 +62,117 @@ def _dequantize_kernel(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offs
 
 
 @triton.jit
-def matmul_tile_4bit(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code_ptr,
-                     absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, w_rows, w_cols,
-                     w_rows_ok, w_cols_ok, depth, K, REDUCE_OVER_N: tl.constexpr,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                     STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + a[rows, :]·Wᵀ-or-W over ``depth``: the reduction runs over W's columns k (forward:
-    the tile's columns are W's rows ``w_rows``) or, REDUCE_OVER_N, over W's rows n (dx: the
-    tile's columns are W's columns ``w_cols``). W's tile is dequantized in registers, in a's
-    dtype, and never stored."""
+def _scale_of(block, ok, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+              BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """absmax[block] in fp32 (nested: its second-level dequantization); 0 where not ``ok``."""
+    if NESTED:
+        scale_q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = (tl.load(code2_ptr + scale_q, eviction_policy="evict_last")
+                 * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0,
+                           eviction_policy="evict_last"))
+        scale = tl.where(ok, scale + tl.load(offset_ptr), 0.0)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0, eviction_policy="evict_last")
+    return scale
+
+
+@triton.jit
+def _finish(v, ok, STATE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """fp32 values rounded to the quant state's dtype, then to the dot's; 0 where not ``ok``."""
+    v = tl.where(ok, v, 0.0)
+    return narrow(narrow(v, STATE_DTYPE).to(tl.float32), OUT_DTYPE)
+
+
+@triton.jit
+def matmul_tile_4bit_t(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code_ptr,
+                       absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, w_rows, w_rows_ok, K,
+                       ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                       NESTED: tl.constexpr, STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """acc + a[rows, :]·W[w_rows, :]ᵀ over K (the forward), W's (BLOCK_K x BLOCK_N) tile
+    dequantized in registers, in a's dtype, each K step. ALIGNED (K even, a multiple of
+    BLOCKSIZE, which BLOCK_K divides): a tile row of W is BLOCK_K / 2 whole bytes of one block,
+    so one absmax per W row and one byte per two elements; else every element is addressed by
+    its flat index (blocks spanning rows, odd K)."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
     a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
-    for k0 in range(0, depth, BLOCK_K):
-        k_ok = (k0 + ks) < depth
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if REDUCE_OVER_N:  # b[j, c] = W[k0 + j, w_cols[c]]
-            flat = ((k0 + ks).to(tl.int64)[:, None] * K + w_cols.to(tl.int64)[None, :])
-            ok = k_ok[:, None] & w_cols_ok[None, :]
-        else:  # b[j, c] = W[w_rows[c], k0 + j]
-            flat = (w_rows.to(tl.int64)[None, :] * K + (k0 + ks).to(tl.int64)[:, None])
-            ok = k_ok[:, None] & w_rows_ok[None, :]
-        b = dequant_flat(flat, ok, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
-                         offset_ptr, BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE,
-                         a_ptr.dtype.element_ty)
-        acc = mma(a, b, acc, PRECISION)
-        a_ptrs += a_step
+    OUT: tl.constexpr = a_ptr.dtype.element_ty
+    if ALIGNED and BLOCKSIZE % BLOCK_K == 0:
+        HALF: tl.constexpr = BLOCK_K // 2
+        half = tl.arange(0, HALF)
+        byte_ptrs = w_ptr + (w_rows.to(tl.int64) * (K // 2))[None, :] + half[:, None]
+        blocks = w_rows.to(tl.int64) * (K // BLOCKSIZE)
+        byte_ok = w_rows_ok[None, :]
+        ok = w_rows_ok[None, :] & (ks < BLOCK_K)[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            byte = tl.load(byte_ptrs, mask=byte_ok, other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (byte >> 4), eviction_policy="evict_last")
+            lo = tl.load(code_ptr + (byte & 15), eviction_policy="evict_last")
+            # rows 2j and 2j + 1 of the tile are the high and low nibbles of byte row j
+            v = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, w_rows.shape[0]))
+            scale = _scale_of(blocks + k0 // BLOCKSIZE, w_rows_ok, absmax_ptr, code2_ptr,
+                              absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
+            b = _finish(v * scale[None, :], ok, STATE_DTYPE, OUT)
+            acc = mma(a, b, acc, PRECISION)
+            a_ptrs += a_step
+            byte_ptrs += BLOCK_K // 2
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            flat = w_rows.to(tl.int64)[None, :] * K + (k0 + ks).to(tl.int64)[:, None]
+            b = dequant_flat(flat, k_ok[:, None] & w_rows_ok[None, :], w_ptr, code_ptr,
+                             absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE,
+                             BLOCKSIZE2, NESTED, STATE_DTYPE, OUT)
+            acc = mma(a, b, acc, PRECISION)
+            a_ptrs += a_step
+    return acc
+
+
+@triton.jit
+def matmul_tile_4bit_n(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code_ptr,
+                       absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, cols_ok, first_col,
+                       pair_bytes, N, K, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                       STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_K: tl.constexpr, WINDOW: tl.constexpr):
+    """acc + a[rows, :]·W[:, cols] over N (dx), W's (BLOCK_K x len(cols)) tile dequantized in
+    registers, in a's dtype, each step. ``cols`` lie in the WINDOW columns from ``first_col``;
+    ALIGNED (K even, a multiple of BLOCKSIZE, which WINDOW divides): they are one block per W
+    row and come in byte pairs: ``pair_bytes`` (len(cols) / 2) are their bytes' offsets in a
+    row, whose nibbles, interleaved, are ``cols``; else every element by its flat index."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
+    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    OUT: tl.constexpr = a_ptr.dtype.element_ty
+    if ALIGNED and BLOCKSIZE % WINDOW == 0:
+        pair_ok = (pair_bytes * 2) < K
+        for n0 in range(0, N, BLOCK_K):
+            n_ok = (n0 + ks) < N
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            w_rows = (n0 + ks).to(tl.int64)
+            byte = tl.load(w_ptr + (w_rows * (K // 2))[:, None] + pair_bytes[None, :],
+                           mask=n_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (byte >> 4), eviction_policy="evict_last")
+            lo = tl.load(code_ptr + (byte & 15), eviction_policy="evict_last")
+            v = tl.interleave(hi, lo)  # columns 2j, 2j + 1: byte j's high and low nibbles
+            scale = _scale_of(w_rows * (K // BLOCKSIZE) + first_col // BLOCKSIZE, n_ok,
+                              absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
+            b = _finish(v * scale[:, None], n_ok[:, None] & cols_ok[None, :], STATE_DTYPE, OUT)
+            acc = mma(a, b, acc, PRECISION)
+            a_ptrs += a_step
+    else:
+        for n0 in range(0, N, BLOCK_K):
+            n_ok = (n0 + ks) < N
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            flat = (n0 + ks).to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
+            b = dequant_flat(flat, n_ok[:, None] & cols_ok[None, :], w_ptr, code_ptr,
+                             absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE,
+                             BLOCKSIZE2, NESTED, STATE_DTYPE, OUT)
+            acc = mma(a, b, acc, PRECISION)
+            a_ptrs += a_step
     return acc
 
 
@@ -95,7 +180,8 @@ def matmul_tile_4bit(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code
 def _fused_linear_4bit_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
                               offset_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, R,
                               scaling, stride_xm, stride_xk, stride_bn, stride_br, stride_bias,
-                              HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
+                              BLOCKSIZE: tl.constexpr,
                               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                               STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
@@ -115,10 +201,10 @@ def _fused_linear_4bit_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, abs
     p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
     acc = mma(p, narrow(b_t, DOT_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
               LR_PRECISION)
-    acc = matmul_tile_4bit(acc, x_ptr, rows, row_ok, stride_xm, stride_xk, w_ptr, code_ptr,
-                           absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, cols, col_ok,
-                           col_ok, K, K, False, BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE,
-                           PRECISION, BLOCK_K)
+    acc = matmul_tile_4bit_t(acc, x_ptr, rows, row_ok, stride_xm, stride_xk, w_ptr, code_ptr,
+                             absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, col_ok, K,
+                             ALIGNED, BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
+                             BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -131,7 +217,8 @@ def _fused_linear_4bit_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, abs
 def _grad_input_4bit_kernel(g_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
                             offset_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R,
                             stride_gm, stride_gn, stride_ar, stride_ak, seed, p_drop, keep_scale,
-                            HAS_DROPOUT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                            HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+                            BLOCKSIZE: tl.constexpr,
                             BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                             STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                             DOT_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
@@ -160,14 +247,19 @@ def _grad_input_4bit_kernel(g_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absma
                            mask=rank_ok[:, None] & hi_ok[None, :], other=0.0), DOT_DTYPE)
         acc_hi = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
         acc_hi = acc_hi * tl.where(keep_hi, keep_scale, 0.0)
-        acc_lo = matmul_tile_4bit(acc_lo, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
-                                  code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                                  cols_lo, cols_lo, lo_ok, lo_ok, N, K, True, BLOCKSIZE,
-                                  BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K)
-        acc_hi = matmul_tile_4bit(acc_hi, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
-                                  code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                                  cols_hi, cols_hi, hi_ok, hi_ok, N, K, True, BLOCKSIZE,
-                                  BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K)
+        # byte j of a half: columns 2j, 2j + 1 of it (its 16-column chunks are 8 bytes each)
+        pairs = tl.arange(0, HALF_N // 2)
+        bytes_lo = (pid_k * BLOCK_N) // 2 + (pairs // 8) * 16 + pairs % 8
+        acc_lo = matmul_tile_4bit_n(acc_lo, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
+                                    code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                    cols_lo, lo_ok, pid_k * BLOCK_N, bytes_lo, N, K, ALIGNED,
+                                    BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
+                                    BLOCK_K, BLOCK_N)
+        acc_hi = matmul_tile_4bit_n(acc_hi, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
+                                    code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                    cols_hi, hi_ok, pid_k * BLOCK_N, bytes_lo + 8, N, K, ALIGNED,
+                                    BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
+                                    BLOCK_K, BLOCK_N)
         tl.store(dx_ptr + offsets_2d(rows, cols_lo, K, 1), narrow(acc_lo, dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & lo_ok[None, :])
         tl.store(dx_ptr + offsets_2d(rows, cols_hi, K, 1), narrow(acc_hi, dx_ptr.dtype.element_ty),
@@ -178,10 +270,12 @@ def _grad_input_4bit_kernel(g_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absma
         a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
                            mask=rank_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE)
         acc = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
-        acc = matmul_tile_4bit(acc, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr, code_ptr,
-                               absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, cols,
-                               col_ok, col_ok, N, K, True, BLOCKSIZE, BLOCKSIZE2, NESTED,
-                               STATE_DTYPE, PRECISION, BLOCK_K)  # [dP | G]·[A ; W]
+        pair_bytes = (pid_k * BLOCK_N) // 2 + tl.arange(0, BLOCK_N // 2)
+        acc = matmul_tile_4bit_n(acc, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr, code_ptr,
+                                 absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, col_ok,
+                                 pid_k * BLOCK_N, pair_bytes, N, K, ALIGNED, BLOCKSIZE,
+                                 BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K,
+                                 BLOCK_N)  # [dP | G]·[A ; W]
         tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), narrow(acc, dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -194,7 +288,10 @@ def _state_args(w):
                w.absmax2 if nested else w.code, w.offset if nested else w.code)
     meta = dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2 if nested else 1, NESTED=nested,
                 STATE_DTYPE=_TL[w.dtype])
-    return tensors, meta
+    # whole blocks per W row and whole bytes per block: the GEMMs' aligned path (when their
+    # tiles divide the blocksize)
+    aligned = w.k % 2 == 0 and w.k % w.blocksize == 0 and w.blocksize % 2 == 0
+    return tensors, meta, aligned
 
 
 def _fusion(w) -> dict:
@@ -211,7 +308,7 @@ def dequantize_4bit(w, dtype=None) -> torch.Tensor:
     numel = w.n * w.k
     if numel == 0:
         return out
-    tensors, meta = _state_args(w)
+    tensors, meta, _ = _state_args(w)
     block = 1024
     _dequantize_kernel[(triton.cdiv(numel, block),)](*tensors, out, numel, **meta, BLOCK=block,
                                                       **_fusion(w))
@@ -228,16 +325,16 @@ def fused_linear_4bit(x: torch.Tensor, w, bias, p: torch.Tensor, lora_b_eff: tor
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    tensors, state_meta = _state_args(w)
+    tensors, state_meta, aligned = _state_args(w)
     dot_dtype = low_rank_dot_dtype(x.dtype, lora_b_eff.dtype)
     kernel, meta = launcher(_fused_linear_4bit_kernel, for_base("gemm_4bit", x.dtype), key=[
-        "M_BUCKET", "N", "K", "R", "HAS_BIAS", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "STATE_DTYPE",
+        "M_BUCKET", "N", "K", "R", "HAS_BIAS", "ALIGNED", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "STATE_DTYPE",
         "PRECISION", "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, *tensors, bias if bias is not None else y, p, lora_b_eff, y, m, m_bucket(m),
                  n, k, r, float(scaling), x.stride(0), x.stride(1), lora_b_eff.stride(0),
                  lora_b_eff.stride(1), bias.stride(0) if bias is not None else 0,
-                 HAS_BIAS=bias is not None, **state_meta, PRECISION=dot_precision(x.dtype),
+                 HAS_BIAS=bias is not None, ALIGNED=aligned, **state_meta, PRECISION=dot_precision(x.dtype),
                  DOT_DTYPE=dot_dtype, LR_PRECISION=dot_precision(dot_dtype),
                  RANK_BLOCK=rank_block(r), **meta, **_fusion(w))
     return y
@@ -253,15 +350,15 @@ def grad_input_4bit(grad_y: torch.Tensor, w, dp: torch.Tensor, lora_a: torch.Ten
     dx = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
     if m == 0 or k == 0:
         return dx
-    tensors, state_meta = _state_args(w)
+    tensors, state_meta, aligned = _state_args(w)
     dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_a.dtype)
-    kernel, meta = launcher(_grad_input_4bit_kernel, for_base("gemm_4bit", grad_y.dtype), key=[
-        "M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BLOCKSIZE", "BLOCKSIZE2", "NESTED",
+    kernel, meta = launcher(_grad_input_4bit_kernel, for_base("gemm_4bit_dx", grad_y.dtype), key=[
+        "M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "ALIGNED", "BLOCKSIZE", "BLOCKSIZE2", "NESTED",
         "STATE_DTYPE", "PRECISION", "DOT_DTYPE", "LR_PRECISION", "RANK_BLOCK"])
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](grad_y, *tensors, dp, lora_a, dx, m, m_bucket(m), n, k, r, grad_y.stride(0),
                  grad_y.stride(1), lora_a.stride(0), lora_a.stride(1), seed_arg(seed), p_drop,
-                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, **state_meta,
+                 1.0 / (1.0 - p_drop), HAS_DROPOUT=p_drop > 0.0, ALIGNED=aligned, **state_meta,
                  PRECISION=dot_precision(grad_y.dtype), DOT_DTYPE=dot_dtype,
                  LR_PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta,
                  **_fusion(w))
