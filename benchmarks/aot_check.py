@@ -10,9 +10,9 @@ triton_kernels/configs.py. One row per build: registers, spill bytes, shared mem
 dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Both main-GEMM
 variants are recorded (triton_kernels/variants.py: tiled, and the persistent TMA kernels, rows
 ``*_tma``, sm_90a only), and the 4-bit GEMMs (triton_kernels/quantized.py: rows
-``fused_linear_4bit`` and ``grad_input_4bit``, cases ``4bit`` and ``4bit nested``). Exit status 1 on a compile error, a spill, shared memory over the
-limit, a dot off the tensor cores or a TMA kernel without TMA instructions (0 with
-``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
+``fused_linear_4bit`` and ``grad_input_4bit``, cases ``4bit`` and ``4bit-nested``). Exit
+status 1 on a compile error, a spill, shared memory over the limit, a dot off the tensor cores
+or a TMA kernel without TMA instructions (0 with ``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
 "ieee" fp32 dot must stay on CUDA cores, with no TF32 instruction in its kernel; a "tf32" one
 must become TF32 tensor-core instructions. Also prints the integer instructions the dropout
 keep-mask adds per element in each kernel that draws it, and fails past MASK_BUDGET.
@@ -176,7 +176,7 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float,
             seed, p_4bit = (dropout.seed, dropout.quantised_p) if dropout else (0, 0.0)
             for nested in (False, True):
                 packed = packed_4bit_on_meta(n, k, dt(base), nested)
-                label = "4bit nested" if nested else "4bit"
+                label = "4bit-nested" if nested else "4bit"
                 before = len(launches)
                 kernels_4bit.fused_linear_4bit(x, packed, bias, p, lora_b, 2.0)
                 cases += [f"fwd:{label}"] * (len(launches) - before)

@@ -72,7 +72,8 @@ def test_every_kernel_the_backend_launches_is_discovered():
     kernels = {launch[1] for launch in launches}
     assert {"_project_kernel", "_fused_linear_kernel", "_grad_output_pass_kernel",
             "_grad_input_kernel", "_grad_a_kernel", "_grad_b_kernel",
-            "_fused_linear_tma_kernel"} <= kernels
+            "_fused_linear_tma_kernel", "_fused_linear_4bit_kernel",
+            "_grad_input_4bit_kernel"} <= kernels
     # without dropout, the persistent dx kernel too
     assert "_grad_input_tma_kernel" in {x[1] for x in aot_check.record_launches(
         "bfloat16", "float32", 16, 0.0)}
@@ -92,9 +93,12 @@ def test_fp32_bases_are_recorded_at_both_precisions():
     ieee = aot_check.record_launches("float32", "float32", 16, 0.0, "ieee")
     tf32 = aot_check.record_launches("float32", "float32", 16, 0.0, "tf32")
     assert torch.backends.cuda.matmul.fp32_precision == before
-    assert {launch[2] for launch in ieee} == {"gemm_fp32", "skinny_fp32", "grad_output_fp32"}
+    # (the 4-bit GEMMs too, computing in fp32: gemm_4bit*_fp32)
+    four_bit = {"gemm_4bit_fp32", "gemm_4bit_dx_fp32"}
+    assert {launch[2] for launch in ieee} == {"gemm_fp32", "skinny_fp32", "grad_output_fp32",
+                                              *four_bit}
     assert {launch[2] for launch in tf32} == {"gemm_fp32", "skinny_fp32", "grad_output_fp32",
-                                              "gemm_tma"}
+                                              "gemm_tma", *four_bit}
     assert {aot_check.fp32_precision_of(launch[4]) for launch in ieee} == {"ieee"}
     assert {aot_check.fp32_precision_of(launch[4]) for launch in tf32} == {"tf32"}
     points = {job[5].split(" ", 1)[1] for job in aot_check._plan(_args())
