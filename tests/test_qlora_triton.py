@@ -188,6 +188,24 @@ def test_4bit_triton_never_builds_the_dense_weight(monkeypatch):
     assert case.x.grad is not None and case.lora_a.grad is not None
 
 
+@needs_triton_here
+def test_verified_first_use_checks_a_4bit_call_against_the_dequantized_weight(monkeypatch):
+    import warnings
+    from lowrank_fused import verification
+    monkeypatch.setenv("LOWRANK_FUSED_VERIFY", "on")
+    monkeypatch.setattr(verification, "_verdicts", {})
+    case = make_case((11,), 128, N, 8, trainable={"lora_a", "lora_b"}, dtype=torch.bfloat16,
+                     adapter_dtype=torch.float32, device=DEVICE)
+    weight = params4bit(case.weight, nested=True)
+    with warnings.catch_warnings():
+        # a mismatch would warn and fall back to the reference
+        warnings.simplefilter("error", verification.KernelVerificationWarning)
+        y = lf.low_rank_linear(case.x, weight, case.lora_a, case.lora_b, bias=case.bias,
+                               backend="triton", dropout_p=0.1, dropout_seed=5)
+        y.float().sum().backward()
+    assert set(verification._verdicts.values()) == {True} and len(verification._verdicts) == 2
+
+
 # ---- routing ----
 
 def test_quantized_choice_routes_4bit_calls(monkeypatch):

@@ -8,7 +8,9 @@ table and the block absmax (nested: its second level too), so the dense W never 
 - ``dequantize_4bit``: the dense W, for tests (bit-equal to bitsandbytes' dequantize_4bit).
 
 Element i = n·K + k of the flattened W is nibble ``i % 2`` (0: high) of byte ``i // 2``; its block
-is ``i // blocksize``, so a block may span rows (the index math is on the flat index throughout).
+is ``i // blocksize``, so a block may span rows: then (odd K, K not a multiple of the blocksize)
+every element is addressed by its flat index. Where K is a multiple of the blocksize and a tile
+lies in one block ("aligned"), a tile reads one byte per two elements and one absmax per W row.
 Value = code[q]·absmax[block] in fp32, rounded to the quant state's dtype, then to the dot's
 dtype: the same roundings as bitsandbytes' dequantize_4bit followed by ``.to(x.dtype)``. A nested
 absmax is code2[absmax_q]·absmax2[block // blocksize2] + offset, rounded after the product and
