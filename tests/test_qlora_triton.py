@@ -67,6 +67,16 @@ def test_dequantized_values_are_bitsandbytes_bit_for_bit(quant_type, nested, dty
         assert torch.equal(bits(got), bits(want.to(other)))
 
 
+@needs_triton_here
+def test_packed_bytes_stored_as_another_dtype_read_the_same():
+    # quant_storage: bitsandbytes may keep the packed bytes viewed as bf16 (FSDP's choice)
+    weight = bnb.nn.Params4bit(torch.randn(16, 64), requires_grad=False, blocksize=64,
+                               quant_type="nf4", quant_storage=torch.bfloat16).to(DEVICE)
+    assert weight.data.dtype == torch.bfloat16
+    got = kernels_4bit.dequantize_4bit(quantized.packed(weight))
+    assert torch.equal(got, bnb_f.dequantize_4bit(weight.data, weight.quant_state))
+
+
 def test_packed_view_names_what_is_missing():
     weight = params4bit(torch.randn(8, 64), nested=True)
     view = quantized.packed(weight)
