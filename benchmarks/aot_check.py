@@ -10,9 +10,10 @@ with the exact arguments it passes, is compiled at every autotune config of its 
 triton_kernels/configs.py. One row per build: registers, spill bytes, shared memory, what the
 dots became (wgmma / mma.sync / FMA), atomics (``red`` vs ``atom``), TMA. Both main-GEMM
 variants are recorded (triton_kernels/variants.py: tiled, and the persistent TMA kernels, rows
-``*_tma``, sm_90a only). Exit status 1 on a compile error, a spill, shared memory over the
-limit, a dot off the tensor cores or a TMA kernel without TMA instructions (0 with
-``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
+``*_tma``, sm_90a only), and the 4-bit GEMMs (triton_kernels/quantized.py: rows
+``fused_linear_4bit`` and ``grad_input_4bit``, cases ``4bit`` and ``4bit-nested``). Exit
+status 1 on a compile error, a spill, shared memory over the limit, a dot off the tensor cores
+or a TMA kernel without TMA instructions (0 with ``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
 "ieee" fp32 dot must stay on CUDA cores, with no TF32 instruction in its kernel; a "tf32" one
 must become TF32 tensor-core instructions. Also prints the integer instructions the dropout
 keep-mask adds per element in each kernel that draws it, and fails past MASK_BUDGET.
@@ -174,6 +175,21 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float,
             os.environ[variants.ENV] = "tiled"
             cases += _record_dora(backend, launches, x, weight, bias, lora_a, lora_b, dropout,
                                   dt(base))
+            # The 4-bit GEMMs (triton_kernels/quantized.py), plain and nested absmax: W as
+            # bitsandbytes packs it, computing in the base dtype
+            from lowrank_fused.triton_kernels import quantized as kernels_4bit
+            dp = torch.empty((m, rank), dtype=torch.float32, **meta)
+            seed, p_4bit = (dropout.seed, dropout.quantised_p) if dropout else (0, 0.0)
+            for nested in (False, True):
+                packed = packed_4bit_on_meta(n, k, dt(base), nested)
+                label = "4bit-nested" if nested else "4bit"
+                before = len(launches)
+                kernels_4bit.fused_linear_4bit(x, packed, bias, p, lora_b, 2.0)
+                cases += [f"fwd:{label}"] * (len(launches) - before)
+                before = len(launches)
+                kernels_4bit.grad_input_4bit(torch.empty((m, n), dtype=dt(base), **meta), packed,
+                                             dp, lora_a, seed, p_4bit)
+                cases += [f"bwd:{label}"] * (len(launches) - before)
     finally:
         for mod, launcher in zip(patched, saved):
             mod.launcher = launcher
@@ -207,6 +223,23 @@ def _record_dora(backend, launches, x, weight, bias, lora_a, lora_b, dropout, ba
             torch.use_deterministic_algorithms(was)
         cases += [f"dora:bwd:{name}"] * (len(launches) - before)
     return cases
+
+
+def packed_4bit_on_meta(n: int, k: int, dtype, nested: bool, blocksize: int = 64):
+    """A ``quantized.Packed4bit`` of meta tensors: an (n, k) NF4 weight as bitsandbytes packs it
+    (nested: its absmax 8-bit, blocks of 256)."""
+    import torch
+    from lowrank_fused.quantized import Packed4bit
+    meta = dict(device="meta")
+    blocks = -(-n * k // blocksize)
+    fp32 = lambda size: torch.empty((size,), dtype=torch.float32, **meta)  # noqa: E731
+    extra = dict(code2=fp32(256), absmax2=fp32(-(-blocks // 256)), offset=fp32(1),
+                 blocksize2=256) if nested else {}
+    return Packed4bit(data=torch.empty((-(-n * k // 2),), dtype=torch.uint8, **meta),
+                      code=fp32(16),
+                      absmax=(torch.empty((blocks,), dtype=torch.uint8, **meta) if nested
+                              else fp32(blocks)),
+                      blocksize=blocksize, n=n, k=k, quant_type="nf4", dtype=dtype, **extra)
 
 
 def family_configs(family: str, generation: str, base: str = "bfloat16", rank_block: int = 16,

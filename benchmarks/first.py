@@ -14,14 +14,17 @@ recorded as such, and a step's groups not started within its budget are recorded
 2. correctness: the Triton backend against the float64 reference at one LLaMA shape (M = 4096,
    K = N = 4096, r = 16) under the tests' tolerance rule (tests/tolerance.py), forward and every
    gradient: bf16 base with fp32 and bf16 adapters, dropout off and on, LoRA / LoRA-FA / LoRA-XS,
-   tiled and TMA GEMMs forced in turn, an fp32 base with TF32 off and on, DoRA (A trainable
-   and frozen, dropout off and on, bf16 base; fp32 base with TF32); the same call twice
-   (kept accumulators); the keep-mask bit for bit against the reference at an odd shape.
+   tiled and TMA GEMMs forced in turn; a bitsandbytes 4-bit W (NF4 nested, FP4; the 4-bit
+   GEMMs, against float64 over bitsandbytes' dequantized W; skipped without bitsandbytes); an
+   fp32 base with TF32 off and on; DoRA (A trainable and frozen, dropout off and on, bf16 base;
+   fp32 base with TF32); the same call twice (kept accumulators); the keep-mask bit for bit
+   against the reference at an odd shape.
    Autotuning is ``quick`` here (one fitting config per kernel, no timing).
 3. speed: benchmarks.probe's figures (Triton GEMMs vs cuBLAS, both variants; fwd and fwd+bwd of
-   each method against a bare frozen nn.Linear and PEFT at the compass shapes; DoRA's Triton
-   backend against bare, PEFT's use_dora and the reference backend), most decisive
-   first, each next to benchmarks.model's prediction, with the cold first call of each.
+   each method against a bare frozen nn.Linear and PEFT at the compass shapes; QLoRA: the 4-bit
+   layer against the same layer over the dequantized bf16 W; DoRA's Triton backend against
+   bare, PEFT's use_dora and the reference backend), most decisive first, each next to
+   benchmarks.model's prediction, with the cold first call of each.
 4. cuda: the CUDA extension, built in the background from the start for this GPU's arch alone
    (skipped with the reason where nvcc is missing or its CUDA major differs from torch's), then
    its correctness cases and tests/test_csrc.py's GPU tests with the time left.
@@ -146,6 +149,15 @@ def correctness_cases(dry: bool):
                 for variant in ("tiled", "tma"):
                     cases.append(dict(base=bf16, adapter=adapter, method=method,
                                       dropout=dropout, variant=variant, tf32=False))
+    # QLoRA: a bitsandbytes 4-bit W, dequantized inside the Triton GEMMs' K loops (NF4 nested,
+    # what BitsAndBytesConfig's double quantization loads; FP4 plain)
+    # (a dry run, on the interpreter, keeps the one with the most code in it: nested absmax,
+    # dx with dropout, dA; its correctness step has little time to spare on a shared CPU)
+    four_bit = [dict(method=method, dropout=dropout, adapter=fp32, quant="nf4", nested=True)
+                for method in ("lora_fa", "lora", "lora_xs") for dropout in (False, True)]
+    four_bit.append(dict(method="lora", dropout=True, adapter=bf16, quant="fp4", nested=False))
+    for c in four_bit[3:4] if dry else four_bit:
+        cases.append(dict(base=bf16, variant="tiled", tf32=False, **c))
     for tf32 in (False, True):
         for dropout in (False, True):
             cases.append(dict(base=fp32, adapter=fp32, method="lora", dropout=dropout,
@@ -163,6 +175,10 @@ def correctness_cases(dry: bool):
 
 def _label(c) -> str:
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    if c.get("quant"):
+        return (f"{c['method']} base={c['quant']}{' nested' if c['nested'] else ''} "
+                f"(computing in {name(c['base'])}) adapters={name(c['adapter'])} "
+                f"dropout={'on' if c['dropout'] else 'off'}")
     return (f"{c['method']} base={name(c['base'])} adapters={name(c['adapter'])} "
             f"dropout={'on' if c['dropout'] else 'off'} gemm={c['variant']}"
             + (f" tf32={'on' if c['tf32'] else 'off'}" if name(c["base"]) == "float32" else ""))
@@ -177,7 +193,15 @@ def _case_tensors(c, shape, device, seed):
         return (torch.randn(*size, generator=g, dtype=torch.float32) * scale).to(
             device=device, dtype=dtype)
 
-    return dict(x=t(m, k, dtype=c["base"]), weight=t(n, k, dtype=c["base"], scale=k ** -0.5),
+    weight, weight_4bit = t(n, k, dtype=c["base"], scale=k ** -0.5), None
+    if c.get("quant"):  # W as bitsandbytes quantizes it; the dense W is its dequantized values
+        import bitsandbytes as bnb
+        from lowrank_fused import quantized
+        weight_4bit = bnb.nn.Params4bit(weight.cpu(), requires_grad=False,
+                                        quant_type=c["quant"], blocksize=64,
+                                        compress_statistics=c["nested"]).to(device)
+        weight = quantized.dequantize(weight_4bit, c["base"])
+    return dict(x=t(m, k, dtype=c["base"]), weight=weight, weight_4bit=weight_4bit,
                 bias=t(n, dtype=c["base"]), lora_a=t(r, k, dtype=c["adapter"], scale=k ** -0.5),
                 lora_b=t(n, r, dtype=c["adapter"], scale=r ** -0.5),
                 latent=t(r, r, dtype=c["adapter"], scale=r ** -0.5)
@@ -198,6 +222,9 @@ def _call(tensors, c, backend, dtype=None, adapter_dtype=None, seed=7):
             leaves[name] = None
             continue
         cast = adapter_dtype if name in ("lora_a", "lora_b", "latent", "magnitude") else dtype
+        if name == "weight" and tensors.get("weight_4bit") is not None and cast is None:
+            leaves[name] = tensors["weight_4bit"]  # 4-bit: the Params4bit itself, frozen
+            continue
         t = t.detach().to(cast or t.dtype)
         leaves[name] = t.requires_grad_(name == "x" or name in TRAINS[c["method"]])
     y = low_rank_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"],
@@ -264,7 +291,13 @@ def step_correctness(sink, dry: bool, deadline: float, backend="triton", cases=N
     if backend == "triton":
         failed += not _timed(sink, step, "keep-mask vs reference, 37 x 1000", deadline,
                              lambda: check_keep_mask(device))
+    import importlib.util
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     for i, (label, c) in enumerate(cases or correctness_cases(dry)):
+        if c.get("quant") and not have_bnb:
+            sink(step=step, name=f"{backend} {label} M,K,N,r={shape}",
+                 skipped="bitsandbytes is not installed")
+            continue
         os.environ["LOWRANK_FUSED_TRITON_GEMM"] = c["variant"]
         failed += not _timed(sink, step, f"{backend} {label} M,K,N,r={shape}", deadline,
                              lambda: check_case(c, shape, device, 100 + i, backend))
@@ -350,9 +383,11 @@ def step_cuda(sink, dry: bool, deadline: float, build_log: str) -> None:
         sink(step="cuda", name="extension", skipped="lowrank_fused._C did not load",
              log=build_log)
         return
-    # DoRA's "cuda" calls run on Triton (dispatch.dora_choice): the correctness step has them
+    # DoRA's "cuda" calls run on Triton (dispatch.dora_choice), and so do 4-bit calls asked of
+    # "cuda" (Triton's 4-bit kernels): the correctness step has both
     cases = [(label, c) for label, c in correctness_cases(dry)
-             if c["variant"] == "tiled" and not c["method"].startswith("dora")]
+             if c["variant"] == "tiled" and not c["method"].startswith("dora")
+             and not c.get("quant")]
     step_correctness(sink, dry, deadline - 20, backend="cuda", cases=cases[:12] + cases[-4:])
     left = deadline - time.time()
     if left < 10:

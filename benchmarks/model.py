@@ -76,6 +76,15 @@ class Code:
     # computes no dB (no atomics, no accumulator); True: through dB_eff = s·Gᵀ·P (N x r, atomics)
     # and dR = dB_effᵀ·B, as before
     xs_db_eff: bool = False
+    # A 4-bit base (bitsandbytes NF4, triton_kernels/quantized.py): W's tile is dequantized in
+    # registers inside the forward's and dx's K loops, once per BLOCK_M rows of M. Instructions
+    # per W element on the aligned path (half a byte load, shift / mask, the code-table gather,
+    # the scale multiply, the bf16 conversion, the nibble interleave): an estimate, not a SASS
+    # count. They run beside the tensor cores; ``dequant_overlap`` is the share hidden under
+    # the GEMM's tensor-core time (0: added to it, 1: fully hidden).
+    dequant_ops: float = 6.0
+    dequant_block_m: int = 128  # gemm_4bit / gemm_4bit_dx's BLOCK_M on sm_90a
+    dequant_overlap: float = 0.0
 
 
 @dataclass
@@ -89,6 +98,9 @@ class Pass:
     atomics: dict = field(default_factory=dict)
     programs: int = 0
     launches: int = 1
+    # integer ops issued beside the tensor cores (a 4-bit GEMM's dequantization, the share
+    # Code.dequant_overlap hides): the pass takes the longer of them and its other compute
+    side_int_ops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,9 @@ class Case:
     dropout: bool
     base_bytes: int = 2  # bf16 base
     adapter_bytes: int = 4  # fp32 adapters (LowRankLinear's and PEFT's default)
+    # "nf4": W is a bitsandbytes 4-bit Params4bit (blocksize 64, fp32 absmax; x, G in the base
+    # dtype): the Triton backend's GEMMs read its packed bytes and dequantize inside the K loop
+    quant: str = ""
 
 
 def pass_time(p: Pass, hw: Hardware, gemm_efficiency: float = 1.0) -> float:
@@ -109,6 +124,7 @@ def pass_time(p: Pass, hw: Hardware, gemm_efficiency: float = 1.0) -> float:
              "tf32": hw.tf32_tflops * 1e12, "fma": hw.cuda_core_tflops * 1e12}
     compute = sum(f / rates[unit] for unit, f in p.flops.items())
     compute += p.int_ops / (hw.int_tops * 1e12)
+    compute = max(compute, p.side_int_ops / (hw.int_tops * 1e12))
     if p.programs:
         compute *= max(1.0, hw.sms / p.programs)  # idle SMs
     memory = p.bytes / (hw.hbm_tb_s * 1e12)
@@ -167,15 +183,40 @@ def peft_lora(c: Case, code: Code, backward: bool) -> list:
     return seq
 
 
+QUANT_BLOCKSIZE = 64
+
+
+def weight_bytes(c: Case) -> float:
+    """HBM bytes of one read of W: dense in the base dtype, or 4-bit packed plus fp32 absmax."""
+    if c.quant:
+        return c.n * c.k * (0.5 + 4 / QUANT_BLOCKSIZE)
+    return c.base_bytes * c.n * c.k
+
+
+def dequant_ops(c: Case, code: Code) -> tuple:
+    """(added, beside): the instructions one 4-bit GEMM spends dequantizing W tiles (0 for a
+    dense W), split into the share added to its tensor-core time and the share issued beside
+    it (Code.dequant_overlap)."""
+    if not c.quant:
+        return 0.0, 0.0
+    tiles = -(-c.m // code.dequant_block_m)
+    total = tiles * c.n * c.k * code.dequant_ops
+    return total * (1.0 - code.dequant_overlap), total * code.dequant_overlap
+
+
 def triton_backend(c: Case, code: Code, backward: bool) -> list:
-    """backends/triton.py: project, fused_linear; grad_output_pass, grad_input, grad_a."""
+    """backends/triton.py: project, fused_linear; grad_output_pass, grad_input, grad_a (4-bit:
+    fused_linear_4bit and grad_input_4bit, W dequantized inside their K loops)."""
     m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
     lr = _lr_unit(c, code.triton_fp32_adapter_unit)
     rng = m * k * code.rng_int_ops if c.dropout else 0
+    four = "_4bit" if c.quant else ""
     seq = [Pass("project", bytes=b * m * k + a * (r * k + m * r), flops={lr: 2 * m * k * r},
                 int_ops=rng),
-           Pass("fused_linear", bytes=b * (m * k + n * k + m * n) + a * (m * r + n * r),
-                flops={"gemm": 2 * m * n * k, lr: 2 * m * n * r})]
+           Pass("fused_linear" + four,
+                bytes=b * (m * k + m * n) + weight_bytes(c) + a * (m * r + n * r),
+                flops={"gemm": 2 * m * n * k, lr: 2 * m * n * r},
+                int_ops=dequant_ops(c, code)[0], side_int_ops=dequant_ops(c, code)[1])]
     if not backward:
         return seq
     need_a = c.method == "lora"
@@ -190,8 +231,11 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
         kept = 0 if code.triton_db_memset else 4
         seq.append(_small("dB.to(dtype)" if code.triton_db_memset else "dB take",
                           (4 + a + kept) * n * r))
-    seq.append(Pass("grad_input", bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k,
-                    flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
+    seq.append(Pass("grad_input" + four,
+                    bytes=b * (m * n + m * k) + weight_bytes(c) + 4 * m * r + a * r * k,
+                    flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r},
+                    int_ops=rng + dequant_ops(c, code)[0],
+                    side_int_ops=dequant_ops(c, code)[1]))
     if need_a:
         column_blocks = -(-k // code.triton_grad_a_block_n)
         splits = max(1, min(-(-2 * 132 // column_blocks), m // 128)) if code.triton_grad_a_split_m else 1
@@ -293,6 +337,23 @@ def breakdown(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -
     return [(p.name, pass_time(p, hw, efficiency)) for p in BACKENDS[backend](c, code, backward)]
 
 
+def qlora_ratio(code: Code, hw: Hardware, m: int = 8192, k: int = 4096, n: int = 4096,
+                r: int = 16, method: str = "lora_fa", dropout: bool = False) -> dict:
+    """Issue 23's target: the fused 4-bit layer's fwd+bwd on the Triton backend over the same
+    layer on a dense bf16 W (the dequantized weight), both predicted; the ratio with the
+    dequantization added to the GEMMs' tensor-core time and issued beside it (each GEMM then
+    takes the longer of the two; code.dequant_overlap 0 and 1): the range the measurement
+    should fall in."""
+    dense = predict("triton", Case(method, m, k, n, r, dropout), code, hw, True)
+    out = {"dense_ms": dense * 1e3}
+    for label, overlap in (("serial", 0.0), ("overlapped", 1.0)):
+        four = predict("triton", Case(method, m, k, n, r, dropout, quant="nf4"),
+                       replace(code, dequant_overlap=overlap), hw, True)
+        out[f"4bit_{label}_ms"] = four * 1e3
+        out[f"ratio_{label}"] = four / dense
+    return out
+
+
 def cases():
     for label, m, k, n in SHAPES:
         for r in RANKS:
@@ -372,12 +433,24 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", metavar="SHAPE,R,METHOD,DROPOUT",
                         help="per-pass times of one case, e.g. 4096²,16,lora_fa,0")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table there")
+    parser.add_argument("--qlora", action="store_true",
+                        help="issue 23's target: 4-bit LoRA-FA fwd+bwd at 8192 x 4096², r = 16 "
+                             "over the same layer on a dense bf16 W")
     parser.add_argument("--compact", action="store_true",
                         help="one row per case, fwd and fwd+bwd ratios (the README's table)")
     args = parser.parse_args(argv)
     code, hw = _apply(args.set, Code(), Hardware())
     print("Assumptions:", hw)
     print("Kernel facts:", code)
+    if args.qlora:
+        ratio = qlora_ratio(code, hw)
+        print("4-bit (NF4) LoRA-FA fwd+bwd, M = 8192, K = N = 4096, r = 16, Triton: "
+              + ", ".join(f"{key} {value:.3f}" for key, value in ratio.items())
+              + " (target: ratio <= 1.1)")
+        c = Case("lora_fa", 8192, 4096, 4096, 16, False, quant="nf4")
+        for name, seconds in breakdown("triton", c, code, hw, True):
+            print(f"  {name:24s} {seconds * 1e6:9.1f} µs")
+        return 0
     if args.breakdown:
         label, r, method, drop = args.breakdown.split(",")
         _, m, k, n = next(s for s in SHAPES if s[0] == label)

@@ -273,6 +273,43 @@ def probe_dora(probe: Probe, label, m, k, n, r, method, dropout):
                 probe.record({"name": f"{tag} {mode} triton/{ref}", "predicted_ratio": None,
                               "measured_ratio": None if mine is None or theirs is None
                               else round(mine / theirs, 3)})
+def probe_qlora(probe: Probe, label, m, k, n, r, method, dropout):
+    """Issue 23's target: the Triton backend's fwd+bwd over a bitsandbytes NF4 W (nested
+    absmax, blocksize 64; dequantized inside the GEMMs' K loops) against the same layer over
+    the dequantized bf16 W, with the model's prediction (serial dequantization) and ratio."""
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        probe.record({"name": f"{label} r={r} {method} qlora", "skipped":
+                      "bitsandbytes is not installed"})
+        return
+    import bitsandbytes as bnb
+    from lowrank_fused import low_rank_linear, quantized
+    dm, dk, dn = _dims(probe, m, k, n)
+    dev = probe.device
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(dn, dk, generator=g) / dk ** 0.5).to(torch.bfloat16)
+    weight_4bit = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64,
+                                    compress_statistics=True).to(dev)
+    dense = quantized.dequantize(weight_4bit, torch.bfloat16)
+    x = torch.randn(dm, dk, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(dm, dn, device=dev, dtype=torch.bfloat16)
+    lora_a = (torch.randn(r, dk, device=dev) / dk ** 0.5).requires_grad_(method == "lora")
+    lora_b = (torch.randn(dn, r, device=dev) * 0.01).requires_grad_(method != "lora_xs")
+    latent = torch.zeros(r, r, device=dev, requires_grad=True) if method == "lora_xs" else None
+    tag = f"{label} r={r} {method} dropout={'on' if dropout else 'off'} qlora"
+    times = {}
+    for name, weight, quant in (("4bit", weight_4bit, "nf4"), ("dense bf16", dense, "")):
+        def fwd_bwd(weight=weight):
+            low_rank_linear(x, weight, lora_a, lora_b, latent=latent, scaling=2.0,
+                            dropout_p=DROPOUT_P if dropout else 0.0, dropout_seed=7,
+                            backend="triton").backward(grad)
+        case = model.Case(method, m, k, n, r, dropout, quant=quant)
+        predicted = model.predict("triton", case, probe.code, probe.hw, True)
+        times[name] = (probe.add(f"{tag} fwd+bwd triton {name}", predicted, fwd_bwd), predicted)
+    (mine, mine_p), (theirs, theirs_p) = times["4bit"], times["dense bf16"]
+    probe.record({"name": f"{tag} fwd+bwd 4bit/dense", "target_ratio": 1.1,
+                  "predicted_ratio": round(mine_p / theirs_p, 3),
+                  "measured_ratio": None if mine is None else round(mine / theirs, 3)})
 
 
 SHAPE_11008_4096 = ("11008→4096", 8192, 11008, 4096)
@@ -292,8 +329,9 @@ def probe_model(probe: Probe, dry: bool) -> None:
 def first_groups(probe: Probe, dry: bool) -> list:
     """(name, callable) groups of benchmarks.first's speed step, most decisive first: the Triton
     GEMMs against cuBLAS, then each method against bare and PEFT at 4096², r = 16, dropout off
-    and on, the per-kernel breakdown there, the model case, DoRA (Triton against bare, PEFT's
-    use_dora and the reference backend), the FFN shapes, r = 64. A dry run keeps the groups
+    and on, the per-kernel breakdown there, QLoRA's 4-bit layer against its dense bf16 twin,
+    the model case, DoRA (Triton against bare, PEFT's use_dora and the reference backend), the
+    FFN shapes, r = 64. A dry run keeps the groups
     whose code differs (the rest only repeat them at other shapes)."""
     square, wide = SHAPES
     groups = [(f"gemm {square[0]}", lambda: probe_gemms(probe, *square))]
@@ -314,6 +352,8 @@ def first_groups(probe: Probe, dry: bool) -> list:
 
     groups += [layers(square, 16, False), layers(square, 16, True),
                kernels(square, 16, False), kernels(square, 16, True),
+               (f"qlora {square[0]} r=16 lora_fa dropout=off",
+                lambda: probe_qlora(probe, *square, 16, "lora_fa", False)),
                ("model bert lora_fa bf16 dropout=0.05", lambda: probe_model(probe, dry)),
                dora(square, 16, False), dora(square, 16, True)]
     if dry:

@@ -9,8 +9,9 @@ An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". "auto" picks a GPU backend for CUDA
 tensors: when both are built, the one the measured per-shape policy (``lowrank_fused.policy``)
 names, else Triton, else the CUDA extension; and the reference backend for anything else.
-A 4-bit (bitsandbytes) weight takes the reference backend whatever was asked
-(``quantized_choice``): the GPU kernels do not dequantize inside their K loop yet. A DoRA call
+A 4-bit (bitsandbytes) weight has its own choice (``quantized_choice``): the Triton kernels that
+dequantize W inside their K loops for "triton" and for "auto" on CUDA tensors; "cuda" takes them
+too (the CUDA C++ backend has no 4-bit kernels); the reference backend otherwise. A DoRA call
 (``dora_choice``) runs on Triton for "triton", for "auto" on CUDA tensors and for "cuda" (the CUDA
 extension has no DoRA kernels: its calls go to Triton's); QDoRA (DoRA over a 4-bit weight) stays
 on the reference.
@@ -182,14 +183,27 @@ def call_choice(backend: str, device: torch.device, kind: str = DEFAULT_KIND) ->
 
 
 def quantized_choice(backend: str, device: torch.device) -> str:
-    """The backend for a call over a 4-bit (bitsandbytes) weight: the reference path, whatever
-    was asked for. The Triton and CUDA kernels do not dequantize inside their K loop yet, so
-    "auto" takes the reference for 4-bit weights on CUDA tensors too, and "triton"/"cuda" route
-    there (after the same check that the backend asked for could run here)."""
+    """The backend for a call over a 4-bit (bitsandbytes) weight: "triton" (the 4-bit GEMMs that
+    dequantize W inside their K loops) or "reference" (W dequantized per call).
+
+    - "triton": Triton (BackendUnavailableError where it cannot run, as for a dense weight);
+    - "auto": Triton on CUDA tensors where it is installed, the reference otherwise (CPU tensors:
+      the reference, as for a dense weight);
+    - "cuda": the CUDA C++ backend has no 4-bit kernels, so after checking that it could run
+      here, Triton's 4-bit path where Triton is installed, else the reference;
+    - "reference": the reference.
+    No measured policy: the CUDA C++ backend is never a contender for 4-bit weights."""
     name = requested_choice(backend)
-    if name in ("triton", "cuda") and device.type != "meta":
-        backend_module(name, device)
-    return "reference"
+    if device.type == "meta":
+        return "reference"
+    if name == "cuda":
+        backend_module("cuda", device)  # fail now if what was asked could not run
+        name = "triton" if triton_available() else "reference"
+    elif name == "auto":
+        name = "triton" if device.type == "cuda" and triton_available() else "reference"
+    if name == "triton":
+        backend_module("triton", device)
+    return name
 
 
 def dora_choice(backend: str, device: torch.device, four_bit: bool = False) -> str:

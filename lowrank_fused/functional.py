@@ -33,8 +33,9 @@ def low_rank_linear(
         x: input, shape (..., K), same dtype as ``weight``.
         weight: frozen base weight W, shape (N, K) (nn.Linear's layout), or a bitsandbytes
             ``Params4bit`` (QLoRA: NF4/FP4, any blocksize, nested absmax or not) holding it:
-            dequantized to x's dtype per call, as ``bnb.matmul_4bit`` does, on the reference
-            backend (every backend routes 4-bit calls there for now); never saved dense.
+            dequantized to x's dtype as ``bnb.matmul_4bit`` does: inside the GEMMs' K loops on
+            the Triton backend ("triton", "auto" on CUDA tensors, and "cuda", whose C++
+            kernels have no 4-bit path), per call on the reference backend; never saved dense.
         lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
             backward: only P = dropout(x)·Aᵀ, shape (M, r).
         lora_b: B, shape (N, r).

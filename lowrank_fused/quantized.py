@@ -5,6 +5,10 @@ validate its quant state, give its logical (N, K) shape, dequantize it.
 bitsandbytes is optional: nothing here imports it unless a weight already is a ``Params4bit``
 (which needs bitsandbytes imported), so ``import lowrank_fused`` never needs it.
 
+``Packed4bit`` is the typed view of a ``Params4bit`` that the Triton kernels read (packed bytes,
+code table, absmax and, nested, the second-level state), built once per call by ``packed``: the
+kernels dequantize inside their K loops from it, so the dense W never exists there.
+
 The math is bitsandbytes' own matmul (``bnb.matmul_4bit``): W = dequantize_4bit(data,
 quant_state) in the quant state's dtype, cast to x's dtype; the dense N x K tensor is made per
 call, forward and backward, and dropped at once: it is never saved for backward (the
@@ -13,6 +17,8 @@ call, forward and backward, and dropped at once: it is never saved for backward 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -88,6 +94,93 @@ def dense_like(weight, dtype: torch.dtype) -> Tensor:
     """W as a dense tensor in ``dtype`` for the operator's math: dequantized for a 4-bit weight,
     else ``weight`` itself."""
     return dequantize(weight, dtype) if is_4bit(weight) else weight
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """What a kernel needs to dequantize a ``Params4bit`` tile by tile, all on W's device.
+
+    W (N, K) is flattened row-major; element i = n·K + k is the ``i % 2 == 0`` high nibble (else
+    the low one) of ``data[i // 2]``, an index into ``code`` (16 fp32 values); its block is
+    ``i // blocksize`` (blocks may span rows when blocksize does not divide K). The value is
+    ``code[q] · absmax[block]`` in fp32, rounded to ``dtype`` (the quant state's). Nested:
+    ``absmax[block] = code2[absmax_q[block]] · absmax2[block // blocksize2] + offset``, each
+    step rounded in fp32 (bitsandbytes' order, so no fused multiply-add)."""
+    data: Tensor             # uint8, (ceil(N·K / 2),), contiguous
+    code: Tensor             # fp32, (16,)
+    absmax: Tensor           # fp32 (ceil(N·K / blocksize),), or uint8 when nested
+    blocksize: int
+    n: int
+    k: int
+    quant_type: str
+    dtype: torch.dtype       # the quant state's dtype: what bitsandbytes dequantizes to
+    code2: Optional[Tensor] = None     # nested: fp32 (256,)
+    absmax2: Optional[Tensor] = None   # nested: fp32 (ceil(blocks / blocksize2),)
+    offset: Optional[Tensor] = None    # nested: fp32 (1,)
+    blocksize2: int = 0
+
+    @property
+    def nested(self) -> bool:
+        return self.code2 is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+def packed(weight, name: str = "weight") -> Packed4bit:
+    """The ``Packed4bit`` view of a ``Params4bit`` (checked as ``check_4bit`` does, and, nested,
+    its second-level state's absmax, code and blocksize): ``ValueError`` naming what is missing.
+    Views where the tensors already have the kernels' dtypes (no copy of the packed bytes)."""
+    n, k = check_4bit(weight, name)
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bnb_f
+        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
+    where = f"{name} (a bitsandbytes Params4bit)"
+    blocksize = int(state.blocksize)
+    if blocksize < 1:
+        raise ValueError(f"{where}: quant_state.blocksize must be positive, got {blocksize}")
+    blocks = -(-n * k // blocksize)
+    fp32 = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
+    data = data.contiguous().reshape(-1).view(torch.uint8)
+    code = fp32(state.code)
+    if code.numel() != 16:
+        raise ValueError(f"{where}: quant_state.code must hold 16 values, got {code.numel()}")
+    if state.quant_type == "fp4":
+        # bitsandbytes' kernels (CUDA, CPU) take an FP4 value's sign from bit 3 of its index, so
+        # index 8 decodes to -0 where the table holds +0: the same zero, signed as they sign it
+        code = torch.cat([code[:8], -code[8:].abs()])
+    extra = {}
+    if getattr(state, "nested", False):
+        state2 = state.state2
+        missing = [f"state2.{field}" for field in ("absmax", "code", "blocksize")
+                   if getattr(state2, field, None) is None]
+        if missing:
+            raise ValueError(f"{where}: its nested quant_state is missing {', '.join(missing)}")
+        absmax = state.absmax.reshape(-1).contiguous()
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"{where}: a nested quant_state's absmax must be uint8 (8-bit "
+                             f"indices into state2.code), got {absmax.dtype}")
+        blocksize2 = int(state2.blocksize)
+        extra = dict(code2=fp32(state2.code), absmax2=fp32(state2.absmax),
+                     offset=fp32(torch.as_tensor(state.offset, device=data.device)),
+                     blocksize2=blocksize2)
+        if extra["code2"].numel() != 256 or extra["absmax2"].numel() < -(-blocks // blocksize2):
+            raise ValueError(f"{where}: nested quant_state.state2 holds too few values for "
+                             f"{blocks} blocks (code {extra['code2'].numel()}, absmax "
+                             f"{extra['absmax2'].numel()})")
+    else:
+        absmax = fp32(state.absmax)
+    if absmax.numel() < blocks:
+        raise ValueError(f"{where}: quant_state.absmax holds {absmax.numel()} values, fewer "
+                         f"than the {blocks} blocks of {blocksize} that shape ({n}, {k}) needs")
+    return Packed4bit(data=data, code=code, absmax=absmax, blocksize=blocksize, n=n, k=k,
+                      quant_type=state.quant_type, dtype=state.dtype, **extra)
 
 
 def describe(weight) -> str:

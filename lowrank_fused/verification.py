@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import quantized
 from .backends import reference
 from .dropout import keep_mask
 from .errors import BackendUnavailableError
@@ -152,8 +153,9 @@ def _key_if_checked(impl, rows: Tensor, direction, weight, lora_a, flags) -> Opt
     if torch.compiler.is_compiling() or _is_fake(rows) or rows.device.type == "meta":
         return None
     m = rows.shape[0]
+    n, k = quantized.shape(weight)  # a 4-bit weight's (N, K), not its packed bytes' shape
     return (backend, direction, rows.device, rows.dtype, weight.dtype, lora_a.dtype,
-            _bucket(m), weight.shape[0], weight.shape[1], lora_a.shape[0], flags,
+            _bucket(m), n, k, lora_a.shape[0], flags,
             _requested_gemm_variant(backend))
 
 
@@ -333,6 +335,8 @@ def _forward_mismatch(outputs, x, weight, bias, lora_a, lora_b_eff, scaling, dro
     """The forward's (y, P) on sampled rows against both references; None when within the rule."""
     y, p = outputs
     m, k = x.shape
+    # a 4-bit W: bitsandbytes' dequantized values in x's dtype (what the kernels multiply by)
+    weight = quantized.dense_like(weight, x.dtype)
     low = _low_rank_dtype(x.dtype, lora_a.dtype)
     budget = _budget(y, p)
     rows = _sample_rows(m, x.device)
@@ -360,6 +364,7 @@ def _backward_mismatch(outputs, grad_y, x, p, weight, lora_a, lora_b, scaling, d
     dx, da, db, dr, dbias = outputs
     need_latent = need_latent and latent is not None
     m, n = grad_y.shape
+    weight = quantized.dense_like(weight, grad_y.dtype)  # 4-bit: dequantized, as the forward
     k, r = weight.shape[1], lora_a.shape[0]
     base = grad_y.dtype
     low = _low_rank_dtype(base, lora_a.dtype)

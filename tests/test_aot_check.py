@@ -72,7 +72,8 @@ def test_every_kernel_the_backend_launches_is_discovered():
     kernels = {launch[1] for launch in launches}
     assert {"_project_kernel", "_fused_linear_kernel", "_grad_output_pass_kernel",
             "_grad_input_kernel", "_grad_a_kernel", "_grad_b_kernel",
-            "_fused_linear_tma_kernel"} <= kernels
+            "_fused_linear_tma_kernel", "_fused_linear_4bit_kernel",
+            "_grad_input_4bit_kernel"} <= kernels
     # DoRA's (triton_kernels/dora.py), with dropout on the two-accumulator configs
     dora = {launch[1]: launch[2] for launch in launches if launch[5].startswith("dora")}
     assert dora == {"_project_kernel": "skinny", "_dora_linear_kernel": "gemm_dual",
@@ -101,12 +102,12 @@ def test_fp32_bases_are_recorded_at_both_precisions():
     ieee = aot_check.record_launches("float32", "float32", 16, 0.0, "ieee")
     tf32 = aot_check.record_launches("float32", "float32", 16, 0.0, "tf32")
     assert torch.backends.cuda.matmul.fp32_precision == before
-    # (DoRA's launches add the fp32 lists of its own families)
-    dora = {"gemm_dora_fp32", "grad_output_dora_fp32"}
+    # (DoRA's launches add the fp32 lists of its own families, the 4-bit GEMMs gemm_4bit*_fp32)
+    extra = {"gemm_dora_fp32", "grad_output_dora_fp32", "gemm_4bit_fp32", "gemm_4bit_dx_fp32"}
     assert {launch[2] for launch in ieee} == {"gemm_fp32", "skinny_fp32", "grad_output_fp32",
-                                              *dora}
+                                              *extra}
     assert {launch[2] for launch in tf32} == {"gemm_fp32", "skinny_fp32", "grad_output_fp32",
-                                              "gemm_tma", *dora}
+                                              "gemm_tma", *extra}
     assert {aot_check.fp32_precision_of(launch[4]) for launch in ieee} == {"ieee"}
     assert {aot_check.fp32_precision_of(launch[4]) for launch in tf32} == {"tf32"}
     points = {job[5].split(" ", 1)[1] for job in aot_check._plan(_args())

@@ -78,3 +78,18 @@ def test_table_has_every_case_and_cli_runs(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 4096")]
     assert len(rows) == 2 * 2 * 3 * 2 * 2  # shapes 4096*, r, method, dropout, direction
     assert "→" in out
+
+
+def test_a_4bit_base_reads_packed_w_and_pays_its_dequantization():
+    code, hw = model.Code(), model.Hardware()
+    seq = {p.name: p for p in model.triton_backend(case(quant="nf4"), code, backward=True)}
+    # W read as N·K/2 packed bytes plus one fp32 absmax per 64 elements, no dense W
+    w_bytes = N * K * (0.5 + 4 / 64)
+    assert seq["fused_linear_4bit"].bytes == 2 * (M * K + M * N) + w_bytes + 4 * (M * R + N * R)
+    # dequantized once per BLOCK_M rows, in both GEMMs
+    ops = (M // code.dequant_block_m) * N * K * code.dequant_ops
+    assert seq["fused_linear_4bit"].int_ops == seq["grad_input_4bit"].int_ops == ops
+    ratio = model.qlora_ratio(code, hw)
+    # serial: the dequantization adds to the GEMMs; overlapped: each GEMM the longer of the two
+    assert 1.0 < ratio["ratio_overlapped"] < ratio["ratio_serial"]
+    assert ratio["dense_ms"] == pytest.approx(model.predict("triton", case(), code, hw, True) * 1e3)

@@ -107,6 +107,38 @@ GEMM_DORA_CONFIGS = {
     "sm90": [c for c in GEMM_CONFIGS["sm90"]
              if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (256, 128)],
 }
+# The 4-bit GEMMs (quantized.py: forward y and dx over a bitsandbytes NF4/FP4 W, dequantized in
+# registers inside the K loop). The dequantization costs integer and load instructions per W
+# element, paid once per BLOCK_M rows: tall tiles amortise it. The dequantized W tile sits in
+# registers beside the accumulator, so no register rule: each config is checked by aot_check.
+GEMM_4BIT_CONFIGS = {  # forward: BLOCK_K divides the blocksize (64 by default)
+    "sm80": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+}
+# dx: its BLOCK_N columns (of K) within one block of W's row, so BLOCK_N divides the blocksize.
+# sm_80 with dropout: the 8-warp 64-row tile with a 16-deep K step, 2 stages, is what the mask's two halves
+# (each dequantizing its own W tile) leave room for at r = 64 and 128 (GEMM_4BIT_REGISTER_BUDGET)
+GEMM_4BIT_DX_CONFIGS = {
+    "sm80": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+    ],
+    "sm90": [
+        _c(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+}
 # Persistent TMA GEMMs (persistent.py; Hopper and later only, so no sm80 list): tiles as in
 # Triton's persistent-matmul tutorial, pruned by shared memory and registers (fitting_configs).
 GEMM_TMA_CONFIGS = {
@@ -155,6 +187,10 @@ GRAD_OUTPUT_CONFIGS = {
 FP32_CONFIGS = {
     "gemm": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
              _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
+    "gemm_4bit": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                  _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    "gemm_4bit_dx": [_c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                     _c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     "skinny": [_c(8, 3, BLOCK_M=64, BLOCK_N=32)],
     "grad_output": [_c(4, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=32, BLOCK_N=64),
                     _c(8, 3, BLOCK_M=64, BLOCK_N=32)],
@@ -167,11 +203,13 @@ FP32_CONFIGS = {
 GRAD_OUTPUT_DORA_CONFIGS = GRAD_OUTPUT_CONFIGS
 FP32_CONFIGS["gemm_dora"] = FP32_CONFIGS["gemm"]
 FP32_CONFIGS["grad_output_dora"] = FP32_CONFIGS["grad_output"]
+GEMM_4BIT_FAMILIES = ("gemm_4bit", "gemm_4bit_dx")
 INTERPRETER_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_SKINNY = dict(BLOCK_M=32, BLOCK_N=32)
 CONFIGS = {"gemm": GEMM_CONFIGS, "gemm_tma": GEMM_TMA_CONFIGS, "skinny": SKINNY_CONFIGS,
            "grad_output": GRAD_OUTPUT_CONFIGS, "gemm_dual": GEMM_DUAL_CONFIGS,
-           "gemm_dora": GEMM_DORA_CONFIGS, "grad_output_dora": GRAD_OUTPUT_DORA_CONFIGS}
+           "gemm_dora": GEMM_DORA_CONFIGS, "grad_output_dora": GRAD_OUTPUT_DORA_CONFIGS,
+           "gemm_4bit": GEMM_4BIT_CONFIGS, "gemm_4bit_dx": GEMM_4BIT_DX_CONFIGS}
 CONFIGS.update({f"{family}_fp32": {"sm80": table, "sm90": table}
                 for family, table in FP32_CONFIGS.items()})
 
@@ -227,6 +265,9 @@ def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: in
     family = _shape_family(family)
     if family in ("gemm", "gemm_dual"):  # the rank tiles reuse the K loop's buffers
         return stages * (block_m + block_n) * meta["BLOCK_K"] * base_bytes
+    if family in GEMM_4BIT_FAMILIES:  # x (or G) streamed (and W's bytes, 1 per element at
+        # most), plus the dequantized W tile staged for the dot
+        return (stages * (block_m * base_bytes + block_n) + block_n * base_bytes) * meta["BLOCK_K"]
     if family == "gemm_tma":  # + the TMA store's output tile and the low-rank dot's B tile
         return base_bytes * (stages * (block_m + block_n) * meta["BLOCK_K"] + block_m * block_n
                              + block_n * rank_block_)
@@ -250,6 +291,9 @@ def register_estimate(config, family: str, rank_block_: int) -> float:
         return (block_m * block_n + (block_m + block_n) * rank_block_) / threads
     if family == "gemm_dual":  # two accumulators, the rank tiles
         return (2 * block_m * block_n + (block_m + block_n) * rank_block_) / threads
+    if family in GEMM_4BIT_FAMILIES:  # as gemm, plus the W tile being dequantized (fp32)
+        return (block_m * block_n + (block_m + block_n) * rank_block_
+                + block_n * meta["BLOCK_K"]) / threads
     if family == "gemm_tma":  # accumulator and an fp32 low-rank tile (BLOCK_M x rank block)
         return block_m * (block_n + rank_block_) / threads
     if family == "grad_output":  # G·B accumulator, P, the dB partial, the G tile
@@ -277,8 +321,16 @@ GEMM_REGISTER_BUDGET = {("sm90", False): 240, ("sm90", True): 144,
                         ("sm80", False): 152, ("sm80", True): 144}
 
 
+# The 4-bit GEMMs: each config is checked by aot_check, so no budget but where builds spilled:
+# sm_80's dx with dropout over a nested absmax at r = 64 (8-warp and 4-warp 128 x 64 tiles,
+# 16 and 64 bytes) while the 8-warp one compiled clean at r = 16.
+GEMM_4BIT_REGISTER_BUDGET = {("gemm_4bit_dx", "sm80", True): 86}
+
+
 def register_budget(family: str, generation: str = "sm90", dropout: bool = False) -> float:
     """Largest ``register_estimate`` a config of ``family`` may have on ``generation``."""
+    if family in GEMM_4BIT_FAMILIES:
+        return GEMM_4BIT_REGISTER_BUDGET.get((family, generation, dropout), float("inf"))
     if family.endswith("_fp32"):
         return float("inf")  # small tiles, each checked by aot_check (FP32_CONFIGS)
     family = _shape_family(family)
@@ -393,7 +445,7 @@ def launcher(kernel, family: str, key, reset_to_zero=None):
     ``family``: a key of CONFIGS."""
     mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
     if interpreting():
-        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", "gemm_dual")
+        gemm_like = _shape_family(family) in ("gemm", "gemm_tma", "gemm_dual", *GEMM_4BIT_FAMILIES)
         return kernel, dict(INTERPRETER_GEMM if gemm_like else INTERPRETER_SKINNY)
     configs_of = config_family()
     cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner

@@ -17,7 +17,8 @@ need_a, need_b, need_latent=False, need_bias) -> (dx, da, db, dr, dbias)``
 
 ``weight`` may be a bitsandbytes ``Params4bit`` (``lowrank_fused.quantized``): this backend
 dequantizes it to x's dtype per call, forward and backward, as ``bnb.matmul_4bit`` does (the
-dense N x K tensor is a transient, dropped after its GEMM); every backend routes 4-bit calls here.
+dense N x K tensor is a transient, dropped after its GEMM). The Triton backend dequantizes
+inside its GEMMs' K loops instead (``dispatch.quantized_choice``); 4-bit DoRA (QDoRA) runs here.
 
 ``dropout_keep_mask(dropout, shape, device) -> bool tensor``
     The keep-mask the backend derives from ``dropout.seed``: True where x is kept.

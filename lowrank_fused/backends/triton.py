@@ -1,11 +1,17 @@
 """Triton backend: the reference contract (see ``reference``) on the kernels of
 ``lowrank_fused.triton_kernels``. Every call runs with the tensors' device current
-(``device_guard``): Triton launches on the current device and its stream."""
+(``device_guard``): Triton launches on the current device and its stream.
+
+A 4-bit ``weight`` (bitsandbytes ``Params4bit``) goes to the 4-bit GEMMs
+(``triton_kernels/quantized.py``), which dequantize W tile by tile inside their K loops from its
+``quantized.Packed4bit`` view (built once per call): forward's x·Wᵀ and backward's G·W. The rest
+of the backward (the pass over G, dA) never touches W and is the same."""
 from __future__ import annotations
 
 import torch
 
-from .. import triton_kernels as kernels
+from .. import quantized, triton_kernels as kernels
+from ..triton_kernels import quantized as kernels_4bit
 from ._gpu_common import check_dtypes, device_guard, seed_and_p
 from .reference import latent_gradients, latent_operands
 
@@ -20,7 +26,11 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     seed, p_drop = seed_and_p(dropout)
     with device_guard(x.device):
         p = kernels.project(x, lora_a, seed, p_drop)
-        y = kernels.fused_linear(x, weight, bias, p, lora_b_eff, scaling)  # strides honoured
+        if quantized.is_4bit(weight):  # W dequantized inside the K loop, never dense
+            y = kernels_4bit.fused_linear_4bit(x, quantized.packed(weight), bias, p, lora_b_eff,
+                                               scaling)
+        else:
+            y = kernels.fused_linear(x, weight, bias, p, lora_b_eff, scaling)  # strides honoured
     return y, p
 
 
@@ -34,15 +44,21 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 def _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent, need_x, need_a,
               need_b, need_latent, need_bias):
     seed, p_drop = seed_and_p(dropout)
+    four_bit = quantized.is_4bit(weight)  # bias then has the compute dtype, G's
     need_dp = need_x or need_a
     dp, db, dbias = kernels.grad_output_pass(
         grad_y, lora_b, latent_operands(p, latent, need_b), scaling,
         need_dp=need_dp or need_latent, need_db=need_b, need_dbias=need_bias,
-        bias_dtype=weight.dtype, deterministic=torch.are_deterministic_algorithms_enabled())
+        bias_dtype=grad_y.dtype if four_bit else weight.dtype, deterministic=torch.are_deterministic_algorithms_enabled())
     dr = None
     if latent is not None:
         dp, dr = latent_gradients(dp, p, latent, need_dp, need_latent)
-    dx = kernels.grad_input(grad_y, weight, dp, lora_a, seed, p_drop) if need_x else None
+    dx = None
+    if need_x and four_bit:
+        dx = kernels_4bit.grad_input_4bit(grad_y, quantized.packed(weight), dp, lora_a, seed,
+                                          p_drop)
+    elif need_x:
+        dx = kernels.grad_input(grad_y, weight, dp, lora_a, seed, p_drop)
     da = kernels.grad_a(dp, x, lora_a.dtype, seed, p_drop) if need_a else None
     return dx, da, db, dr, dbias
 

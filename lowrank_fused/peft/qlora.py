@@ -4,8 +4,9 @@ overrides only ``forward``. Imported by ``serving`` only when bitsandbytes is in
 
 The forward does what bitsandbytes' ``Linear4bit.forward`` does for the base (x cast to the
 compute dtype, bias too, y cast back to x's dtype) and hands the 4-bit ``Params4bit`` to the
-operator as it is: the reference path dequantizes it per call, forward and backward, as
-``bnb.matmul_4bit`` does, and nothing dense is saved. Unlike PEFT's forward it does not clone
+operator as it is: on CUDA tensors the Triton backend dequantizes it inside its GEMMs' K loops,
+on the reference path it is dequantized per call, forward and backward, as ``bnb.matmul_4bit``
+does; nothing dense is saved. Unlike PEFT's forward it does not clone
 the base output nor cast x to the adapters' fp32 (a full-width copy that a trainable A keeps):
 the operator casts x to the adapters' dtype inside its own pass and keeps x only for a trainable
 A, P = dropout(x)·Aᵀ otherwise. Where x must be cast to the compute dtype (an fp32 model over a
