@@ -89,7 +89,9 @@ class Code:
     # GEMM takes the longer of its tensor-core time and its whole loop's issue time).
     dequant_ops: float = 9.4
     gemm_loop_ops: float = 3.9
-    dequant_block_m: int = 128  # gemm_4bit / gemm_4bit_dx's BLOCK_M on sm_90a
+    # rows of M per dequantized W tile: 128, the tile the SASS count is from; the sm_90a lists
+    # also offer 256-row tiles (the autotuner decides; --set dequant_block_m=256 predicts them)
+    dequant_block_m: int = 128
     dequant_overlap: float = 0.0
 
 
