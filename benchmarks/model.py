@@ -34,6 +34,9 @@ class Hardware:
     cuda_core_tflops: float = 50.0  # fp32 FMA on CUDA cores, achieved (67 peak)
     hbm_tb_s: float = 2.9
     int_tops: float = 15.0  # 32-bit integer ops/s on CUDA cores, tera
+    # instructions issued per second, all kinds: 4 warp-instructions per clock per SM, 32 lanes,
+    # 132 SMs at 1.83 GHz (what bounds a loop of mixed integer, fp32 and load instructions)
+    issue_tops: float = 30.9
     atom_per_ns: float = 200.0  # acq_rel fp32 atom throughput (L2), per ns: unmeasured
     red_per_ns: float = 400.0  # relaxed fp32 red throughput, per ns: unmeasured
     launch_us: float = 4.0  # per kernel launch, host + device
@@ -78,12 +81,17 @@ class Code:
     xs_db_eff: bool = False
     # A 4-bit base (bitsandbytes NF4, triton_kernels/quantized.py): W's tile is dequantized in
     # registers inside the forward's and dx's K loops, once per BLOCK_M rows of M. Instructions
-    # per W element on the aligned path (half a byte load, shift / mask, the code-table gather,
-    # the scale multiply, the bf16 conversion, the nibble interleave): an estimate, not a SASS
-    # count. They run beside the tensor cores; ``dequant_overlap`` is the share hidden under
-    # the GEMM's tensor-core time (0: added to it, 1: fully hidden).
-    dequant_ops: float = 6.0
-    dequant_block_m: int = 128  # gemm_4bit / gemm_4bit_dx's BLOCK_M on sm_90a
+    # per W element the K loop adds, counted in the SASS of fused_linear_4bit's loop body
+    # (sm_90a, 8 warps, 128 x 128 x 64, bf16, plain absmax: 427 instructions per thread and
+    # step against the dense kernel's 126, over 32 W elements per thread; nested: 485, 11.2
+    # per element), and the dense loop's own (126 / 32). ``dequant_overlap``: the share of the
+    # added instructions issued beside the tensor cores (0: added to the GEMM's time; 1: the
+    # GEMM takes the longer of its tensor-core time and its whole loop's issue time).
+    dequant_ops: float = 9.4
+    gemm_loop_ops: float = 3.9
+    # rows of M per dequantized W tile: 128, the tile the SASS count is from; the sm_90a lists
+    # also offer 256-row tiles (the autotuner decides; --set dequant_block_m=256 predicts them)
+    dequant_block_m: int = 128
     dequant_overlap: float = 0.0
 
 
@@ -98,9 +106,10 @@ class Pass:
     atomics: dict = field(default_factory=dict)
     programs: int = 0
     launches: int = 1
-    # integer ops issued beside the tensor cores (a 4-bit GEMM's dequantization, the share
-    # Code.dequant_overlap hides): the pass takes the longer of them and its other compute
-    side_int_ops: float = 0.0
+    # instructions (any kind, at Hardware.issue_tops): ``issue_ops`` add to the pass's compute,
+    # ``side_issue_ops`` run beside it (the pass takes the longer): a 4-bit GEMM's loop
+    issue_ops: float = 0.0
+    side_issue_ops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,8 @@ def pass_time(p: Pass, hw: Hardware, gemm_efficiency: float = 1.0) -> float:
     rates = {"gemm": hw.gemm_tflops * 1e12 * gemm_efficiency, "tc": hw.skinny_tc_tflops * 1e12,
              "tf32": hw.tf32_tflops * 1e12, "fma": hw.cuda_core_tflops * 1e12}
     compute = sum(f / rates[unit] for unit, f in p.flops.items())
-    compute += p.int_ops / (hw.int_tops * 1e12)
-    compute = max(compute, p.side_int_ops / (hw.int_tops * 1e12))
+    compute += p.int_ops / (hw.int_tops * 1e12) + p.issue_ops / (hw.issue_tops * 1e12)
+    compute = max(compute, p.side_issue_ops / (hw.issue_tops * 1e12))
     if p.programs:
         compute *= max(1.0, hw.sms / p.programs)  # idle SMs
     memory = p.bytes / (hw.hbm_tb_s * 1e12)
@@ -194,14 +203,16 @@ def weight_bytes(c: Case) -> float:
 
 
 def dequant_ops(c: Case, code: Code) -> tuple:
-    """(added, beside): the instructions one 4-bit GEMM spends dequantizing W tiles (0 for a
-    dense W), split into the share added to its tensor-core time and the share issued beside
-    it (Code.dequant_overlap)."""
+    """(added, beside) instructions of one 4-bit GEMM (0, 0 for a dense W): the share of its
+    dequantization added to its tensor-core time, and, for the share issued beside the tensor
+    cores, that share plus the loop's own instructions (the pass takes the longer of the tensor
+    cores and that issue time; Code.dequant_overlap)."""
     if not c.quant:
         return 0.0, 0.0
-    tiles = -(-c.m // code.dequant_block_m)
-    total = tiles * c.n * c.k * code.dequant_ops
-    return total * (1.0 - code.dequant_overlap), total * code.dequant_overlap
+    elements = -(-c.m // code.dequant_block_m) * c.n * c.k
+    overlap = code.dequant_overlap
+    beside = elements * (code.dequant_ops * overlap + code.gemm_loop_ops) if overlap else 0.0
+    return elements * code.dequant_ops * (1.0 - overlap), beside
 
 
 def triton_backend(c: Case, code: Code, backward: bool) -> list:
@@ -216,7 +227,7 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
            Pass("fused_linear" + four,
                 bytes=b * (m * k + m * n) + weight_bytes(c) + a * (m * r + n * r),
                 flops={"gemm": 2 * m * n * k, lr: 2 * m * n * r},
-                int_ops=dequant_ops(c, code)[0], side_int_ops=dequant_ops(c, code)[1])]
+                issue_ops=dequant_ops(c, code)[0], side_issue_ops=dequant_ops(c, code)[1])]
     if not backward:
         return seq
     need_a = c.method == "lora"
@@ -234,8 +245,8 @@ def triton_backend(c: Case, code: Code, backward: bool) -> list:
     seq.append(Pass("grad_input" + four,
                     bytes=b * (m * n + m * k) + weight_bytes(c) + 4 * m * r + a * r * k,
                     flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r},
-                    int_ops=rng + dequant_ops(c, code)[0],
-                    side_int_ops=dequant_ops(c, code)[1]))
+                    int_ops=rng, issue_ops=dequant_ops(c, code)[0],
+                    side_issue_ops=dequant_ops(c, code)[1]))
     if need_a:
         column_blocks = -(-k // code.triton_grad_a_block_n)
         splits = max(1, min(-(-2 * 132 // column_blocks), m // 128)) if code.triton_grad_a_split_m else 1

@@ -88,7 +88,7 @@ def test_a_4bit_base_reads_packed_w_and_pays_its_dequantization():
     assert seq["fused_linear_4bit"].bytes == 2 * (M * K + M * N) + w_bytes + 4 * (M * R + N * R)
     # dequantized once per BLOCK_M rows, in both GEMMs
     ops = (M // code.dequant_block_m) * N * K * code.dequant_ops
-    assert seq["fused_linear_4bit"].int_ops == seq["grad_input_4bit"].int_ops == ops
+    assert seq["fused_linear_4bit"].issue_ops == seq["grad_input_4bit"].issue_ops == ops
     ratio = model.qlora_ratio(code, hw)
     # serial: the dequantization adds to the GEMMs; overlapped: each GEMM the longer of the two
     assert 1.0 < ratio["ratio_overlapped"] < ratio["ratio_serial"]
