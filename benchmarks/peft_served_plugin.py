@@ -340,6 +340,11 @@ def pytest_collectreport(report):
         _write({"nodeid": report.nodeid, "outcome": "collection_error",
                 "detail": _last_line(report), "served": serving_enabled(),
                 "stubbed": list(STUBBED)})
+    elif report.skipped:  # a module skipped whole at import (pytest.skip(allow_module_level))
+        detail = (str(report.longrepr[2]) if isinstance(report.longrepr, tuple)
+                  else _last_line(report))
+        _write({"nodeid": report.nodeid, "outcome": "skipped", "detail": detail,
+                "module_skip": True, "served": serving_enabled(), "stubbed": list(STUBBED)})
 
 
 def pytest_runtest_logfinish(nodeid, location):

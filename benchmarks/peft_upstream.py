@@ -34,28 +34,80 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "benchmarks.peft_served_plugin"
 
-#: selection -> PEFT test files and the -k expression that picks the tests in them
+#: selection -> PEFT test files, and the name terms that pick (include) and drop (exclude)
+#: tests in them: pytest's ``-k "(a or b) and not (c or d)"`` (case-insensitive substrings of
+#: the test's and its class's names), the same rule ``static_count`` applies to files skipped
+#: whole at import
 SELECTIONS = {
     # every PEFT test whose name says DoRA: the shared custom-model matrix (Linear, Conv,
     # Embedding, MHA, ... with use_dora=True), DoRA caching, initialisation, variants; the
-    # transformers-model files hold no DoRA test by name (they are listed so that a later PEFT
-    # adding some is picked up)
+    # transformers-model files hold no DoRA test by name (listed so that a later PEFT adding
+    # some is picked up)
     "dora": {
         "files": ["tests/test_custom_models.py", "tests/test_decoder_models.py",
                   "tests/test_encoder_decoder_models.py",
                   "tests/test_feature_extraction_models.py", "tests/test_helpers.py",
                   "tests/test_initialization.py", "tests/test_lora_variants.py",
                   "tests/test_riemannian_lora.py", "tests/test_torch_compile.py"],
-        "k": "dora",
+        "include": ["dora"],
+        "exclude": [],
     },
-    # PEFT's bitsandbytes 4-bit tests (LoRA over Linear4bit, QLoRA / QDoRA among them)
+    # PEFT's bitsandbytes 4-bit LoRA tests (QLoRA, QDoRA, PiSSA/OLoRA/LoftQ over 4-bit): the
+    # other methods' 4-bit tests (BOFT, MiSS, SHiRA, VeRA, IA3, RandLoRA, RoAd, AdaLoRA,
+    # HiRA, adaption prompt) are dropped
     "qlora": {
         "files": ["tests/test_common_gpu.py", "tests/test_gpu_examples.py",
                   "tests/test_quantization.py", "tests/test_torch_compile.py",
                   "tests/test_tuners_utils.py", "tests/test_arrow.py"],
-        "k": "4bit or 4_bit or qlora or nf4 or fp4",
+        "include": ["4bit", "4_bit", "qlora", "nf4", "fp4"],
+        "exclude": ["boft", "miss-", "shira", "vera", "ia3", "randlora", "road", "adalora",
+                    "adaption_prompt", "hira"],
     },
 }
+
+
+def k_expression(include, exclude) -> str:
+    expr = " or ".join(include)
+    if exclude:
+        expr = f"({expr}) and not ({' or '.join(exclude)})"
+    return expr
+
+
+def name_selected(name: str, include, exclude) -> bool:
+    low = name.lower()
+    return any(t.lower() in low for t in include) and not any(t.lower() in low for t in exclude)
+
+
+def static_count(path: Path, include, exclude) -> list[str]:
+    """The test functions of a file pytest skips whole at import (``allow_module_level``, e.g.
+    PEFT's GPU example file on a CPU machine) that the selection's rule picks, by reading its
+    source: ``Class::test_name`` (parametrizations not expanded)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef) and child.name.startswith("Test") or (
+                    isinstance(child, ast.ClassDef) and any(
+                        "TestCase" in ast.unparse(b) for b in child.bases)) or (
+                    isinstance(child, ast.ClassDef) and "Tests" in child.name):
+                visit(child, prefix + child.name + "::")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    child.name.startswith("test"):
+                full = prefix + child.name
+                # a parametrization naming a selected term ("4bit" in parameterized.expand)
+                # makes the pick too
+                params = " ".join(ast.unparse(d) for d in child.decorator_list)
+                if name_selected(full, include, exclude) or (
+                        "parameterized.expand" in params or "parametrize" in params) and \
+                        name_selected(full + " " + params, include, exclude):
+                    names.append(full)
+
+    visit(tree, "")
+    return names
+
 
 OUTCOMES = ("passed", "failed", "skipped", "error", "collection_error")
 FAILING = ("failed", "error", "collection_error")
@@ -96,9 +148,9 @@ def versions() -> dict:
 
 
 # --------------------------------------------------------------------------------------- run
-def run_pytest(root: Path, files: list[str], k: str | None, served: bool, jsonl: Path,
-               log: Path, extra: list[str] = (), timeout: float | None = None) -> dict:
-    """One pytest process in ``root`` over ``files``; per-test lines go to ``jsonl``."""
+def start_pytest(root: Path, files: list[str], k: str | None, served: bool, jsonl: Path,
+                 log: Path, extra: list[str] = ()) -> tuple:
+    """Start one pytest process in ``root`` over ``files``; per-test lines go to ``jsonl``."""
     if jsonl.exists():
         jsonl.unlink()
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider",
@@ -112,12 +164,29 @@ def run_pytest(root: Path, files: list[str], k: str | None, served: bool, jsonl:
     env["LOWRANK_SERVE_PEFT"] = "1" if served else "0"
     env["LOWRANK_PEFT_RESULTS"] = str(jsonl)
     env.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast, identically both ways
-    start = time.time()
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                              timeout=timeout)
-    return {"command": " ".join(cmd), "cwd": str(root), "returncode": proc.returncode,
-            "seconds": round(time.time() - start, 1), "log": str(log)}
+    handle = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    info = {"command": " ".join(cmd), "cwd": str(root), "log": str(log)}
+    return proc, handle, info, time.time()
+
+
+def finish_pytest(started, timeout: float | None = None) -> dict:
+    proc, handle, info, start = started
+    try:
+        info["returncode"] = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        info["returncode"] = proc.wait()
+        info["timed_out"] = True
+    handle.close()
+    info["seconds"] = round(time.time() - start, 1)
+    return info
+
+
+def run_pytest(root: Path, files: list[str], k: str | None, served: bool, jsonl: Path,
+               log: Path, extra: list[str] = (), timeout: float | None = None) -> dict:
+    """One pytest process, waited for."""
+    return finish_pytest(start_pytest(root, files, k, served, jsonl, log, extra), timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -241,6 +310,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, help="folder for logs and per-test JSON lines "
                         "(default: $TMPDIR/peft_upstream)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per pytest run")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the plain and the served pytest processes at once")
     parser.add_argument("--reuse", action="store_true",
                         help="summarize existing per-test files, run nothing")
     args = parser.parse_args(argv)
@@ -252,6 +323,7 @@ def main(argv=None) -> int:
     selection = dict(SELECTIONS[args.select])
     if args.files is not None:
         selection["files"] = args.files
+    selection["k"] = k_expression(selection["include"], selection["exclude"])
     if args.k is not None:
         selection["k"] = args.k
     files = [f for f in selection["files"] if (root / f).exists()]
@@ -259,20 +331,33 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.gettempdir()) / "peft_upstream"
     work.mkdir(parents=True, exist_ok=True)
 
-    runs = {}
+    runs, started = {}, {}
     for mode in ("plain", "served"):
         jsonl, log = work / f"{args.select}-{mode}.jsonl", work / f"{args.select}-{mode}.log"
         if args.reuse:
             runs[mode] = {"reused": str(jsonl)}
         else:
-            runs[mode] = run_pytest(root, files, selection["k"], mode == "served", jsonl, log,
-                                    timeout=args.timeout)
-        runs[mode]["jsonl"] = str(jsonl)
+            started[mode] = start_pytest(root, files, selection["k"], mode == "served", jsonl,
+                                         log)
+            if not args.parallel:
+                runs[mode] = finish_pytest(started.pop(mode), args.timeout)
+        if mode in runs:
+            runs[mode]["jsonl"] = str(jsonl)
+    for mode, proc in started.items():  # --parallel: both ran at once
+        runs[mode] = finish_pytest(proc, args.timeout)
+        runs[mode]["jsonl"] = str(work / f"{args.select}-{mode}.jsonl")
     plain = read_jsonl(Path(runs["plain"]["jsonl"]))
     served = read_jsonl(Path(runs["served"]["jsonl"]))
+    module_skips = {}
+    for r in plain:
+        if r.get("module_skip") and (root / r["nodeid"]).exists():
+            tests = static_count(root / r["nodeid"], selection["include"], selection["exclude"])
+            module_skips[r["nodeid"]] = {"reason": r.get("detail", ""), "selected_tests": len(tests),
+                                         "tests": tests}
     summary = {"selection": args.select, "peft_commit": commit, "commit_note": args.commit_note,
                "files": files, "files_absent": absent, "k": selection["k"],
-               "versions": versions(), "runs": runs, **summarize(plain, served)}
+               "versions": versions(), "runs": runs, **summarize(plain, served),
+               "files_skipped_whole": module_skips}
     write_summary(args.out, summary)
     c = summary["counts"]
     print(f"{args.select}: plain {c['plain']}  served {c['served']}  "
