@@ -352,8 +352,8 @@ def main(argv=None) -> int:
     for r in plain:
         if r.get("module_skip") and (root / r["nodeid"]).exists():
             tests = static_count(root / r["nodeid"], selection["include"], selection["exclude"])
-            module_skips[r["nodeid"]] = {"reason": r.get("detail", ""), "selected_tests": len(tests),
-                                         "tests": tests}
+            module_skips[r["nodeid"]] = {"reason": r.get("detail", ""),
+                                         "selected_tests": len(tests), "tests": tests}
     summary = {"selection": args.select, "peft_commit": commit, "commit_note": args.commit_note,
                "files": files, "files_absent": absent, "k": selection["k"],
                "versions": versions(), "runs": runs, **summarize(plain, served),
