@@ -138,12 +138,15 @@ def checkout(peft_tests: Path, git_dir: str | None, commit: str | None) -> str:
 
 
 def versions() -> dict:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    import importlib.metadata
+
     out = {"python": sys.version.split()[0]}
     for name in ("peft", "transformers", "torch", "bitsandbytes", "accelerate", "pytest"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception as err:  # noqa: BLE001 - reported, not fatal
-            out[name] = f"unavailable ({type(err).__name__})"
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
     return out
 
 
@@ -201,8 +204,12 @@ def _by_id(records) -> dict:
 
 
 def counts(records) -> dict:
-    c = collections.Counter(r["outcome"] for r in records)
-    return {o: c.get(o, 0) for o in OUTCOMES} | {"total": len(records)}
+    """Outcomes of the tests; a file pytest skipped whole (at import, so its tests are never
+    collected) counts under ``files_skipped_whole``, not as a test."""
+    tests = [r for r in records if not r.get("module_skip")]
+    c = collections.Counter(r["outcome"] for r in tests)
+    return {o: c.get(o, 0) for o in OUTCOMES} | {
+        "total": len(tests), "files_skipped_whole": len(records) - len(tests)}
 
 
 def zero_call_reason(record) -> str:
@@ -215,8 +222,8 @@ def zero_call_reason(record) -> str:
             return "no layer servable: " + "; ".join(sorted(fallbacks))
         return "no layer servable"
     if fallbacks:
-        return "served layers ran PEFT's forward (fallback at call): " + "; ".join(
-            sorted(fallbacks))
+        return ("some layers served, none reached the operator (no forward through them, or "
+                "merged/disabled); the others fell back: " + "; ".join(sorted(fallbacks)))
     return "layers served, no adapter forward ran (merged, disabled, or no forward pass)"
 
 
@@ -251,7 +258,7 @@ def summarize(plain: list[dict], served: list[dict]) -> dict:
     for r in served:
         for reason in r.get("fallbacks") or {}:
             fallback_reasons[reason] += 1
-    skipped_plain = [r for r in plain if r["outcome"] == "skipped"]
+    skipped_plain = [r for r in plain if r["outcome"] == "skipped" and not r.get("module_skip")]
     gpu_skips = sorted(r["nodeid"] for r in skipped_plain if GPU_SKIP.search(r.get("detail", "")))
     skip_reasons = collections.Counter(r.get("detail", "") for r in skipped_plain)
     return {
@@ -305,6 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peft-commit", help="the PEFT commit those tests come from")
     parser.add_argument("--commit-note", default="",
                         help="how the commit was chosen (written to the summary)")
+    parser.add_argument("--note", default="", help="a note kept with this selection's summary")
     parser.add_argument("--files", nargs="*", help="override the selection's test files")
     parser.add_argument("-k", dest="k", help="override the selection's -k expression")
     parser.add_argument("--work", type=Path, help="folder for logs and per-test JSON lines "
@@ -332,10 +340,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     runs, started = {}, {}
+    previous = {}
+    if args.reuse and args.out.exists():
+        previous = json.loads(args.out.read_text()).get("selections", {}).get(
+            args.select, {}).get("runs", {})
     for mode in ("plain", "served"):
         jsonl, log = work / f"{args.select}-{mode}.jsonl", work / f"{args.select}-{mode}.log"
-        if args.reuse:
-            runs[mode] = {"reused": str(jsonl)}
+        if args.reuse:  # the runs' record from the summary already there, if any
+            runs[mode] = dict(previous.get(mode, {}), reused=str(jsonl))
         else:
             started[mode] = start_pytest(root, files, selection["k"], mode == "served", jsonl,
                                          log)
@@ -354,9 +366,16 @@ def main(argv=None) -> int:
             tests = static_count(root / r["nodeid"], selection["include"], selection["exclude"])
             module_skips[r["nodeid"]] = {"reason": r.get("detail", ""),
                                          "selected_tests": len(tests), "tests": tests}
+    summarized = summarize(plain, served)
+    gpu_files = {f: v["selected_tests"] for f, v in module_skips.items()
+                 if GPU_SKIP.search(v["reason"])}
+    summarized["skipped_for_gpu"]["files_skipped_whole_for_gpu"] = gpu_files
+    summarized["skipped_for_gpu"]["count_with_those_files"] = (
+        summarized["skipped_for_gpu"]["count"] + sum(gpu_files.values()))
     summary = {"selection": args.select, "peft_commit": commit, "commit_note": args.commit_note,
+               "note": args.note,
                "files": files, "files_absent": absent, "k": selection["k"],
-               "versions": versions(), "runs": runs, **summarize(plain, served),
+               "versions": versions(), "runs": runs, **summarized,
                "files_skipped_whole": module_skips}
     write_summary(args.out, summary)
     c = summary["counts"]

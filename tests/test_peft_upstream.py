@@ -1,6 +1,7 @@
 """The PEFT-upstream runner and its pytest plugin (benchmarks/peft_upstream.py,
 benchmarks/peft_served_plugin.py), on a tiny synthetic test file instead of PEFT's suite: no
 network, no PEFT checkout. One runner call = two pytest subprocesses (plain, served)."""
+import importlib.util
 import json
 import sys
 import textwrap
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
+if importlib.util.find_spec("peft") is None:  # not imported here: the subprocesses do
+    pytest.skip("needs peft", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks/ is a package of the repository, not installed
