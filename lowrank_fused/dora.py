@@ -7,8 +7,12 @@
 with P = x̃·Aᵀ, x̃ = dropout(x) (the project's seeded mask).
 
 The row norm is factored (``row_norm``): ‖W_n + s·b_n·A‖² = ‖W_n‖² + 2s·b_n·(A·W_nᵀ) +
-s²·b_n·(A·Aᵀ)·b_nᵀ, in fp32 (fp64 for fp64 tensors), so no N x K tensor is formed per step; the
-terms of frozen tensors (‖W_n‖², and W·Aᵀ when A is frozen) are cached and recomputed when the
+s²·b_n·(A·Aᵀ)·b_nᵀ, in fp32 (fp64 for fp64 tensors), so no N x K tensor is formed per step; taken
+as ‖W_n‖·sqrt(1 + (2s·b_n·(A·W_nᵀ) + s²·b_n·(A·Aᵀ)·b_nᵀ) / ‖W_n‖²) with ‖W_n‖ from
+``torch.linalg.norm`` as PEFT takes it, so where B·A = 0 (PEFT's initialisation) the norm, and so
+c = 1, are PEFT's exactly (PEFT's test_lora_use_dora_linear compares the output at init to the
+base's with allclose's default atol 1e-8). The terms of frozen tensors (‖W_n‖, and W·Aᵀ when A is
+frozen) are cached and recomputed when the
 tensor changes (identity, storage or version counter). Rows where the sum cancels (B·A close to
 −W: the result below ``CANCEL_RATIO`` of ‖W_n‖² + s²‖b_n·A‖²) are recomputed densely, those rows
 only, so the norm keeps fp32's relative accuracy there too.
@@ -50,6 +54,7 @@ CANCEL_RATIO = 1e-2
 
 _CACHE_LIMIT = 1024
 _weight_sq_cache: dict = {}   # id(W) -> (ref W, key, ‖W_n‖²)
+_weight_norm_cache: dict = {}  # id(W) -> (ref W, key, ‖W_n‖ as torch.linalg.norm gives it)
 _weight_a_cache: dict = {}    # (id(W), id(A)) -> (ref W, ref A, key, W·Aᵀ)
 
 
@@ -83,6 +88,7 @@ def _cached(cache: dict, tensors: tuple, compute):
 def clear_cache() -> None:
     """Drop the cached ‖W_n‖² and W·Aᵀ terms (they are also recomputed when a tensor changes)."""
     _weight_sq_cache.clear()
+    _weight_norm_cache.clear()
     _weight_a_cache.clear()
 
 
@@ -100,6 +106,15 @@ def weight_row_sq(weight: Tensor) -> Tensor:
     acc = _acc_of(weight)
     return _cached(_weight_sq_cache, (weight,),
                    lambda: _dense(weight, acc).square().sum(1))
+
+
+def weight_row_norm(weight: Tensor) -> Tensor:
+    """‖W_n‖ per row as PEFT computes it (``torch.linalg.norm(W, dim=1)``, in fp32, fp64 for
+    fp64), cached while W is unchanged: where B·A = 0 (PEFT's initialisation) the factored norm
+    is this value exactly, so c = m / ‖·‖ is exactly 1 there, as in PEFT."""
+    acc = _acc_of(weight)
+    return _cached(_weight_norm_cache, (weight,),
+                   lambda: torch.linalg.norm(_dense(weight, acc), dim=1))
 
 
 def _weight_times_a(weight: Tensor, lora_a: Tensor) -> Tensor:
@@ -122,21 +137,30 @@ def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float)
     s = float(scaling)
     a = lora_a.detach().to(acc)
     b = lora_b_eff.detach().to(acc)
-    w_sq = weight_row_sq(weight.detach() if weight.requires_grad else weight)
-    wa = _weight_times_a(weight.detach() if weight.requires_grad else weight, lora_a)
+    w = weight.detach() if weight.requires_grad else weight
+    w_norm = weight_row_norm(w)
+    wa = _weight_times_a(w, lora_a)
     ba_sq = ((b @ (a @ a.T)) * b).sum(1)                    # ‖b_n·A‖²
     cross = (b * wa).sum(1)                                  # b_n·(A·W_nᵀ)
-    sq = w_sq + (2.0 * s) * cross + (s * s) * ba_sq
+    w_sq = w_norm.square()
+    extra = (2.0 * s) * cross + (s * s) * ba_sq
+    sq = w_sq + extra
     scale = w_sq + (s * s) * ba_sq
     if sq.is_meta:  # shapes only
         return sq
+    # ‖W_n‖·sqrt(1 + extra/‖W_n‖²): the same fp32 accuracy as sqrt(sq), and exactly PEFT's
+    # ‖W_n‖ where the low-rank terms vanish (B = 0 at initialisation)
+    norm = w_norm * (1.0 + extra / w_sq).clamp_min(0).sqrt()
+    zero = w_sq == 0
+    if bool(zero.any()):
+        norm = torch.where(zero, sq.clamp_min(0).sqrt(), norm)
     bad = sq < CANCEL_RATIO * scale
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         dense = _dense(weight, acc)[rows] + s * (b[rows] @ a)
-        sq = sq.clone()
-        sq[rows] = dense.square().sum(1)
-    return sq.clamp_min(0).sqrt()
+        norm = norm.clone()
+        norm[rows] = dense.square().sum(1).sqrt()
+    return norm
 
 
 def check_magnitude(magnitude, weight_rows: int, lora_a: Tensor, x: Tensor) -> None:

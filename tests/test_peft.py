@@ -203,6 +203,25 @@ def test_dora_served_with_dropout_matches_peft_under_the_same_mask():
             torch.testing.assert_close(model(x), want_eval, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_served_at_init_is_the_base_output_exactly(bias):
+    # PEFT's own test_lora_use_dora_linear: at init (B = 0) DoRA must give the base layer's
+    # output to allclose's default atol 1e-8, on a wide layer (K = 1000) where a separate x·Wᵀ
+    # plus bias, or c one ulp off 1, rounds differently from the base's addmm
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(1000, 300, bias=bias)),
+                           LoraConfig(target_modules=["0"], use_dora=True))
+    x = torch.rand(10, 1000)
+    with torch.no_grad():
+        want = model.base_model.model[0].base_layer(x)
+        with lfp.enable_fused(model, backend="reference"), counting_dora() as calls:
+            got = model(x)
+            model.train()
+            got_train = model(x)  # lora_dropout 0: the same no-dropout path
+    assert len(calls) == 2
+    assert torch.equal(got, want) and torch.equal(got_train, want)
+
+
 def test_dora_refuses_lora_xs():
     model = small_peft(use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):

@@ -161,9 +161,10 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 # functions (its kernels fuse c); dispatch.dora_choice routes "cuda" to it.
 
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
-    """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
-    PEFT's x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ), p = x̃·Aᵀ, and z = x̃·Wᵀ + s·P·B_effᵀ
-    in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a transient."""
+    """(y, p, z): y by DoRA's rule, in PEFT's order: x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ +
+    c ⊙ s·P·B_effᵀ (x̃ = x without dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias), p = x̃·Aᵀ, and
+    z = x̃·Wᵀ + s·P·B_effᵀ in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a
+    transient."""
     w = quantized.dense_like(weight, x.dtype)
     if dropout is None:
         x_drop = x
@@ -172,20 +173,22 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
         x_drop = _dropped(x, dropout, x.dtype)
         p = _as(x_drop, lora_a.dtype) @ lora_a.T
     lr = (p @ lora_b_eff.T).mul_(scaling)                  # adapters' dtype
-    z = torch.nn.functional.linear(x_drop, w)              # x̃·Wᵀ, x's dtype
-    del x_drop
+    # PEFT's order of operations: base = x·Wᵀ + bias (the base layer's own addmm), then
+    # y = base + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ, so y is the base output exactly where c = 1
+    # and B = 0 (PEFT's initialisation; its tests compare there with allclose's atol 1e-8)
+    fused_bias = bias is not None and bias.dtype == x.dtype
+    base = torch.nn.functional.linear(x, w, bias if fused_bias else None)
     if dropout is None:
-        full = _as(z, c.dtype).add_(_as(lr, c.dtype))     # Z in the accumulation dtype
-        z_keep = _as(full, x.dtype) if need_z else None
-        out = full * c
-        if bias is not None:
-            out += bias
-        return _as(out, x.dtype), p, z_keep
-    # with dropout: y = x·Wᵀ + bias + c ⊙ (x̃·Wᵀ + s·P·B_effᵀ) − x̃·Wᵀ
-    full = _as(z, c.dtype) + _as(lr, c.dtype)             # Z in the accumulation dtype
-    out = torch.nn.functional.linear(x, w, bias).to(c.dtype)
-    out.add_(full * c).sub_(z)
-    z_keep = _as(full, x.dtype) if need_z else None
+        z = base - bias if fused_bias else base            # x·Wᵀ as PEFT takes it
+    else:
+        z = torch.nn.functional.linear(x_drop, w)          # x̃·Wᵀ, x's dtype
+    del x_drop
+    z_acc, lr_acc = _as(z, c.dtype), _as(lr, c.dtype)
+    z_keep = _as(z_acc + lr_acc, x.dtype) if need_z else None   # Z = x̃·Wᵀ + s·P·B_effᵀ
+    out = _as(base, c.dtype) + (c - 1.0) * z_acc
+    out += c * lr_acc
+    if bias is not None and not fused_bias:
+        out += bias
     return _as(out, x.dtype), p, z_keep
 
 
