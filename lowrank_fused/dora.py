@@ -187,8 +187,6 @@ class DoraLowRank(torch.autograd.Function):
                 "lowrank_fused does not support double backward through the DoRA operator "
                 "(create_graph=True): second-order gradients would come out wrong")
         x, p, z, weight, lora_a, lora_b, latent = ctx.saved_tensors
-        if ctx.z_from_y:
-            z = z.to(ctx.c.dtype) / ctx.c
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         if need_w:
             raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")
@@ -196,7 +194,7 @@ class DoraLowRank(torch.autograd.Function):
             grad_y.contiguous(), x, p, z, weight, lora_a, lora_b, latent, ctx.scaling,
             ctx.dropout, ctx.c, ctx.norm, need_x=need_x, need_a=need_a, need_b=need_b,
             need_latent=need_latent and latent is not None, need_bias=need_bias,
-            need_m=need_m)
+            need_m=need_m, z_is_y=ctx.z_from_y)  # y kept for Z: dm = Σ G ⊙ y / (c·‖·‖)
         if dm is not None:
             dm = dm.to(ctx.m_dtype)
         return dx, None, dbias, da, db, dr, dm, None, None, None, None

@@ -157,73 +157,164 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 
 # DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
 # the accumulation dtype (fp32, fp64 for fp64 tensors). Every backend routes DoRA here for now.
+#
+# How this path is made cheap on a CPU (each M x N elementwise pass over a 1024 x 1376 fp32
+# activation costs about a tenth of the GEMM beside it):
+# - the column scale c is folded into the rows of W and B where it multiplies a product
+#   (c ⊙ (G·W) = (c ⊙ G)·W = G·(c ⊙ W) and so on): an N x K (or N x r) scaled copy per call in
+#   place of an M x N pass;
+# - the M x N terms that remain (Z, the (c − 1) term, dm's product) run over row chunks of
+#   about _CHUNK_ELEMENTS elements, so their temporaries stay cache-sized;
+# - dm = Σ_rows G ⊙ Z is a product and a column sum per chunk (torch.einsum("mn,mn->n") ran as a
+#   batched matmul that copied every column: half the layer's step time);
+# - with dropout the extra product x̃·Wᵀ and its gradient ((c − 1) ⊙ G)·W run in the
+#   accumulation dtype, as PEFT runs its DoRA branch (on x cast to the adapters' fp32).
+
+_CHUNK_ELEMENTS = 1 << 16  # elements per row chunk of an M x N pass (256 KiB in fp32)
+
+
+def _row_chunks(rows: int, cols: int):
+    """Slices of ``rows`` rows, about _CHUNK_ELEMENTS elements of a ``cols``-wide matrix each."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _scaled_rows(t: Tensor, col: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
+    """scaling · (col ⊙ t) (rows of t times an (N, 1) column), computed in col's dtype and
+    written in ``dtype``."""
+    out = _as(t, col.dtype) * col
+    if scaling != 1.0:
+        out.mul_(scaling)
+    return _as(out, dtype)
+
+
+def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """Σ_rows a ⊙ b (an (N,) vector in ``acc``), one row chunk at a time."""
+    rows, cols = a.shape
+    out = torch.zeros(cols, dtype=acc, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    buf = torch.empty((min(step, rows), cols), dtype=acc, device=a.device)
+    for sl in _row_chunks(rows, cols):
+        chunk = buf[: sl.stop - sl.start]
+        if a.dtype == acc and b.dtype == acc:
+            torch.mul(a[sl], b[sl], out=chunk)
+        else:  # products of 16-bit values are exact in fp32
+            chunk.copy_(a[sl]).mul_(b[sl])
+        out += chunk.sum(0)
+    return out
+
+
+def _low_rank_chunk(p: Tensor, lora_b_eff: Tensor, scaling: float, acc: torch.dtype) -> Tensor:
+    """s·P·B_effᵀ for one row chunk of P, in the adapters' dtype, then in ``acc``."""
+    return _as((p @ lora_b_eff.T).mul_(scaling), acc)
+
 
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
     """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
     PEFT's x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ), p = x̃·Aᵀ, and z = x̃·Wᵀ + s·P·B_effᵀ
-    in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a transient."""
+    in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a transient (in the
+    accumulation dtype, as PEFT's DoRA branch computes it)."""
+    acc = c.dtype
+    col = c.unsqueeze(1)
     w = quantized.dense_like(weight, x.dtype)
     if dropout is None:
-        x_drop = x
         p = _as(x, lora_a.dtype) @ lora_a.T
-    else:
-        x_drop = _dropped(x, dropout, x.dtype)
-        p = _as(x_drop, lora_a.dtype) @ lora_a.T
-    lr = (p @ lora_b_eff.T).mul_(scaling)                  # adapters' dtype
-    z = torch.nn.functional.linear(x_drop, w)              # x̃·Wᵀ, x's dtype
+        if not need_z and x.dtype == acc and lora_a.dtype == acc:
+            # c folded into W's and B's rows: y = x·(c ⊙ W)ᵀ + P·(s·c ⊙ B_eff)ᵀ + bias, no M x N pass
+            y = torch.nn.functional.linear(x, _scaled_rows(w, col, acc), bias)
+            y.addmm_(p, _scaled_rows(lora_b_eff, col, acc, scaling).T)
+            return y, p, None
+        z = torch.nn.functional.linear(x, w)                # x·Wᵀ, x's dtype; becomes Z in place
+        y = torch.empty_like(z)
+        bias_acc = None if bias is None else _as(bias, acc)
+        for rows in _row_chunks(*z.shape):
+            zc = _as(z[rows], acc)                          # a view when x is in acc
+            zc += _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+            if need_z and zc.dtype != z.dtype:
+                z[rows].copy_(zc)
+            if bias_acc is None:
+                torch.mul(zc, c, out=y[rows])
+            else:
+                torch.addcmul(bias_acc, zc, c, out=y[rows])
+        return y, p, (z if need_z else None)
+    # with dropout: y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
+    x_drop = _dropped(x, dropout, acc)
+    p = _as(x_drop, lora_a.dtype) @ lora_a.T
+    z = torch.nn.functional.linear(x_drop, _as(w, acc))    # x̃·Wᵀ in acc; becomes Z in place
     del x_drop
-    if dropout is None:
-        full = _as(z, c.dtype).add_(_as(lr, c.dtype))     # Z in the accumulation dtype
-        z_keep = _as(full, x.dtype) if need_z else None
-        out = full * c
-        if bias is not None:
-            out += bias
-        return _as(out, x.dtype), p, z_keep
-    # with dropout: y = x·Wᵀ + bias + c ⊙ (x̃·Wᵀ + s·P·B_effᵀ) − x̃·Wᵀ
-    full = _as(z, c.dtype) + _as(lr, c.dtype)             # Z in the accumulation dtype
-    out = torch.nn.functional.linear(x, w, bias).to(c.dtype)
-    out.add_(full * c).sub_(z)
-    z_keep = _as(full, x.dtype) if need_z else None
-    return _as(out, x.dtype), p, z_keep
+    y = torch.nn.functional.linear(x, w, bias)              # the base layer's own term
+    z_keep = None
+    if need_z:
+        z_keep = z if x.dtype == acc else torch.empty(z.shape, dtype=x.dtype, device=z.device)
+    c_minus_1 = c - 1.0
+    for rows in _row_chunks(*z.shape):
+        zc = z[rows]
+        yc = _as(y[rows], acc)                               # a view when x is in acc
+        yc.addcmul_(zc, c_minus_1)
+        low = _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+        yc.addcmul_(low, c)
+        if yc.dtype != y.dtype:
+            y[rows].copy_(yc)
+        if z_keep is not None:
+            zc += low
+            if z_keep is not z:
+                z_keep[rows].copy_(zc)
+    return y, p, z_keep
 
 
 def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
-                  need_x, need_a, need_b, need_latent, need_bias, need_m):
-    """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G, plus with dropout
-    dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached)."""
-    g_acc = _as(grad_y, c.dtype)
-    g_scaled = _as(g_acc * c, grad_y.dtype)
-    if dropout is None or not need_x:
-        dx, da, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
-                                     latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-                                     need_latent=need_latent, need_bias=False)
-    else:
-        # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): both dropped terms under one mask pass,
-        # which also gives dA's x̃ (chunk by chunk, as the plain backward does)
-        _, _, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
-                                   latent=latent, need_x=False, need_a=False, need_b=need_b,
-                                   need_latent=need_latent, need_bias=False)
-        adapter_dtype = lora_a.dtype
-        dp = scaling * (_as(g_scaled, adapter_dtype) @ lora_b)
+                  need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_y=False):
+    """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G (c folded into the rows of
+    W and B, G' never formed), plus with dropout dx += H − dropout(H), H = ((1 − c) ⊙ G)·W;
+    dm = Σ_rows G ⊙ Z / ‖·‖ (c detached). ``z_is_y``: z is the output y (no dropout, no bias),
+    Z = y / c, so dm = Σ_rows G ⊙ y / (c·‖·‖)."""
+    acc = c.dtype
+    adapter_dtype = lora_a.dtype
+    col = c.unsqueeze(1)
+    g_low = _as(grad_y, adapter_dtype)
+    dx = da = db = dr = dp = None
+    if need_x or need_a or need_latent:
+        dp = g_low @ _scaled_rows(lora_b, col, adapter_dtype, scaling)  # s·(c ⊙ G)·B: T with a latent
         if latent is not None:
-            dp = dp @ _as(latent, dp.dtype).T
-        w = quantized.dense_like(weight, grad_y.dtype)
-        low = _as(_as(g_acc * (c - 1.0), grad_y.dtype) @ w, c.dtype)
-        low += _as(dp @ lora_a, c.dtype)
-
-        def drop_low(rows, mask):
-            low[rows].mul_(mask)
-
-        da = None
-        if need_a:
-            da = dp.T @ _dropped(x, dropout, adapter_dtype, drop_low)
+            dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
+    if need_b:
+        db = _scaled_rows(g_low.T @ latent_operands(p, latent, need_b), col, lora_b.dtype,
+                          scaling)                         # s·(c ⊙ G)ᵀ·(P·R)
+    if need_x or need_a:
+        w = quantized.dense_like(weight, grad_y.dtype) if need_x else None
+        if dropout is None:
+            if need_x:
+                dx = grad_y @ _scaled_rows(w, col, grad_y.dtype)   # (c ⊙ G)·W
+                if _fused_add(dx, lora_a):
+                    dx.addmm_(dp, lora_a)
+                else:
+                    dx += _as(dp @ lora_a, dx.dtype)
+            if need_a:
+                da = dp.T @ _as(x, adapter_dtype)
         else:
-            for rows, mask in _dropout_chunks(low, dropout):
-                drop_low(rows, mask)
-        dx = grad_y @ w
-        dx = _as(dx.to(c.dtype).add_(low), grad_y.dtype) if dx.dtype != c.dtype else dx.add_(low)
+            # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): the dropped term in acc, masked and
+            # added to dx chunk by chunk by the pass that also gives dA's x̃
+            add_low = None
+            if need_x:
+                low = _as(grad_y, acc) @ _scaled_rows(w, col - 1.0, acc)
+                if dp.dtype == acc:
+                    low.addmm_(dp, _as(lora_a, acc))
+                else:
+                    low += _as(dp @ lora_a, acc)
+                dx = grad_y @ w
+
+                def add_low(rows, mask):
+                    torch.addcmul(dx[rows], low[rows], mask, out=dx[rows])
+
+            if need_a:
+                da = dp.T @ _dropped(x, dropout, adapter_dtype, add_low)
+            else:
+                for rows, mask in _dropout_chunks(low, dropout):
+                    add_low(rows, mask)
     dbias = grad_y.sum(0) if need_bias else None
     dm = None
     if need_m:
-        dm = torch.einsum("mn,mn->n", g_acc, _as(z, c.dtype)) / norm
+        dm = _column_dot(grad_y, z, acc)
+        dm = dm / (c * norm) if z_is_y else dm / norm
     return dx, da, db, dr, dbias, dm
