@@ -129,6 +129,61 @@ def test_operator_matches_dense_float64(method, dropout, three_d):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
+def _run_operator(x, w, bias, a, b, m, s, dropout, seed, g):
+    """y and the gradients (x, a, b, m, bias) of one DoRA call on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (x, a, b, m, bias)]
+    x_, a_, b_, m_, bias_ = leaves
+    y = lf.low_rank_linear(x_, w, a_, b_, bias=bias_, scaling=s, dropout_p=dropout,
+                           dropout_seed=seed, magnitude=m_)
+    y.backward(g.to(y.dtype))
+    return y.detach(), [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_row_chunks_match_float64(monkeypatch, method, dropout, with_bias, dtype):
+    """The reference path's M x N passes run over row chunks (_CHUNK_ELEMENTS): a budget of a
+    row or two per chunk (uneven last chunk) gives the unchunked result to rounding, the float64
+    formula, and the same gradients (the fold of c into W's and B's rows included)."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
+    bias = bias if with_bias else None
+    s, seed = 1.5, 77
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    y_whole, grads_whole = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * w.shape[0] - 1)  # 1 row per chunk
+    chunks = list(reference._row_chunks(x.shape[0], w.shape[0]))
+    assert len(chunks) == x.shape[0]
+    y_rows, grads_rows = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 4 * w.shape[0])      # 4, 4, 1 rows
+    y_four, grads_four = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    tight = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for y in (y_rows, y_four):
+        torch.testing.assert_close(y.double(), y_whole.double(), **tight)
+    mask = None
+    if dropout:
+        spec = DropoutSpec(dropout, seed)
+        mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
+    want, leaves = _dense_dora64(x, w.double() if dtype == torch.float32 else w, bias, a, b, m,
+                                 s, mask)
+    # bf16: y rounds the base term x·Wᵀ (|y| up to about 8, ulp 2**-5) and then the sum
+    loose = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=7e-2)
+    torch.testing.assert_close(y_rows.double(), want, **loose)
+    want.backward(g)
+    for whole, rows, four, ref in zip(grads_whole, grads_rows, grads_four, leaves):
+        if whole is None:
+            assert rows is None and four is None
+            continue
+        torch.testing.assert_close(rows.double(), whole.double(), **tight)
+        torch.testing.assert_close(four.double(), whole.double(), **tight)
+        grad_tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else loose
+        torch.testing.assert_close(rows.double(), ref.grad, **grad_tol)
+
+
 def test_eval_ignores_dropout():
     x, w, bias, a, b, latent, m = _case("lora", 0.3)
     y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=2.0, dropout_p=0.3, training=False,
