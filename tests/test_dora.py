@@ -184,6 +184,52 @@ def test_row_chunks_match_float64(monkeypatch, method, dropout, with_bias, dtype
         torch.testing.assert_close(rows.double(), ref.grad, **grad_tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.05, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_sparse_dropout_matches_dense_path(monkeypatch, method, dropout, with_bias, dtype):
+    """At a small dropout rate the reference path takes x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ) with the
+    dropped entries D sparse, and dx's dropped term as a sampled product: the same outputs and
+    gradients as the dense path (forced either way here) and as the float64 formula."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
+    x = torch.randn(64, x.shape[1], dtype=dtype, requires_grad=True)  # some rows drop nothing
+    bias = bias if with_bias else None
+    s, seed = 1.5, 91
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    taken = []
+    real = reference._dora_forward_sparse
+    monkeypatch.setattr(reference, "_dora_forward_sparse",
+                        lambda *args: taken.append(1) or real(*args))
+    if dropout > reference._SPARSE_DROPOUT_MAX_P:
+        monkeypatch.setattr(reference, "_SPARSE_DROPOUT_MAX_P", 1.0)
+    y_sparse, grads_sparse = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    assert taken
+    monkeypatch.setattr(reference, "_SPARSE_DROPOUT_MAX_P", -1.0)
+    y_dense, grads_dense = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    assert len(taken) == 1
+    spec = DropoutSpec(dropout, seed)
+    mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
+    assert 0 < (mask == 0).sum() < mask.numel()
+    want, leaves = _dense_dora64(x, w, bias, a, b, m, s, mask)
+    want.backward(g)
+    if dtype == torch.bfloat16:
+        tol, grad_tol = dict(rtol=2e-2, atol=7e-2), dict(rtol=2e-2, atol=7e-2)
+    else:
+        tol, grad_tol = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
+    for y in (y_sparse, y_dense):
+        torch.testing.assert_close(y.double(), want, **tol)
+    torch.testing.assert_close(y_sparse, y_dense, **tol)
+    for sparse, dense, ref in zip(grads_sparse, grads_dense, leaves):
+        if sparse is None:
+            assert dense is None
+            continue
+        torch.testing.assert_close(sparse.double(), ref.grad, **grad_tol)
+        torch.testing.assert_close(dense.double(), ref.grad, **grad_tol)
+
+
 def test_eval_ignores_dropout():
     x, w, bias, a, b, latent, m = _case("lora", 0.3)
     y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=2.0, dropout_p=0.3, training=False,

@@ -24,6 +24,7 @@ dense N x K tensor is a transient, dropped after its GEMM); every backend routes
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -210,6 +211,36 @@ def _low_rank_chunk(p: Tensor, lora_b_eff: Tensor, scaling: float, acc: torch.dt
     return _as((p @ lora_b_eff.T).mul_(scaling), acc)
 
 
+# Dropout at a small rate: x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ), D = x ⊙ (1 − keep) holding the dropped
+# entries only (p of them: a sparse CSR matrix), so the forward's second product over W is a
+# sparse one; in backward, dropout(((c − 1) ⊙ G)·W) = scale·G·((c − 1) ⊙ W) minus the dropped
+# entries of it (a sampled product at D's pattern), so G·W and it become one GEMM over
+# (1 + scale·(c − 1)) ⊙ W. Exact algebra; the rounding is a GEMM's (relative to |x|·|W|).
+_SPARSE_DROPOUT_MAX_P = 0.1  # above this rate the sparse products stop paying (CPU, MKL)
+
+
+def _sparse_dropout(x: Tensor, dropout: DropoutSpec) -> bool:
+    return (dropout.p <= _SPARSE_DROPOUT_MAX_P and x.device.type == "cpu" and not x.is_meta
+            and x.dim() == 2 and x.numel() > 0)
+
+
+def _dropped_pattern(dropout: DropoutSpec, shape, device):
+    """(crow, col, flat): the dropped entries of the keep-mask in row-major (CSR) order, as CSR
+    row pointers and columns, and as flat indices into an (M, K) tensor."""
+    drop = ~dropout_keep_mask(dropout, shape, device)
+    flat = drop.view(-1).nonzero().squeeze(1)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(drop.sum(1), 0, out=crow[1:])
+    return crow, flat % shape[1], flat
+
+
+def _csr(pattern, values: Tensor, shape) -> Tensor:
+    crow, col, _ = pattern
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape))
+
+
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
     """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
     PEFT's x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ), p = x̃·Aᵀ, and z = x̃·Wᵀ + s·P·B_effᵀ
@@ -239,6 +270,8 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
                 torch.addcmul(bias_acc, zc, c, out=y[rows])
         return y, p, (z if need_z else None)
     # with dropout: y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
+    if _sparse_dropout(x, dropout):
+        return _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z)
     x_drop = _dropped(x, dropout, acc)
     p = _as(x_drop, lora_a.dtype) @ lora_a.T
     z = torch.nn.functional.linear(x_drop, _as(w, acc))    # x̃·Wᵀ in acc; becomes Z in place
@@ -261,6 +294,64 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
             if z_keep is not z:
                 z_keep[rows].copy_(zc)
     return y, p, z_keep
+
+
+def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z):
+    """dora_forward with dropout at a small rate: one GEMM x·Wᵀ (in acc) and the sparse D·Wᵀ
+    give both x·Wᵀ and x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ); P = scale·(x·Aᵀ − D·Aᵀ)."""
+    acc = c.dtype
+    scale = dropout.keep_scale
+    pattern = _dropped_pattern(dropout, x.shape, x.device)
+    x_acc, w_acc = _as(x, acc), _as(w, acc)
+    d = _csr(pattern, x_acc.reshape(-1)[pattern[2]], x.shape)      # D = x ⊙ (1 − keep)
+    a_acc = _as(lora_a, acc)
+    p = _as(torch.sub(x_acc @ a_acc.T, d @ a_acc.T).mul_(scale), lora_a.dtype)
+    v = torch.nn.functional.linear(x_acc, w_acc)                    # x·Wᵀ; becomes y in acc
+    u = d @ w_acc.T.contiguous()                                    # D·Wᵀ; becomes x̃·Wᵀ, then Z
+    del d, x_acc
+    y = v if x.dtype == acc else torch.empty(v.shape, dtype=x.dtype, device=v.device)
+    z_keep = None
+    if need_z:
+        z_keep = u if x.dtype == acc else torch.empty(u.shape, dtype=x.dtype, device=u.device)
+    bias_acc = None if bias is None else _as(bias, acc)
+    c_minus_1 = c - 1.0
+    for rows in _row_chunks(*v.shape):
+        vc, uc = v[rows], u[rows]
+        torch.sub(vc, uc, out=uc).mul_(scale)                       # x̃·Wᵀ
+        low = _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+        if bias_acc is not None:
+            vc += bias_acc
+        vc.addcmul_(uc, c_minus_1).addcmul_(low, c)
+        if y is not v:
+            y[rows].copy_(vc)
+        if z_keep is not None:
+            uc += low
+            if z_keep is not u:
+                z_keep[rows].copy_(uc)
+    return y, p, z_keep
+
+
+def _dora_dx_sparse(grad_y, w, dp, lora_a, dropout, c):
+    """dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A) at a small dropout rate, in acc:
+    G·((1 + scale·(c − 1)) ⊙ W) + scale·dP·A, minus scale·(((c − 1) ⊙ G)·W + dP·A) at the
+    dropped entries (a sampled product there), one GEMM over G instead of two."""
+    acc = c.dtype
+    scale = dropout.keep_scale
+    col = c.unsqueeze(1)
+    g_acc, w_acc = _as(grad_y, acc), _as(w, acc)
+    w_c = _scaled_rows(w_acc, col - 1.0, acc)                       # (c − 1) ⊙ W
+    dx = g_acc @ torch.add(w_acc, w_c, alpha=scale)
+    low = _as(dp, acc) @ _as(lora_a, acc)                           # dP·A
+    dx.add_(low, alpha=scale)
+    pattern = _dropped_pattern(dropout, dx.shape, dx.device)
+    flat = pattern[2]
+    if flat.numel():
+        zeros = torch.zeros(flat.numel(), dtype=acc, device=dx.device)
+        dropped = torch.sparse.sampled_addmm(_csr(pattern, zeros, dx.shape), g_acc, w_c,
+                                             beta=0.0).values()
+        dropped += low.view(-1)[flat]
+        dx.view(-1).index_add_(0, flat, dropped, alpha=-scale)
+    return _as(dx, grad_y.dtype)
 
 
 def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
@@ -296,7 +387,9 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
             # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): the dropped term in acc, masked and
             # added to dx chunk by chunk by the pass that also gives dA's x̃
             add_low = None
-            if need_x:
+            if need_x and _sparse_dropout(grad_y, dropout):
+                dx = _dora_dx_sparse(grad_y, w, dp, lora_a, dropout, c)
+            elif need_x:
                 low = _as(grad_y, acc) @ _scaled_rows(w, col - 1.0, acc)
                 if dp.dtype == acc:
                     low.addmm_(dp, _as(lora_a, acc))
@@ -309,7 +402,7 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
 
             if need_a:
                 da = dp.T @ _dropped(x, dropout, adapter_dtype, add_low)
-            else:
+            elif add_low is not None:
                 for rows, mask in _dropout_chunks(low, dropout):
                     add_low(rows, mask)
     dbias = grad_y.sum(0) if need_bias else None
