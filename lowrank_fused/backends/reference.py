@@ -174,6 +174,28 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 _CHUNK_ELEMENTS = 1 << 16  # elements per row chunk of an M x N pass (256 KiB in fp32)
 
 
+_NATIVE_16BIT: dict = {}
+
+
+def _gemm_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a product of 16-bit ``t`` runs in on this path: its own, except on a CPU whose
+    oneDNN has no kernels for it (no avx512_bf16 / AMX / avx512_fp16: the 16-bit products are
+    emulated, 7-30x slower than fp32 on an AVX2 machine), where the operands are upcast exactly
+    to fp32 and accumulated in fp32: the values of a 16-bit GEMM with fp32 accumulation."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.device.type != "cpu":
+        return t.dtype
+    native = _NATIVE_16BIT.get(t.dtype)
+    if native is None:
+        check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+                 torch.float16: "_is_mkldnn_fp16_supported"}[t.dtype]
+        try:
+            native = bool(getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):
+            native = True  # unknown: keep the 16-bit product
+        _NATIVE_16BIT[t.dtype] = native
+    return t.dtype if native else torch.float32
+
+
 def _row_chunks(rows: int, cols: int):
     """Slices of ``rows`` rows, about _CHUNK_ELEMENTS elements of a ``cols``-wide matrix each."""
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
@@ -256,19 +278,23 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
             y = torch.nn.functional.linear(x, _scaled_rows(w, col, acc), bias)
             y.addmm_(p, _scaled_rows(lora_b_eff, col, acc, scaling).T)
             return y, p, None
-        z = torch.nn.functional.linear(x, w)                # x·Wᵀ, x's dtype; becomes Z in place
-        y = torch.empty_like(z)
+        gd = _gemm_dtype(x)
+        z = torch.nn.functional.linear(_as(x, gd), _as(w, gd))  # x·Wᵀ; becomes Z in place
+        y = torch.empty(z.shape, dtype=x.dtype, device=z.device)
+        z_keep = None
+        if need_z:
+            z_keep = z if z.dtype == x.dtype else torch.empty_like(y)
         bias_acc = None if bias is None else _as(bias, acc)
         for rows in _row_chunks(*z.shape):
-            zc = _as(z[rows], acc)                          # a view when x is in acc
+            zc = _as(z[rows], acc)                          # a view when z is in acc
             zc += _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
-            if need_z and zc.dtype != z.dtype:
-                z[rows].copy_(zc)
+            if z_keep is not None and (zc.dtype != z.dtype or z_keep is not z):
+                z_keep[rows].copy_(zc)
             if bias_acc is None:
                 torch.mul(zc, c, out=y[rows])
             else:
                 torch.addcmul(bias_acc, zc, c, out=y[rows])
-        return y, p, (z if need_z else None)
+        return y, p, z_keep
     # with dropout: y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
     if _sparse_dropout(x, dropout):
         return _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z)
@@ -276,7 +302,9 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
     p = _as(x_drop, lora_a.dtype) @ lora_a.T
     z = torch.nn.functional.linear(x_drop, _as(w, acc))    # x̃·Wᵀ in acc; becomes Z in place
     del x_drop
-    y = torch.nn.functional.linear(x, w, bias)              # the base layer's own term
+    gd = _gemm_dtype(x)                                     # the base layer's own term
+    y = _as(torch.nn.functional.linear(_as(x, gd), _as(w, gd), _as(bias, gd) if bias is not None
+                                       else None), x.dtype)
     z_keep = None
     if need_z:
         z_keep = z if x.dtype == acc else torch.empty(z.shape, dtype=x.dtype, device=z.device)
@@ -376,11 +404,13 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
         w = quantized.dense_like(weight, grad_y.dtype) if need_x else None
         if dropout is None:
             if need_x:
-                dx = grad_y @ _scaled_rows(w, col, grad_y.dtype)   # (c ⊙ G)·W
+                gd = _gemm_dtype(grad_y)
+                dx = _as(grad_y, gd) @ _scaled_rows(w, col, gd)   # (c ⊙ G)·W
                 if _fused_add(dx, lora_a):
                     dx.addmm_(dp, lora_a)
                 else:
                     dx += _as(dp @ lora_a, dx.dtype)
+                dx = _as(dx, grad_y.dtype)
             if need_a:
                 da = dp.T @ _as(x, adapter_dtype)
         else:
@@ -395,7 +425,8 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
                     low.addmm_(dp, _as(lora_a, acc))
                 else:
                     low += _as(dp @ lora_a, acc)
-                dx = grad_y @ w
+                gd = _gemm_dtype(grad_y)
+                dx = _as(_as(grad_y, gd) @ _as(w, gd), grad_y.dtype)
 
                 def add_low(rows, mask):
                     torch.addcmul(dx[rows], low[rows], mask, out=dx[rows])
