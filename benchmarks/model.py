@@ -532,7 +532,8 @@ def main(argv=None) -> int:
     parser.add_argument("--after", nargs="*", metavar="KEY=VALUE",
                         help="quote a change: ratios shown as before → after")
     parser.add_argument("--breakdown", metavar="SHAPE,R,METHOD,DROPOUT",
-                        help="per-pass times of one case, e.g. 4096²,16,lora_fa,0")
+                        help="per-pass times of one case, e.g. 4096²,16,lora_fa,0 (with "
+                             "--dora: the DoRA sequences)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table there")
     parser.add_argument("--compact", action="store_true",
                         help="one row per case, fwd and fwd+bwd ratios (the README's table)")
@@ -546,10 +547,11 @@ def main(argv=None) -> int:
         label, r, method, drop = args.breakdown.split(",")
         _, m, k, n = next(s for s in SHAPES if s[0] == label)
         c = Case(method, m, k, n, int(r), drop not in ("0", "off", "false"))
-        for backend in BACKENDS:
+        backends = DORA_BACKENDS if args.dora else BACKENDS
+        for backend in backends:
             print(f"\n{backend}:")
-            for name, seconds in breakdown(backend, c, code, hw, True):
-                print(f"  {name:24s} {seconds * 1e6:9.1f} µs")
+            for p in backends[backend](c, code, True):
+                print(f"  {p.name:24s} {pass_time(p, hw) * 1e6:9.1f} µs")
         return 0
     after = _apply(args.after, code, hw) if args.after else (None, None)
     if args.dora:
