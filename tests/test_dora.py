@@ -415,3 +415,25 @@ def test_merged_dora_layer_refuses_delta_weight():
     layer.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.delta_weight()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.3])
+def test_bf16_gemms_upcast_or_native_agree(monkeypatch, dropout):
+    """On a CPU without oneDNN bf16 kernels the reference DoRA path runs its bf16 GEMMs as fp32
+    GEMMs of the upcast operands; with native bf16 GEMMs (forced here) the results agree to
+    bf16 rounding, outputs and gradients."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case("lora", dropout, dtype=torch.bfloat16)
+    x = torch.randn(64, x.shape[1], dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    results = []
+    for native in (False, True):
+        monkeypatch.setitem(reference._NATIVE_16BIT, torch.bfloat16, native)
+        assert reference._gemm_dtype(x) == (torch.bfloat16 if native else torch.float32)
+        results.append(_run_operator(x, w, None, a, b, m, 1.5, dropout, 5, g))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y0.double(), y1.double(), rtol=2e-2, atol=7e-2)
+    for u, v in zip(g0, g1):
+        if u is not None:
+            torch.testing.assert_close(u.double(), v.double(), rtol=2e-2, atol=7e-2)
