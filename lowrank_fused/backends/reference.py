@@ -250,10 +250,11 @@ def _dropped_pattern(dropout: DropoutSpec, shape, device):
     """(crow, col, flat): the dropped entries of the keep-mask in row-major (CSR) order, as CSR
     row pointers and columns, and as flat indices into an (M, K) tensor."""
     drop = ~dropout_keep_mask(dropout, shape, device)
-    flat = drop.view(-1).nonzero().squeeze(1)
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=device)
-    torch.cumsum(drop.sum(1), 0, out=crow[1:])
-    return crow, flat % shape[1], flat
+    flat = drop.view(-1).nonzero().squeeze(1)                      # ascending
+    # row i starts at the first entry >= i·K (a bool row sum costs more than the mask)
+    step = max(shape[1], 1)
+    crow = torch.searchsorted(flat, torch.arange(0, (shape[0] + 1) * step, step, device=device))
+    return crow, flat % step, flat
 
 
 def _csr(pattern, values: Tensor, shape) -> Tensor:
