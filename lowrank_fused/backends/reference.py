@@ -169,7 +169,11 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 # - dm = Σ_rows G ⊙ Z is a product and a column sum per chunk (torch.einsum("mn,mn->n") ran as a
 #   batched matmul that copied every column: half the layer's step time);
 # - with dropout the extra product x̃·Wᵀ and its gradient ((c − 1) ⊙ G)·W run in the
-#   accumulation dtype, as PEFT runs its DoRA branch (on x cast to the adapters' fp32).
+#   accumulation dtype, as PEFT runs its DoRA branch (on x cast to the adapters' fp32); at a
+#   small rate (<= _SPARSE_DROPOUT_MAX_P, on a CPU) they are a sparse product over the dropped
+#   entries and a sampled one beside one dense GEMM each way (_dora_forward_sparse,
+#   _dora_dx_sparse) instead of two;
+# - 16-bit GEMMs run as fp32 GEMMs on a CPU without 16-bit kernels (_gemm_dtype).
 
 _CHUNK_ELEMENTS = 1 << 16  # elements per row chunk of an M x N pass (256 KiB in fp32)
 
