@@ -7,7 +7,7 @@ atomics, programs). A pass takes launch + max(bytes / bandwidth, compute), compu
 sum of each unit's FLOPs over its rate, stretched when the pass has fewer programs than SMs,
 plus its atomics. The sequences follow the code as it is (backends/triton.py and
 triton_kernels/, backends/cuda.py and csrc/, PEFT's LoRA layer under bf16 autocast, a frozen
-nn.Linear); what the kernels do is in ``Code``, the hardware in ``Hardware``: a kernel change is
+nn.Linear; ``--dora``: the fused DoRA design against PEFT's DoRA layer); what the kernels do is in ``Code``, the hardware in ``Hardware``: a kernel change is
 a one-field change, quoted before/after with ``--after field=value``.
 """
 from __future__ import annotations
@@ -93,6 +93,13 @@ class Code:
     # also offer 256-row tiles (the autotuner decides; --set dequant_block_m=256 predicts them)
     dequant_block_m: int = 128
     dequant_overlap: float = 0.0
+    # DoRA (the planned fused kernels, issue 22): rows per program of the G pass, which reduces
+    # dm = Σ_rows G ⊙ y (and dB) with one fp32 atomic per column (and per column x r) per block
+    dora_gop_block_m: int = 64
+    # DoRA with dropout: the P pass writes x̃ (M x K, base dtype) for the forward's second
+    # accumulator (True) instead of every N tile regenerating the mask (False: N / 128 hashes
+    # per element of x)
+    dora_write_dropped_x: bool = True
 
 
 @dataclass
@@ -336,6 +343,161 @@ BACKENDS = {"bare": bare_linear, "peft": peft_lora, "triton": _with_latent(trito
             "cuda": _with_latent(cuda_backend)}
 
 
+# --------------------------------------------------------------------------------------------
+# DoRA (magnitude-scaled LoRA): c = m / ‖W + s·B·A‖_row, y = c ⊙ (x·Wᵀ + s·P·Bᵀ) (+ bias);
+# with dropout, PEFT's y = x·Wᵀ + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·Bᵀ. Methods "lora" and "lora_fa".
+# --------------------------------------------------------------------------------------------
+
+DORA_METHODS = ("lora", "lora_fa")
+
+
+def peft_dora(c: Case, code: Code, backward: bool) -> list:
+    """PEFT's DoRA layer (DoraLinearLayer.forward under bf16 autocast; every tensor counted in
+    the base dtype, so its fp32 intermediates make this a lower bound): the base GEMM; B·A built
+    densely through an identity matrix (lora_B(lora_A(eye(K)))) and the norm of W + s·B·A over
+    N x K tensors each step; the low-rank branch; (c − 1) ⊙ base + c ⊙ lora · s over M x N
+    elementwise passes, added to the base output. It keeps two M x N tensors (base result and
+    lora result) for m's gradient. With dropout: x̃ = dropout(x), and the base term for the
+    magnitude is a second full GEMM F.linear(x̃, W) (and a second dx GEMM in backward)."""
+    m, k, n, r, b = c.m, c.k, c.n, c.r, c.base_bytes
+    seq = bare_linear(c, code, False)                                # result = base(x)
+    seq += [Pass("eye(K)", bytes=b * k * k),
+            Pass("lora_A(eye)", bytes=b * (k * k + r * k + k * r), flops={"tc": 2 * k * k * r}),
+            Pass("lora_B(·) = (B·A)ᵀ", bytes=b * (k * r + n * r + k * n),
+                 flops={"tc": 2 * k * n * r}),
+            Pass("s · B·A", bytes=2 * b * n * k), Pass("W + s·B·A", bytes=3 * b * n * k),
+            Pass("norm(dim=1)", bytes=b * n * k + 4 * n), _small("m / norm", 3 * 4 * n)]
+    if c.dropout:
+        seq += [Pass("dropout(x)", bytes=m * k * (2 * b + 1),
+                     int_ops=m * k * code.peft_rng_int_ops),
+                Pass("F.linear(x̃, W)", bytes=b * (m * k + n * k + m * n),
+                     flops={"gemm": 2 * m * n * k})]
+    seq += [Pass("lora_A", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}),
+            Pass("lora_B", bytes=b * (m * r + m * n), flops={"tc": 2 * m * n * r}),
+            _small("c − 1", 2 * 4 * n),
+            Pass("(c − 1) * base", bytes=2 * b * m * n), Pass("c * lora", bytes=2 * b * m * n),
+            Pass("* scaling", bytes=2 * b * m * n), Pass("+ (result_dora)", bytes=3 * b * m * n),
+            Pass("result + result_dora", bytes=3 * b * m * n)]
+    if not backward:
+        return seq
+    # autograd in reverse: the products' gradients (G ⊙ factor) and dm's sums over M
+    seq += [Pass("G * scaling", bytes=2 * b * m * n),
+            Pass("dlora = Gs * c", bytes=2 * b * m * n),
+            Pass("Gs * lora (dc)", bytes=3 * b * m * n), Pass("Σ_rows (dc)", bytes=b * m * n),
+            Pass("dbase = G * (c − 1)", bytes=2 * b * m * n),
+            Pass("G * base (dc)", bytes=3 * b * m * n), Pass("Σ_rows (dc')", bytes=b * m * n),
+            _small("dm = dc / norm", 3 * 4 * n),
+            Pass("dT = dlora·B", bytes=b * (m * n + m * r), flops={"tc": 2 * m * n * r}),
+            Pass("dB = dloraᵀ·T", bytes=b * (m * n + m * r), flops={"tc": 2 * m * n * r})]
+    if c.method == "lora":
+        seq.append(Pass("dA = dTᵀ·x̃", bytes=b * (m * k + m * r), flops={"tc": 2 * m * k * r}))
+    seq.append(Pass("dx̃ = dT·A", bytes=b * (m * r + m * k), flops={"tc": 2 * m * k * r}))
+    if c.dropout:  # dbase goes through the second GEMM, x̃'s gradient through the mask
+        seq += [Pass("dx̃ += dbase·W", bytes=b * (m * n + n * k + m * k),
+                     flops={"gemm": 2 * m * n * k}),
+                Pass("dx̃ + dx̃'", bytes=3 * b * m * k),
+                Pass("dropout bwd", bytes=m * k * (2 * b + 1)),
+                Pass("dx = G·W", bytes=b * (m * n + n * k + m * k),
+                     flops={"gemm": 2 * m * n * k})]
+    else:  # dbase joins G at the base result: one dx GEMM over the sum
+        seq += [Pass("G + dbase", bytes=3 * b * m * n),
+                Pass("dx = G'·W", bytes=b * (m * n + n * k + m * k),
+                     flops={"gemm": 2 * m * n * k})]
+    seq.append(Pass("dx + dx̃", bytes=3 * b * m * k))
+    return seq
+
+
+def fused_dora(c: Case, code: Code, backward: bool) -> list:
+    """The fused DoRA design (issue 22's kernels): the factored row norm from cached terms of
+    the frozen W (‖W_n‖², and W·Aᵀ while A is frozen), c applied in the GEMM's epilogue; y kept
+    for dm (Z = y / c, no M x N tensor of its own). Backward: one pass over G and y with c on
+    load gives dP = s·(c ⊙ G)·B, dB and dm = Σ_rows G ⊙ y / m (fp32 atomics per row block);
+    dx = (c ⊙ G)·W + dP·A with c on load (K-extended as LoRA's). With dropout (PEFT's rule) the
+    GEMMs carry a second accumulator over the same tiles: x̃·Wᵀ forward (written as Z for dm),
+    ((c − 1) ⊙ G)·W backward, masked in the epilogue: twice the GEMM FLOPs, inherent to the rule.
+    """
+    m, k, n, r, b, a = c.m, c.k, c.n, c.r, c.base_bytes, c.adapter_bytes
+    lr = _lr_unit(c, code.triton_fp32_adapter_unit)
+    rng = m * k * code.rng_int_ops if c.dropout else 0
+    train_a = c.method == "lora"
+    # the norm: A·Aᵀ (r x r), then per row ‖W_n‖² + 2s·b_n·(A·W_nᵀ) + s²·b_n·(A·Aᵀ)·b_nᵀ; a
+    # trainable A makes W·Aᵀ a fresh N x K x r product (one read of W)
+    norm_bytes = 4 * n + 4 * n * r + a * r * k + a * n * r + 4 * n
+    norm_flops = 2 * r * r * k + 4 * n * r * r
+    if train_a:
+        norm_bytes += b * n * k
+        norm_flops += 2 * n * k * r
+    seq = [Pass("DoRA norm, c" + (" (W·Aᵀ fresh)" if train_a else " (cached ‖W‖², W·Aᵀ)"),
+                bytes=norm_bytes, flops={"tc": norm_flops})]
+    write_xd = c.dropout and code.dora_write_dropped_x
+    seq.append(Pass("project" + (" (+ x̃ written)" if write_xd else ""),
+                    bytes=b * m * k * (2 if write_xd else 1) + a * (r * k + m * r),
+                    flops={lr: 2 * m * k * r}, int_ops=rng))
+    if c.dropout:
+        mask_ops = 0 if write_xd else m * k * code.rng_int_ops * max(1, n // 128)
+        seq.append(Pass("fused_linear, 2 accumulators (y, Z)",
+                        bytes=b * (m * k * (2 if write_xd else 1) + n * k + 2 * m * n)
+                        + a * (m * r + n * r) + 4 * n,
+                        flops={"gemm": 4 * m * n * k, lr: 2 * m * n * r}, int_ops=mask_ops))
+    else:
+        seq.append(Pass("fused_linear (c in the epilogue)",
+                        bytes=b * (m * k + n * k + m * n) + a * (m * r + n * r) + 4 * n,
+                        flops={"gemm": 2 * m * n * k, lr: 2 * m * n * r}))
+    if not backward:
+        return seq
+    blocks = m / code.dora_gop_block_m
+    seq += [Pass("dB, dm memset", bytes=4 * (n * r + n)),
+            Pass("grad_output_pass (c on load, dm)",
+                 bytes=2 * b * m * n + a * (n * r + m * r) + 4 * m * r + 4 * n,
+                 flops={lr: 4 * m * n * r, "fma": 2 * m * n},
+                 atomics={code.triton_atomic: blocks * n * (r + 1)}),
+            _small("dm / (c·norm)", 3 * 4 * n)]
+    if c.dropout:
+        seq.append(Pass("grad_input, 2 accumulators (G·W, ((c − 1) ⊙ G)·W)",
+                        bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k + 4 * n,
+                        flops={"gemm": 4 * m * n * k, lr: 2 * m * k * r}, int_ops=rng))
+    else:
+        seq.append(Pass("grad_input (c on load)",
+                        bytes=b * (m * n + n * k + m * k) + 4 * m * r + a * r * k + 4 * n,
+                        flops={"gemm": 2 * m * n * k, lr: 2 * m * k * r}))
+    if train_a:
+        seq.append(Pass("grad_a", bytes=b * m * k + 4 * m * r + a * r * k,
+                        flops={code.triton_grad_a_unit: 2 * m * k * r}, int_ops=rng))
+    return seq
+
+
+DORA_BACKENDS = {"bare": bare_linear, "peft": peft_dora, "fused": fused_dora}
+
+
+def predict_dora(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -> float:
+    """Predicted seconds of one DoRA forward (or forward + backward): ``backend`` one of
+    DORA_BACKENDS (bare: the frozen nn.Linear, the floor)."""
+    return sum(pass_time(p, hw) for p in DORA_BACKENDS[backend](c, code, backward))
+
+
+def dora_table(code: Code, hw: Hardware) -> str:
+    """Markdown: fused DoRA and PEFT's DoRA against a bare frozen Linear, per case."""
+    lines = ["| shape | r | method | dropout | bare fwd+bwd ms | PEFT DoRA ms | fused DoRA ms | "
+             "fused fwd ×bare | fused fwd+bwd ×bare | PEFT fwd+bwd ×bare | PEFT / fused |",
+             "|" + "---|" * 11]
+    for label, mm, k, n in SHAPES:
+        for r in RANKS:
+            for method in DORA_METHODS:
+                for dropout in (False, True):
+                    c = Case(method, mm, k, n, r, dropout)
+                    t = {(name, bwd): predict_dora(name, c, code, hw, bwd)
+                         for name in DORA_BACKENDS for bwd in (False, True)}
+                    lines.append(
+                        f"| {label} | {r} | {method} | {'on' if dropout else 'off'} | "
+                        f"{t['bare', True] * 1e3:.3f} | {t['peft', True] * 1e3:.3f} | "
+                        f"{t['fused', True] * 1e3:.3f} | "
+                        f"{t['fused', False] / t['bare', False]:.2f} | "
+                        f"{t['fused', True] / t['bare', True]:.2f} | "
+                        f"{t['peft', True] / t['bare', True]:.2f} | "
+                        f"{t['peft', True] / t['fused', True]:.2f} |")
+    return "\n".join(lines)
+
+
 def predict(backend: str, c: Case, code: Code, hw: Hardware, backward: bool) -> float:
     """Predicted seconds of one forward (or forward + backward) of ``backend`` on ``c``."""
     efficiency = hw.triton_gemm_efficiency if backend == "triton" else 1.0
@@ -442,13 +604,16 @@ def main(argv=None) -> int:
     parser.add_argument("--after", nargs="*", metavar="KEY=VALUE",
                         help="quote a change: ratios shown as before → after")
     parser.add_argument("--breakdown", metavar="SHAPE,R,METHOD,DROPOUT",
-                        help="per-pass times of one case, e.g. 4096²,16,lora_fa,0")
+                        help="per-pass times of one case, e.g. 4096²,16,lora_fa,0 (with "
+                             "--dora: the DoRA sequences)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table there")
     parser.add_argument("--qlora", action="store_true",
                         help="issue 23's target: 4-bit LoRA-FA fwd+bwd at 8192 x 4096², r = 16 "
                              "over the same layer on a dense bf16 W")
     parser.add_argument("--compact", action="store_true",
                         help="one row per case, fwd and fwd+bwd ratios (the README's table)")
+    parser.add_argument("--dora", action="store_true",
+                        help="the DoRA table: fused DoRA and PEFT's DoRA against a bare Linear")
     args = parser.parse_args(argv)
     code, hw = _apply(args.set, Code(), Hardware())
     print("Assumptions:", hw)
@@ -466,13 +631,17 @@ def main(argv=None) -> int:
         label, r, method, drop = args.breakdown.split(",")
         _, m, k, n = next(s for s in SHAPES if s[0] == label)
         c = Case(method, m, k, n, int(r), drop not in ("0", "off", "false"))
-        for backend in BACKENDS:
+        backends = DORA_BACKENDS if args.dora else BACKENDS
+        for backend in backends:
             print(f"\n{backend}:")
-            for name, seconds in breakdown(backend, c, code, hw, True):
-                print(f"  {name:24s} {seconds * 1e6:9.1f} µs")
+            for p in backends[backend](c, code, True):
+                print(f"  {p.name:24s} {pass_time(p, hw) * 1e6:9.1f} µs")
         return 0
     after = _apply(args.after, code, hw) if args.after else (None, None)
-    text = compact_table(code, hw) if args.compact else table(code, hw, *after)
+    if args.dora:
+        text = dora_table(code, hw)
+    else:
+        text = compact_table(code, hw) if args.compact else table(code, hw, *after)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

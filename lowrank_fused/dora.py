@@ -47,6 +47,7 @@ from torch import Tensor
 from . import dispatch, quantized
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
+from .ops import _without_autocast
 
 # A row whose factored ‖·‖² falls below this fraction of ‖W_n‖² + s²‖b_n·A‖² has lost more than
 # about eps / CANCEL_RATIO of its relative accuracy to cancellation: it is recomputed densely.
@@ -216,8 +217,9 @@ class DoraLowRank(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         if need_w:
             raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")
-        dx, da, db, dr, dbias, dm = ctx.impl.dora_backward(
-            grad_y.contiguous(), x, p, z, weight, lora_a, lora_b, latent, ctx.scaling,
+        # autocast off, as in the plain backward: the products keep the saved tensors' dtypes
+        dx, da, db, dr, dbias, dm = _without_autocast(
+            grad_y, ctx.impl.dora_backward, grad_y.contiguous(), x, p, z, weight, lora_a, lora_b, latent, ctx.scaling,
             ctx.dropout, ctx.c, ctx.norm, need_x=need_x, need_a=need_a, need_b=need_b,
             need_latent=need_latent and latent is not None, need_bias=need_bias,
             need_m=need_m, z_is_output=ctx.z_from_y)

@@ -129,6 +129,107 @@ def test_operator_matches_dense_float64(method, dropout, three_d):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
+def _run_operator(x, w, bias, a, b, m, s, dropout, seed, g):
+    """y and the gradients (x, a, b, m, bias) of one DoRA call on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (x, a, b, m, bias)]
+    x_, a_, b_, m_, bias_ = leaves
+    y = lf.low_rank_linear(x_, w, a_, b_, bias=bias_, scaling=s, dropout_p=dropout,
+                           dropout_seed=seed, magnitude=m_)
+    y.backward(g.to(y.dtype))
+    return y.detach(), [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_row_chunks_match_float64(monkeypatch, method, dropout, with_bias, dtype):
+    """The reference path's M x N passes run over row chunks (_CHUNK_ELEMENTS): a budget of a
+    row or two per chunk (uneven last chunk) gives the unchunked result to rounding, the float64
+    formula, and the same gradients (the fold of c into W's and B's rows included)."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
+    bias = bias if with_bias else None
+    s, seed = 1.5, 77
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    y_whole, grads_whole = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * w.shape[0] - 1)  # 1 row per chunk
+    chunks = list(reference._row_chunks(x.shape[0], w.shape[0]))
+    assert len(chunks) == x.shape[0]
+    y_rows, grads_rows = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 4 * w.shape[0])      # 4, 4, 1 rows
+    y_four, grads_four = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    tight = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for y in (y_rows, y_four):
+        torch.testing.assert_close(y.double(), y_whole.double(), **tight)
+    mask = None
+    if dropout:
+        spec = DropoutSpec(dropout, seed)
+        mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
+    want, leaves = _dense_dora64(x, w.double() if dtype == torch.float32 else w, bias, a, b, m,
+                                 s, mask)
+    # bf16: y rounds the base term x·Wᵀ (|y| up to about 8, ulp 2**-5) and then the sum
+    loose = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=7e-2)
+    torch.testing.assert_close(y_rows.double(), want, **loose)
+    want.backward(g)
+    for whole, rows, four, ref in zip(grads_whole, grads_rows, grads_four, leaves):
+        if whole is None:
+            assert rows is None and four is None
+            continue
+        torch.testing.assert_close(rows.double(), whole.double(), **tight)
+        torch.testing.assert_close(four.double(), whole.double(), **tight)
+        grad_tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else loose
+        torch.testing.assert_close(rows.double(), ref.grad, **grad_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.05, 0.3])
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_sparse_dropout_matches_dense_path(monkeypatch, method, dropout, with_bias, dtype):
+    """At a small dropout rate the reference path takes x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ) with the
+    dropped entries D sparse, and dx's dropped term as a sampled product: the same outputs and
+    gradients as the dense path (forced either way here) and as the float64 formula."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
+    x = torch.randn(64, x.shape[1], dtype=dtype, requires_grad=True)  # some rows drop nothing
+    bias = bias if with_bias else None
+    s, seed = 1.5, 91
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    taken = []
+    real = reference._dora_forward_sparse
+    monkeypatch.setattr(reference, "_dora_forward_sparse",
+                        lambda *args: taken.append(1) or real(*args))
+    if dropout > reference._SPARSE_DROPOUT_MAX_P:
+        monkeypatch.setattr(reference, "_SPARSE_DROPOUT_MAX_P", 1.0)
+    y_sparse, grads_sparse = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    assert taken
+    monkeypatch.setattr(reference, "_SPARSE_DROPOUT_MAX_P", -1.0)
+    y_dense, grads_dense = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
+    assert len(taken) == 1
+    spec = DropoutSpec(dropout, seed)
+    mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
+    assert 0 < (mask == 0).sum() < mask.numel()
+    want, leaves = _dense_dora64(x, w, bias, a, b, m, s, mask)
+    want.backward(g)
+    if dtype == torch.bfloat16:
+        tol, grad_tol = dict(rtol=2e-2, atol=7e-2), dict(rtol=2e-2, atol=7e-2)
+    else:
+        tol, grad_tol = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
+    for y in (y_sparse, y_dense):
+        torch.testing.assert_close(y.double(), want, **tol)
+    torch.testing.assert_close(y_sparse, y_dense, **tol)
+    for sparse, dense, ref in zip(grads_sparse, grads_dense, leaves):
+        if sparse is None:
+            assert dense is None
+            continue
+        torch.testing.assert_close(sparse.double(), ref.grad, **grad_tol)
+        torch.testing.assert_close(dense.double(), ref.grad, **grad_tol)
+
+
 def test_eval_ignores_dropout():
     x, w, bias, a, b, latent, m = _case("lora", 0.3)
     y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=2.0, dropout_p=0.3, training=False,
@@ -314,3 +415,25 @@ def test_merged_dora_layer_refuses_delta_weight():
     layer.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.delta_weight()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.3])
+def test_bf16_gemms_upcast_or_native_agree(monkeypatch, dropout):
+    """On a CPU without oneDNN bf16 kernels the reference DoRA path runs its bf16 GEMMs as fp32
+    GEMMs of the upcast operands; with native bf16 GEMMs (forced here) the results agree to
+    bf16 rounding, outputs and gradients."""
+    from lowrank_fused.backends import reference
+
+    x, w, bias, a, b, latent, m = _case("lora", dropout, dtype=torch.bfloat16)
+    x = torch.randn(64, x.shape[1], dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    results = []
+    for native in (False, True):
+        monkeypatch.setitem(reference._NATIVE_16BIT, torch.bfloat16, native)
+        assert reference._gemm_dtype(x) == (torch.bfloat16 if native else torch.float32)
+        results.append(_run_operator(x, w, None, a, b, m, 1.5, dropout, 5, g))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y0.double(), y1.double(), rtol=2e-2, atol=7e-2)
+    for u, v in zip(g0, g1):
+        if u is not None:
+            torch.testing.assert_close(u.double(), v.double(), rtol=2e-2, atol=7e-2)

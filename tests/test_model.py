@@ -93,3 +93,80 @@ def test_a_4bit_base_reads_packed_w_and_pays_its_dequantization():
     # serial: the dequantization adds to the GEMMs; overlapped: each GEMM the longer of the two
     assert 1.0 < ratio["ratio_overlapped"] < ratio["ratio_serial"]
     assert ratio["dense_ms"] == pytest.approx(model.predict("triton", case(), code, hw, True) * 1e3)
+# --- DoRA rows -------------------------------------------------------------------------------
+
+def _small_dora(method="lora_fa", dropout=False):
+    # M = 128 tokens, K = 64, N = 32, r = 4; bf16 base (2 bytes), fp32 adapters (4 bytes)
+    return model.Case(method, 128, 64, 32, 4, dropout)
+
+
+def test_fused_dora_passes_move_hand_counted_bytes():
+    code = model.Code()
+    seq = {p.name: p for p in model.fused_dora(_small_dora(), code, backward=True)}
+    # norm from cached terms: ‖W‖² (N fp32), W·Aᵀ (N x r fp32), A (r x K), B (N x r), c written:
+    # 128 + 512 + 1024 + 512 + 128
+    assert seq["DoRA norm, c (cached ‖W‖², W·Aᵀ)"].bytes == 2304
+    # P = x·Aᵀ: x 128 x 64 bf16 (16384), A 4 x 64 fp32 (1024), P 128 x 4 fp32 (2048)
+    assert seq["project"].bytes == 16384 + 1024 + 2048
+    # x (16384) + W 32 x 64 (4096) + y 128 x 32 (8192) in bf16, P (2048) + B (512) fp32, c (128)
+    assert seq["fused_linear (c in the epilogue)"].bytes == 16384 + 4096 + 8192 + 2048 + 512 + 128
+    # G and y (8192 each), B (512), P (2048), dP written (2048), dm (128); atomics: 2 row
+    # blocks of 64, each adding dB (32 x 4) and dm (32)
+    gop = seq["grad_output_pass (c on load, dm)"]
+    assert gop.bytes == 8192 + 8192 + 512 + 2048 + 2048 + 128
+    assert gop.atomics == {"red": 2 * (32 * 4 + 32)}
+    # G (8192), W (4096), dx (16384) in bf16, dP (2048), A (1024), c (128)
+    assert seq["grad_input (c on load)"].bytes == 8192 + 4096 + 16384 + 2048 + 1024 + 128
+    assert "grad_a" not in seq
+    # A trainable: W·Aᵀ is recomputed, one more read of W (4096), and dA reads x
+    train = {p.name: p for p in model.fused_dora(_small_dora("lora"), code, backward=True)}
+    assert train["DoRA norm, c (W·Aᵀ fresh)"].bytes == 2304 + 4096
+    assert train["grad_a"].bytes == 16384 + 2048 + 1024
+
+
+def test_fused_dora_dropout_doubles_the_gemm_not_the_reads():
+    code = model.Code()
+    seq = {p.name: p for p in model.fused_dora(_small_dora(dropout=True), code, backward=True)}
+    # the P pass also writes x̃ (16384 more); the GEMM reads x and x̃, writes y and Z
+    assert seq["project (+ x̃ written)"].bytes == 2 * 16384 + 1024 + 2048
+    fwd = seq["fused_linear, 2 accumulators (y, Z)"]
+    assert fwd.bytes == 2 * 16384 + 4096 + 2 * 8192 + 2048 + 512 + 128
+    assert fwd.flops["gemm"] == 2 * (2 * 128 * 32 * 64)
+    bwd = seq["grad_input, 2 accumulators (G·W, ((c − 1) ⊙ G)·W)"]
+    assert bwd.flops["gemm"] == 2 * (2 * 128 * 32 * 64)
+    assert bwd.bytes == 8192 + 4096 + 16384 + 2048 + 1024 + 128
+
+
+def test_peft_dora_passes_move_hand_counted_bytes():
+    code = model.Code()
+    seq = {p.name: p for p in model.peft_dora(_small_dora(), code, backward=True)}
+    # the dense B·A through an identity: eye(64) in bf16, then two skinny products
+    assert seq["eye(K)"].bytes == 2 * 64 * 64
+    assert seq["lora_B(·) = (B·A)ᵀ"].bytes == 2 * (64 * 4 + 32 * 4 + 64 * 32)
+    assert seq["W + s·B·A"].bytes == 3 * 2 * 32 * 64
+    # every M x N elementwise pass: 128 x 32 bf16 = 8192 bytes per tensor read or written
+    assert seq["(c − 1) * base"].bytes == 2 * 8192
+    assert seq["result + result_dora"].bytes == 3 * 8192
+    forward = sum(p.bytes for p in model.peft_dora(_small_dora(), code, backward=False)
+                  if p.name in ("(c − 1) * base", "c * lora", "* scaling", "+ (result_dora)",
+                                "result + result_dora"))
+    assert forward == (2 + 2 + 2 + 3 + 3) * 8192
+    assert seq["dx = G'·W"].bytes == 8192 + 4096 + 16384
+    with_dropout = [p.name for p in model.peft_dora(_small_dora(dropout=True), code, True)
+                    if p.flops.get("gemm")]
+    assert with_dropout == ["F.linear", "F.linear(x̃, W)", "dx̃ += dbase·W", "dx = G·W"]
+
+
+def test_dora_predictions_and_table():
+    code, hw = model.Code(), model.Hardware()
+    c = model.Case("lora_fa", M, K, N, R, False)
+    bare = model.predict_dora("bare", c, code, hw, True)
+    fused = model.predict_dora("fused", c, code, hw, True)
+    peft = model.predict_dora("peft", c, code, hw, True)
+    assert bare < fused < peft
+    # dropout: PEFT's rule needs x̃·Wᵀ, so the fused design runs twice the GEMM FLOPs
+    d = model.Case("lora_fa", M, K, N, R, True)
+    assert model.predict_dora("fused", d, code, hw, True) > 1.9 * bare
+    assert model.main(["--dora"]) == 0
+    rows = [line for line in model.dora_table(code, hw).splitlines() if line.startswith("| 4096")]
+    assert len(rows) == 2 * 2 * 2 * 2  # shapes 4096*, r, method (lora, lora_fa), dropout

@@ -25,6 +25,7 @@ inside its GEMMs' K loops instead (``dispatch.quantized_choice``); 4-bit DoRA (Q
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -158,80 +159,300 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 
 # DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
 # the accumulation dtype (fp32, fp64 for fp64 tensors). The Triton backend has the same two
-# functions (its kernels fuse c); dispatch.dora_choice routes "cuda" to it.
+# functions (its kernels fuse c); dispatch.dora_choice routes "cuda" there.
+#
+# How this path is made cheap on a CPU (each M x N elementwise pass over a 1024 x 1376 fp32
+# activation costs about a tenth of the GEMM beside it):
+# - the column scale c is folded into the rows of W and B where it multiplies a product
+#   (c ⊙ (G·W) = (c ⊙ G)·W = G·(c ⊙ W) and so on): an N x K (or N x r) scaled copy per call in
+#   place of an M x N pass;
+# - the M x N terms that remain (Z, the (c − 1) term, dm's product) run over row chunks of
+#   about _CHUNK_ELEMENTS elements, so their temporaries stay cache-sized;
+# - dm = Σ_rows G ⊙ Z is a product and a column sum per chunk (torch.einsum("mn,mn->n") ran as a
+#   batched matmul that copied every column: half the layer's step time);
+# - with dropout the extra product x̃·Wᵀ and its gradient ((c − 1) ⊙ G)·W run in the
+#   accumulation dtype, as PEFT runs its DoRA branch (on x cast to the adapters' fp32); at a
+#   small rate (<= _SPARSE_DROPOUT_MAX_P, on a CPU) they are a sparse product over the dropped
+#   entries and a sampled one beside one dense GEMM each way (_dora_forward_sparse,
+#   _dora_dx_sparse) instead of two;
+# - 16-bit GEMMs run as fp32 GEMMs on a CPU without 16-bit kernels (_gemm_dtype).
+
+_CHUNK_ELEMENTS = 1 << 16  # elements per row chunk of an M x N pass (256 KiB in fp32)
+
+
+_NATIVE_16BIT: dict = {}
+
+
+def _gemm_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a product of 16-bit ``t`` runs in on this path: its own, except on a CPU whose
+    oneDNN has no kernels for it (no avx512_bf16 / AMX / avx512_fp16: the 16-bit products are
+    emulated, 7-30x slower than fp32 on an AVX2 machine), where the operands are upcast exactly
+    to fp32 and accumulated in fp32: the values of a 16-bit GEMM with fp32 accumulation."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.device.type != "cpu":
+        return t.dtype
+    native = _NATIVE_16BIT.get(t.dtype)
+    if native is None:
+        check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+                 torch.float16: "_is_mkldnn_fp16_supported"}[t.dtype]
+        try:
+            native = bool(getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):
+            native = True  # unknown: keep the 16-bit product
+        _NATIVE_16BIT[t.dtype] = native
+    return t.dtype if native else torch.float32
+
+
+def _row_chunks(rows: int, cols: int):
+    """Slices of ``rows`` rows, about _CHUNK_ELEMENTS elements of a ``cols``-wide matrix each."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _scaled_rows(t: Tensor, col: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
+    """scaling · (col ⊙ t) (rows of t times an (N, 1) column), computed in col's dtype and
+    written in ``dtype``."""
+    out = _as(t, col.dtype) * col
+    if scaling != 1.0:
+        out.mul_(scaling)
+    return _as(out, dtype)
+
+
+def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """Σ_rows a ⊙ b (an (N,) vector in ``acc``), one row chunk at a time."""
+    rows, cols = a.shape
+    out = torch.zeros(cols, dtype=acc, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    buf = torch.empty((min(step, rows), cols), dtype=acc, device=a.device)
+    for sl in _row_chunks(rows, cols):
+        chunk = buf[: sl.stop - sl.start]
+        if a.dtype == acc and b.dtype == acc:
+            torch.mul(a[sl], b[sl], out=chunk)
+        else:  # products of 16-bit values are exact in fp32
+            chunk.copy_(a[sl]).mul_(b[sl])
+        out += chunk.sum(0)
+    return out
+
+
+def _low_rank_chunk(p: Tensor, lora_b_eff: Tensor, scaling: float, acc: torch.dtype) -> Tensor:
+    """s·P·B_effᵀ for one row chunk of P, in the adapters' dtype, then in ``acc``."""
+    return _as((p @ lora_b_eff.T).mul_(scaling), acc)
+
+
+# Dropout at a small rate: x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ), D = x ⊙ (1 − keep) holding the dropped
+# entries only (p of them: a sparse CSR matrix), so the forward's second product over W is a
+# sparse one; in backward, dropout(((c − 1) ⊙ G)·W) = scale·G·((c − 1) ⊙ W) minus the dropped
+# entries of it (a sampled product at D's pattern), so G·W and it become one GEMM over
+# (1 + scale·(c − 1)) ⊙ W. Exact algebra; the rounding is a GEMM's (relative to |x|·|W|).
+_SPARSE_DROPOUT_MAX_P = 0.1  # above this rate the sparse products stop paying (CPU, MKL)
+
+
+def _sparse_dropout(x: Tensor, dropout: DropoutSpec) -> bool:
+    return (dropout.p <= _SPARSE_DROPOUT_MAX_P and x.device.type == "cpu" and not x.is_meta
+            and x.dim() == 2 and x.numel() > 0)
+
+
+def _dropped_pattern(dropout: DropoutSpec, shape, device):
+    """(crow, col, flat): the dropped entries of the keep-mask in row-major (CSR) order, as CSR
+    row pointers and columns, and as flat indices into an (M, K) tensor."""
+    drop = ~dropout_keep_mask(dropout, shape, device)
+    flat = drop.view(-1).nonzero().squeeze(1)                      # ascending
+    # row i starts at the first entry >= i·K (a bool row sum costs more than the mask)
+    step = max(shape[1], 1)
+    crow = torch.searchsorted(flat, torch.arange(0, (shape[0] + 1) * step, step, device=device))
+    return crow, flat % step, flat
+
+
+def _csr(pattern, values: Tensor, shape) -> Tensor:
+    crow, col, _ = pattern
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape))
+
 
 def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z):
-    """(y, p, z): y by DoRA's rule, in PEFT's order: x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ +
-    c ⊙ s·P·B_effᵀ (x̃ = x without dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias), p = x̃·Aᵀ, and
-    z = x̃·Wᵀ + s·P·B_effᵀ in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a
-    transient."""
+    """(y, p, z): y by DoRA's rule (no dropout: c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with dropout,
+    PEFT's x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ), p = x̃·Aᵀ, and z = x̃·Wᵀ + s·P·B_effᵀ
+    in x's dtype when ``need_z`` (what dm needs), else None. x̃ is a transient (in the
+    accumulation dtype, as PEFT's DoRA branch computes it)."""
+    acc = c.dtype
+    col = c.unsqueeze(1)
     w = quantized.dense_like(weight, x.dtype)
     if dropout is None:
-        x_drop = x
         p = _as(x, lora_a.dtype) @ lora_a.T
-    else:
-        x_drop = _dropped(x, dropout, x.dtype)
-        p = _as(x_drop, lora_a.dtype) @ lora_a.T
-    lr = (p @ lora_b_eff.T).mul_(scaling)                  # adapters' dtype
-    # PEFT's order of operations: base = x·Wᵀ + bias (the base layer's own addmm), then
-    # y = base + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ, so y is the base output exactly where c = 1
-    # and B = 0 (PEFT's initialisation; its tests compare there with allclose's atol 1e-8)
-    fused_bias = bias is not None and bias.dtype == x.dtype
-    base = torch.nn.functional.linear(x, w, bias if fused_bias else None)
-    if dropout is None:
-        z = base - bias if fused_bias else base            # x·Wᵀ as PEFT takes it
-    else:
-        z = torch.nn.functional.linear(x_drop, w)          # x̃·Wᵀ, x's dtype
+        if not need_z and x.dtype == acc and lora_a.dtype == acc:
+            # c folded into W's and B's rows: y = x·(c ⊙ W)ᵀ + P·(s·c ⊙ B_eff)ᵀ + bias, no M x N pass
+            y = torch.nn.functional.linear(x, _scaled_rows(w, col, acc), bias)
+            y.addmm_(p, _scaled_rows(lora_b_eff, col, acc, scaling).T)
+            return y, p, None
+        gd = _gemm_dtype(x)
+        # with a bias, PEFT's order: base = x·Wᵀ + bias (the base layer's own addmm), then
+        # y = base + (c − 1) ⊙ x·Wᵀ + c ⊙ s·P·B_effᵀ, so y is the base output bit for bit where
+        # c = 1 and B = 0 (PEFT's initialisation, which its own tests compare at atol 1e-8)
+        z = torch.nn.functional.linear(_as(x, gd), _as(w, gd), None if bias is None
+                                       else _as(bias, gd))  # x·Wᵀ (+ bias); becomes Z in place
+        y = torch.empty(z.shape, dtype=x.dtype, device=z.device)
+        z_keep = None
+        if need_z:
+            z_keep = z if z.dtype == x.dtype else torch.empty_like(y)
+        bias_acc = None if bias is None else _as(bias, acc)
+        c_minus_1 = c - 1.0
+        for rows in _row_chunks(*z.shape):
+            zc = _as(z[rows], acc)                          # a view when z is in acc
+            low = _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+            if bias_acc is None:
+                zc += low
+                torch.mul(zc, c, out=y[rows])
+            else:                                           # zc: the base output
+                y[rows].copy_(torch.addcmul(zc, zc - bias_acc, c_minus_1).addcmul_(low, c))
+                zc.sub_(bias_acc).add_(low)
+            if z_keep is not None and (zc.dtype != z.dtype or z_keep is not z):
+                z_keep[rows].copy_(zc)
+        return y, p, z_keep
+    # with dropout: y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
+    if _sparse_dropout(x, dropout):
+        return _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z)
+    x_drop = _dropped(x, dropout, acc)
+    p = _as(x_drop, lora_a.dtype) @ lora_a.T
+    z = torch.nn.functional.linear(x_drop, _as(w, acc))    # x̃·Wᵀ in acc; becomes Z in place
     del x_drop
-    z_acc, lr_acc = _as(z, c.dtype), _as(lr, c.dtype)
-    z_keep = _as(z_acc + lr_acc, x.dtype) if need_z else None   # Z = x̃·Wᵀ + s·P·B_effᵀ
-    out = _as(base, c.dtype) + (c - 1.0) * z_acc
-    out += c * lr_acc
-    if bias is not None and not fused_bias:
-        out += bias
-    return _as(out, x.dtype), p, z_keep
+    gd = _gemm_dtype(x)                                     # the base layer's own term
+    y = _as(torch.nn.functional.linear(_as(x, gd), _as(w, gd), _as(bias, gd) if bias is not None
+                                       else None), x.dtype)
+    z_keep = None
+    if need_z:
+        z_keep = z if x.dtype == acc else torch.empty(z.shape, dtype=x.dtype, device=z.device)
+    c_minus_1 = c - 1.0
+    for rows in _row_chunks(*z.shape):
+        zc = z[rows]
+        yc = _as(y[rows], acc)                               # a view when x is in acc
+        yc.addcmul_(zc, c_minus_1)
+        low = _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+        yc.addcmul_(low, c)
+        if yc.dtype != y.dtype:
+            y[rows].copy_(yc)
+        if z_keep is not None:
+            zc += low
+            if z_keep is not z:
+                z_keep[rows].copy_(zc)
+    return y, p, z_keep
+
+
+def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z):
+    """dora_forward with dropout at a small rate: one GEMM x·Wᵀ (in acc) and the sparse D·Wᵀ
+    give both x·Wᵀ and x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ); P = scale·(x·Aᵀ − D·Aᵀ)."""
+    acc = c.dtype
+    scale = dropout.keep_scale
+    pattern = _dropped_pattern(dropout, x.shape, x.device)
+    x_acc, w_acc = _as(x, acc), _as(w, acc)
+    d = _csr(pattern, x_acc.reshape(-1)[pattern[2]], x.shape)      # D = x ⊙ (1 − keep)
+    a_acc = _as(lora_a, acc)
+    p = _as(torch.sub(x_acc @ a_acc.T, d @ a_acc.T).mul_(scale), lora_a.dtype)
+    v = torch.nn.functional.linear(x_acc, w_acc)                    # x·Wᵀ; becomes y in acc
+    u = d @ w_acc.T.contiguous()                                    # D·Wᵀ; becomes x̃·Wᵀ, then Z
+    del d, x_acc
+    y = v if x.dtype == acc else torch.empty(v.shape, dtype=x.dtype, device=v.device)
+    z_keep = None
+    if need_z:
+        z_keep = u if x.dtype == acc else torch.empty(u.shape, dtype=x.dtype, device=u.device)
+    bias_acc = None if bias is None else _as(bias, acc)
+    c_minus_1 = c - 1.0
+    for rows in _row_chunks(*v.shape):
+        vc, uc = v[rows], u[rows]
+        torch.sub(vc, uc, out=uc).mul_(scale)                       # x̃·Wᵀ
+        low = _low_rank_chunk(p[rows], lora_b_eff, scaling, acc)
+        if bias_acc is not None:
+            vc += bias_acc
+        vc.addcmul_(uc, c_minus_1).addcmul_(low, c)
+        if y is not v:
+            y[rows].copy_(vc)
+        if z_keep is not None:
+            uc += low
+            if z_keep is not u:
+                z_keep[rows].copy_(uc)
+    return y, p, z_keep
+
+
+def _dora_dx_sparse(grad_y, w, dp, lora_a, dropout, c):
+    """dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A) at a small dropout rate, in acc:
+    G·((1 + scale·(c − 1)) ⊙ W) + scale·dP·A, minus scale·(((c − 1) ⊙ G)·W + dP·A) at the
+    dropped entries (a sampled product there), one GEMM over G instead of two."""
+    acc = c.dtype
+    scale = dropout.keep_scale
+    col = c.unsqueeze(1)
+    g_acc, w_acc = _as(grad_y, acc), _as(w, acc)
+    w_c = _scaled_rows(w_acc, col - 1.0, acc)                       # (c − 1) ⊙ W
+    dx = g_acc @ torch.add(w_acc, w_c, alpha=scale)
+    low = _as(dp, acc) @ _as(lora_a, acc)                           # dP·A
+    dx.add_(low, alpha=scale)
+    pattern = _dropped_pattern(dropout, dx.shape, dx.device)
+    flat = pattern[2]
+    if flat.numel():
+        zeros = torch.zeros(flat.numel(), dtype=acc, device=dx.device)
+        dropped = torch.sparse.sampled_addmm(_csr(pattern, zeros, dx.shape), g_acc, w_c,
+                                             beta=0.0).values()
+        dropped += low.view(-1)[flat]
+        dx.view(-1).index_add_(0, flat, dropped, alpha=-scale)
+    return _as(dx, grad_y.dtype)
 
 
 def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm, *,
                   need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_output=False):
-    """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G, plus with dropout
-    dx += H − dropout(H), H = ((1 − c) ⊙ G)·W; dm = Σ_rows G ⊙ Z / ‖·‖ (c detached).
-    ``z_is_output``: ``z`` is the output y (no dropout, no bias, no c = 0), so Z = y / c."""
-    if need_m and z_is_output:
-        z = _as(z, c.dtype) / c
-    g_acc = _as(grad_y, c.dtype)
-    g_scaled = _as(g_acc * c, grad_y.dtype)
-    if dropout is None or not need_x:
-        dx, da, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
-                                     latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-                                     need_latent=need_latent, need_bias=False)
-    else:
-        # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): both dropped terms under one mask pass,
-        # which also gives dA's x̃ (chunk by chunk, as the plain backward does)
-        _, _, db, dr, _ = backward(g_scaled, x, p, weight, lora_a, lora_b, scaling, dropout,
-                                   latent=latent, need_x=False, need_a=False, need_b=need_b,
-                                   need_latent=need_latent, need_bias=False)
-        adapter_dtype = lora_a.dtype
-        dp = scaling * (_as(g_scaled, adapter_dtype) @ lora_b)
+    """(dx, dA, dB, dR, dbias, dm): the plain backward for G' = c ⊙ G (c folded into the rows of
+    W and B, G' never formed), plus with dropout dx += H − dropout(H), H = ((1 − c) ⊙ G)·W;
+    dm = Σ_rows G ⊙ Z / ‖·‖ (c detached). ``z_is_output``: z is the output y (no dropout, no bias),
+    Z = y / c, so dm = Σ_rows G ⊙ y / (c·‖·‖)."""
+    acc = c.dtype
+    adapter_dtype = lora_a.dtype
+    col = c.unsqueeze(1)
+    g_low = _as(grad_y, adapter_dtype)
+    dx = da = db = dr = dp = None
+    if need_x or need_a or need_latent:
+        dp = g_low @ _scaled_rows(lora_b, col, adapter_dtype, scaling)  # s·(c ⊙ G)·B: T with a latent
         if latent is not None:
-            dp = dp @ _as(latent, dp.dtype).T
-        w = quantized.dense_like(weight, grad_y.dtype)
-        low = _as(_as(g_acc * (c - 1.0), grad_y.dtype) @ w, c.dtype)
-        low += _as(dp @ lora_a, c.dtype)
-
-        def drop_low(rows, mask):
-            low[rows].mul_(mask)
-
-        da = None
-        if need_a:
-            da = dp.T @ _dropped(x, dropout, adapter_dtype, drop_low)
+            dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
+    if need_b:
+        db = _scaled_rows(g_low.T @ latent_operands(p, latent, need_b), col, lora_b.dtype,
+                          scaling)                         # s·(c ⊙ G)ᵀ·(P·R)
+    if need_x or need_a:
+        w = quantized.dense_like(weight, grad_y.dtype) if need_x else None
+        if dropout is None:
+            if need_x:
+                gd = _gemm_dtype(grad_y)
+                dx = _as(grad_y, gd) @ _scaled_rows(w, col, gd)   # (c ⊙ G)·W
+                if _fused_add(dx, lora_a):
+                    dx.addmm_(dp, lora_a)
+                else:
+                    dx += _as(dp @ lora_a, dx.dtype)
+                dx = _as(dx, grad_y.dtype)
+            if need_a:
+                da = dp.T @ _as(x, adapter_dtype)
         else:
-            for rows, mask in _dropout_chunks(low, dropout):
-                drop_low(rows, mask)
-        dx = grad_y @ w
-        dx = _as(dx.to(c.dtype).add_(low), grad_y.dtype) if dx.dtype != c.dtype else dx.add_(low)
+            # dx = G·W + dropout(((c − 1) ⊙ G)·W + dP·A): the dropped term in acc, masked and
+            # added to dx chunk by chunk by the pass that also gives dA's x̃
+            add_low = None
+            if need_x and _sparse_dropout(grad_y, dropout):
+                dx = _dora_dx_sparse(grad_y, w, dp, lora_a, dropout, c)
+            elif need_x:
+                low = _as(grad_y, acc) @ _scaled_rows(w, col - 1.0, acc)
+                if dp.dtype == acc:
+                    low.addmm_(dp, _as(lora_a, acc))
+                else:
+                    low += _as(dp @ lora_a, acc)
+                gd = _gemm_dtype(grad_y)
+                dx = _as(_as(grad_y, gd) @ _as(w, gd), grad_y.dtype)
+
+                def add_low(rows, mask):
+                    torch.addcmul(dx[rows], low[rows], mask, out=dx[rows])
+
+            if need_a:
+                da = dp.T @ _dropped(x, dropout, adapter_dtype, add_low)
+            elif add_low is not None:
+                for rows, mask in _dropout_chunks(low, dropout):
+                    add_low(rows, mask)
     dbias = grad_y.sum(0) if need_bias else None
     dm = None
     if need_m:
-        dm = torch.einsum("mn,mn->n", g_acc, _as(z, c.dtype)) / norm
+        dm = _column_dot(grad_y, z, acc)
+        dm = dm / (c * norm) if z_is_output else dm / norm
     return dx, da, db, dr, dbias, dm
