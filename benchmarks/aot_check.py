@@ -94,6 +94,18 @@ def _arg_spec(value):
 
 
 @contextlib.contextmanager
+def deterministic_algorithms(flag: bool):
+    """torch.use_deterministic_algorithms(flag) for the block, then restored."""
+    import torch
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@contextlib.contextmanager
 def fp32_matmul_precision(precision: str):
     """torch's fp32 matmul precision ("ieee" or "tf32", what configs.dot_precision reads) set
     for the block, then restored: the fp32_precision API where torch has it, else allow_tf32."""
@@ -161,14 +173,10 @@ def record_launches(base: str, adapter: str, rank: int, p_drop: float,
                 cases += ["fwd"] * (len(launches) - before)
                 for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
                     before = len(launches)
-                    was = torch.are_deterministic_algorithms_enabled()
-                    torch.use_deterministic_algorithms(deterministic)
-                    try:
+                    with deterministic_algorithms(deterministic):
                         backend.backward(torch.empty((m, n), dtype=dt(base), **meta), x, p, weight,
                                          lora_a, lora_b, 2.0, dropout, need_x=True, need_a=need_a,
                                          need_b=True, need_bias=need_bias)
-                    finally:
-                        torch.use_deterministic_algorithms(was)
                     cases += [f"bwd:{name}"] * (len(launches) - before)
             # DoRA (triton_kernels/dora.py; one GEMM variant, tiled): forward with Z kept, each
             # backward variant with m trainable
@@ -212,15 +220,11 @@ def _record_dora(backend, launches, x, weight, bias, lora_a, lora_b, dropout, ba
     cases += ["dora:fwd"] * (len(launches) - before)
     for name, need_a, need_bias, deterministic in BACKWARD_VARIANTS:
         before = len(launches)
-        was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(deterministic)
-        try:
+        with deterministic_algorithms(deterministic):
             backend.dora_backward(torch.empty((m, n), dtype=base_dtype, device="meta"), x, p, z,
                                   weight, lora_a, lora_b, None, 2.0, dropout, scale, scale,
                                   need_x=True, need_a=need_a, need_b=True, need_latent=False,
                                   need_bias=need_bias, need_m=True)
-        finally:
-            torch.use_deterministic_algorithms(was)
         cases += [f"dora:bwd:{name}"] * (len(launches) - before)
     return cases
 

@@ -152,7 +152,11 @@ def probe_kernels(probe: Probe, label, m, k, n, r, method, dropout):
         probe.add(f"{tag} kernel {name}", predicted.get(name), fn)
 
 
-def _layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device):
+def _layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device,
+           dora: bool = False):
+    """A bare frozen bf16 Linear, PEFT's LoRA layer over it, or LowRankLinear on backend
+    ``impl``; ``dora``: the DoRA layer (PEFT's use_dora, LowRankLinear(dora=True)) with B
+    non-zero and m off ‖W‖, so c ≠ 1."""
     from torch import nn
     torch.manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
@@ -163,15 +167,22 @@ def _layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device
         from peft import LoraConfig, get_peft_model
         from benchmarks.layers import _Holder
         layer = get_peft_model(_Holder(base), LoraConfig(
-            r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=DROPOUT_P if dropout else 0.0))
-        if method == "lora_fa":
-            for name, param in layer.named_parameters():
-                if "lora_A" in name:
-                    param.requires_grad_(False)
+            r=r, lora_alpha=r, target_modules=["proj"], use_dora=dora,
+            lora_dropout=DROPOUT_P if dropout else 0.0))
+        for name, param in layer.named_parameters():
+            if "lora_A" in name and method == "lora_fa":
+                param.requires_grad_(False)
+            if dora and "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.01)
         return layer
     from lowrank_fused import LowRankLinear
-    return LowRankLinear.from_linear(base, r, method, backend=impl,
-                                     dropout=DROPOUT_P if dropout else 0.0).train()
+    layer = LowRankLinear.from_linear(base, r, method, backend=impl, dora=dora,
+                                      dropout=DROPOUT_P if dropout else 0.0).train()
+    if dora:
+        with torch.no_grad():
+            layer.lora_b.normal_(0, 0.01)
+            layer.magnitude.mul_(1.1)
+    return layer
 
 
 def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
@@ -211,36 +222,6 @@ def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
                     "measured_ratio": None if mine is None else round(mine / theirs, 3)})
 
 
-def _dora_layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device):
-    """A DoRA layer (B non-zero, m off ‖W‖ so c ≠ 1): PEFT's use_dora, or LowRankLinear(dora=True)
-    on backend ``impl``."""
-    from torch import nn
-    torch.manual_seed(0)
-    base = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    if impl == "bare":
-        return base
-    if impl == "peft":
-        from peft import LoraConfig, get_peft_model
-        from benchmarks.layers import _Holder
-        layer = get_peft_model(_Holder(base), LoraConfig(
-            r=r, lora_alpha=r, target_modules=["proj"], use_dora=True,
-            lora_dropout=DROPOUT_P if dropout else 0.0))
-        for name, param in layer.named_parameters():
-            if "lora_A" in name and method == "lora_fa":
-                param.requires_grad_(False)
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.01)
-        return layer
-    from lowrank_fused import LowRankLinear
-    layer = LowRankLinear.from_linear(base, r, method, backend=impl, dora=True,
-                                      dropout=DROPOUT_P if dropout else 0.0).train()
-    with torch.no_grad():
-        layer.lora_b.normal_(0, 0.01)
-        layer.magnitude.mul_(1.1)
-    return layer
-
-
 def probe_dora(probe: Probe, label, m, k, n, r, method, dropout):
     """DoRA layers (fwd and fwd+bwd under bf16 autocast): the Triton backend against a bare
     frozen nn.Linear, PEFT's use_dora and the reference backend (what DoRA ran on before);
@@ -255,7 +236,7 @@ def probe_dora(probe: Probe, label, m, k, n, r, method, dropout):
     tag = f"{label} r={r} dora {method} dropout={'on' if dropout else 'off'}"
     times = {}
     for impl in impls:
-        layer = _dora_layer(impl, dk, dn, r, method, dropout, dev)
+        layer = _layer(impl, dk, dn, r, method, dropout, dev, dora=True)
 
         def fwd():
             with torch.autocast(dev.type, dtype=torch.bfloat16):

@@ -97,6 +97,15 @@ def _fused_add(x: Tensor, lora_a: Tensor) -> bool:
     return x.dtype == lora_a.dtype and x.dtype in (torch.float32, torch.float64)
 
 
+def _plus_low_rank(dx: Tensor, dp: Tensor, lora_a: Tensor, dtype: torch.dtype) -> Tensor:
+    """dx + dP·A (in place where the dtypes allow one addmm), in ``dtype``."""
+    if _fused_add(dx, lora_a):
+        dx.addmm_(dp, lora_a)
+    else:
+        dx += _as(dp @ lora_a, dx.dtype)
+    return _as(dx, dtype)
+
+
 def latent_operands(p, latent, need_b):
     """P's stand-in for the pass over G: P·R with a latent R (where dB is asked for), else P."""
     if latent is None or not need_b:
@@ -125,12 +134,8 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
             dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
         if dropout is None:
             if need_x:
-                dx = grad_y @ quantized.dense_like(weight, grad_y.dtype)
-                if _fused_add(dx, lora_a):
-                    dx.addmm_(dp, lora_a)
-                else:
-                    dx += _as(dp @ lora_a, dx.dtype)
-                dx = _as(dx, grad_y.dtype)
+                dx = _plus_low_rank(grad_y @ quantized.dense_like(weight, grad_y.dtype), dp,
+                                    lora_a, grad_y.dtype)
             if need_a:
                 da = dp.T @ _as(x, adapter_dtype)
         else:
@@ -419,12 +424,8 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
         if dropout is None:
             if need_x:
                 gd = _gemm_dtype(grad_y)
-                dx = _as(grad_y, gd) @ _scaled_rows(w, col, gd)   # (c ⊙ G)·W
-                if _fused_add(dx, lora_a):
-                    dx.addmm_(dp, lora_a)
-                else:
-                    dx += _as(dp @ lora_a, dx.dtype)
-                dx = _as(dx, grad_y.dtype)
+                dx = _plus_low_rank(_as(grad_y, gd) @ _scaled_rows(w, col, gd), dp, lora_a,
+                                    grad_y.dtype)                # (c ⊙ G)·W + dP·A
             if need_a:
                 da = dp.T @ _as(x, adapter_dtype)
         else:
