@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from benchmarks.conftest import DEVICE, DTYPE, ON_GPU, RANKS, SHAPES, TOKENS
-from benchmarks.layers import METHODS, build, implementations, peft_available, saved_activation_bytes
-from benchmarks.peak_memory import peak_extra_bytes
+from tools.layers import METHODS, build, implementations, peft_available, saved_activation_bytes
+from tools.peak_memory import peak_extra_bytes
 from lowrank_fused import apply_low_rank
 
 

@@ -2,7 +2,7 @@
 BERT-style encoder built from transformers configs (random weights), for LoRA, LoRA-FA and
 LoRA-XS, lora_dropout 0 and 0.05, fp32 and bf16 bases (fp32 adapters). Each case's figures
 (saved-activation bytes, CUDA peak memory, training-step time, agreement with PEFT) are in its
-``extra_info``; see benchmarks/model_level.py. Shapes: ``LOWRANK_MODEL_BENCH=ci|reference|compass|tiny`` (default
+``extra_info``; see tools/model_level.py. Shapes: ``LOWRANK_MODEL_BENCH=ci|reference|compass|tiny`` (default
 compass on a GPU, ci on a CPU)::
 
     LOWRANK_MODEL_BENCH=reference python -m pytest benchmarks/test_model_level.py \
@@ -11,8 +11,8 @@ compass on a GPU, ci on a CPU)::
 import pytest
 
 from benchmarks.conftest import DEVICE
-from benchmarks.layers import peft_available
-from benchmarks.model_level import cases, preset, run_case, tolerance
+from tools.layers import peft_available
+from tools.model_level import cases, preset, run_case, tolerance
 
 pytestmark = pytest.mark.skipif(not peft_available(), reason="needs peft")
 

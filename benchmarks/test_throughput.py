@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE, DTYPE, RANKS, SHAPES, TOKENS
-from benchmarks.layers import METHODS, build, implementations
-from benchmarks.timing import median_ms
+from tools.layers import METHODS, build, implementations
+from tools.timing import median_ms
 from lowrank_fused import dispatch
 
 _linear_ms = {}

@@ -1,7 +1,7 @@
 """The measured per-shape choice between the "triton" and "cuda" backends that "auto" makes on
 CUDA tensors.
 
-The policy is a JSON file of measured cases, written by ``python -m benchmarks.auto_policy`` from
+The policy is a JSON file of measured cases, written by ``python -m tools.auto_policy`` from
 a GPU run of the throughput suite (the file's "source" names that run's results file; no GPU run
 is measured yet, so the packaged file has no entries). Each entry says which backend was faster
 for one GPU architecture, dtype, method, mode and shape (M, N, K, r). A call takes the winner of the nearest measured shape

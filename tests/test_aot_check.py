@@ -1,7 +1,7 @@
-"""benchmarks.aot_check: its parsers on known text, launch discovery, and one real build."""
+"""tools.aot_check: its parsers on known text, launch discovery, and one real build."""
 import multiprocessing
 
-from benchmarks import aot_check
+from tools import aot_check
 
 WGMMA = ("%acc_1 = ttng.warp_group_dot %x, %a {inputPrecision = 0 : i32} : !ttg.memdesc<64x64xbf16>"
          " * !ttg.memdesc<64x16xbf16> -> tensor<64x16xf32, #mma> loc(#loc1)\n"

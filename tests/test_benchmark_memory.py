@@ -1,5 +1,5 @@
 """benchmarks/test_memory.py's peak-memory measurement: warm-up first, then the peak reset."""
-from benchmarks.peak_memory import peak_extra_bytes
+from tools.peak_memory import peak_extra_bytes
 
 
 class FakeCuda:

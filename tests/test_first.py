@@ -1,8 +1,8 @@
-"""benchmarks.first: its budget accounting and its incremental, kill-proof output (the whole dry
-run is CI's, through benchmarks/gpu_session.sh)."""
+"""tools.first: its budget accounting and its incremental, kill-proof output (the whole dry
+run is CI's, through tools/gpu_session.sh)."""
 import json
 
-from benchmarks import first
+from tools import first
 
 
 def test_the_steps_fit_the_seven_minutes():

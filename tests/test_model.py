@@ -1,7 +1,7 @@
-"""benchmarks.model: the traffic model's arithmetic on hand-counted passes."""
+"""tools.model: the traffic model's arithmetic on hand-counted passes."""
 import pytest
 
-from benchmarks import model
+from tools import model
 
 M, K, N, R = 8192, 4096, 4096, 16
 

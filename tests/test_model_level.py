@@ -1,4 +1,4 @@
-"""The model-level benchmark's core (benchmarks/model_level.py) on tiny Llama and BERT configs:
+"""The model-level benchmark's core (tools/model_level.py) on tiny Llama and BERT configs:
 figures are sane, fused keeps no more than PEFT where it must keep less, losses and gradients
 agree with dropout off, and the report turns the figures into the README's table."""
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from benchmarks import model_level, report  # noqa: E402
+from tools import model_level, report  # noqa: E402
 from tests.peft_helpers import counting_ops  # noqa: E402
 
 TINY = model_level.PRESETS["tiny"].shapes

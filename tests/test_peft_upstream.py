@@ -1,5 +1,5 @@
-"""The PEFT-upstream runner and its pytest plugin (benchmarks/peft_upstream.py,
-benchmarks/peft_served_plugin.py), on a tiny synthetic test file instead of PEFT's suite: no
+"""The PEFT-upstream runner and its pytest plugin (tools/peft_upstream.py,
+tools/peft_served_plugin.py), on a tiny synthetic test file instead of PEFT's suite: no
 network, no PEFT checkout. One runner call = two pytest subprocesses (plain, served)."""
 import importlib.util
 import json
@@ -13,9 +13,9 @@ if importlib.util.find_spec("peft") is None:  # not imported here: the subproces
     pytest.skip("needs peft", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # benchmarks/ is a package of the repository, not installed
+sys.path.insert(0, str(REPO))  # tools/ is a package of the repository, not installed
 
-from benchmarks import peft_upstream  # noqa: E402
+from tools import peft_upstream  # noqa: E402
 
 SYNTHETIC = '''
 import importlib.util

@@ -1,5 +1,5 @@
 """The measured per-shape policy behind "auto" on CUDA tensors (lowrank_fused.policy), and its
-builder (benchmarks/auto_policy.py), on synthetic measurements."""
+builder (tools/auto_policy.py), on synthetic measurements."""
 import json
 
 import pytest
@@ -28,9 +28,9 @@ def use_policy(tmp_path, monkeypatch):
 
 def test_packaged_policy_is_what_the_builder_writes(monkeypatch):
     """The shipped file is the builder's output (its `about` has one source,
-    benchmarks/auto_policy.py), is the policy in force by default, and each entry wins at its own
+    tools/auto_policy.py), is the policy in force by default, and each entry wins at its own
     shape; while it is empty, no call has a measured choice ("auto" keeps Triton)."""
-    from benchmarks import auto_policy
+    from tools import auto_policy
 
     monkeypatch.delenv(policy.ENV_VAR, raising=False)
     policy._load.cache_clear()
@@ -179,7 +179,7 @@ def test_choice_traces_under_compile_without_graph_breaks(dynamic):
 
 
 def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy):
-    from benchmarks import auto_policy
+    from tools import auto_policy
 
     def case(impl, ms, r, mode="forward+backward"):
         return {"extra_info": dict(shape="s", K=4096, N=4096, M=8192, rank=r, impl=impl,

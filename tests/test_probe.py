@@ -1,7 +1,7 @@
-"""benchmarks.probe's dry run: the same code path on tiny CPU shapes, predictions, JSON."""
+"""tools.probe's dry run: the same code path on tiny CPU shapes, predictions, JSON."""
 import json
 
-from benchmarks import probe
+from tools import probe
 
 
 def test_dry_run_writes_predictions_without_measurements(tmp_path):

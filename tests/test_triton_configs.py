@@ -75,7 +75,7 @@ def test_estimates_grow_with_every_tile_dimension(family):
         assert regs(16) < regs(64) < regs(128)
 
 
-# Measured by benchmarks.aot_check (triton 3.6, `python -m benchmarks.aot_check --report-only
+# Measured by tools.aot_check (triton 3.6, `python -m tools.aot_check --report-only
 # --json`): shared bytes the compiler allocated for the largest builds of each family, with the
 # base dtype's bytes and the rank block of the build (fp32 adapters over bf16 unless noted).
 MEASURED_SHARED = [
@@ -113,7 +113,7 @@ def test_shared_memory_estimate_never_below_a_compile(family, tiles, base_bytes,
 
 
 @pytest.mark.parametrize("family, tiles, rank_block", [
-    # builds that spilled in benchmarks.aot_check before the register rule
+    # builds that spilled in tools.aot_check before the register rule
     ("gemm", (8, 3, 128, 256, 64), 128),  # fused_linear sm90, 44 B
     ("gemm", (4, 4, 128, 128, 64), 128),  # grad_input sm90, 580 B
     ("grad_output", (8, 3, 128, 128), 128),  # sm90 lora_fa, 52 B

@@ -260,7 +260,7 @@ _RANK_BYTES, _DOT_BYTES = 4, 2
 def shared_memory_estimate(config, family: str, base_bytes: int, rank_block_: int) -> int:
     """Upper bound of the shared memory a config's kernel uses, bytes: num_stages copies of the
     streamed tiles, plus the rank tiles held for the whole loop. Fitted on what the compiler
-    allocated in benchmarks.aot_check's builds (sm_90a and sm_80, every kernel of the family):
+    allocated in tools.aot_check's builds (sm_90a and sm_80, every kernel of the family):
     never below it, and the closest within ~5%."""
     meta, stages = config.kwargs, config.num_stages
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -355,7 +355,7 @@ def fits(config, family: str, base_bytes: int, rank_block_: int, limit: int,
 
 def fitting_configs(configs, family: str, base_bytes: int, rank_block_: int, limit: int,
                     generation: str = "sm90", dropout: bool = False):
-    """The configs that fit (``fits``); what the autotuner sees, and what benchmarks.aot_check
+    """The configs that fit (``fits``); what the autotuner sees, and what tools.aot_check
     compiles. Every rank up to 128 keeps at least one (tests/test_triton_configs.py); past that
     (a 256-wide rank block) the config with the least shared memory stays if none fits."""
     kept = [c for c in configs

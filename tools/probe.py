@@ -1,6 +1,6 @@
-"""The figures that decide the design, measured next to what benchmarks.model predicts.
+"""The figures that decide the design, measured next to what tools.model predicts.
 
-    python -m benchmarks.probe --out PATH.json [--quick]
+    python -m tools.probe --out PATH.json [--quick]
 
 On a CUDA GPU (< 3 minutes on an H100): the Triton main GEMMs (fused_linear with the rank term
 at r = 1 and s = 0, grad_input likewise) against cuBLAS at 8192x4096x4096 and 8192x4096x11008
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks import model
+from tools import model
 
 SHAPES = (("4096²", 8192, 4096, 4096), ("4096→11008", 8192, 4096, 11008))
 RANKS = (16, 64)
@@ -50,7 +50,7 @@ def cuda_median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
 class Probe:
     """Collects figures: name, predicted ms (model), measured ms (None on a dry run), and the
     cold first call's wall time (compile and autotuning included). ``sink``: called with each
-    row as it is made (benchmarks.first writes it out at once)."""
+    row as it is made (tools.first writes it out at once)."""
 
     def __init__(self, device: torch.device, hw: model.Hardware, code: model.Code, sink=None):
         self.device, self.hw, self.code = device, hw, code
@@ -165,7 +165,7 @@ def _layer(impl: str, k: int, n: int, r: int, method: str, dropout: bool, device
         return base
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
-        from benchmarks.layers import _Holder
+        from tools.layers import _Holder
         layer = get_peft_model(_Holder(base), LoraConfig(
             r=r, lora_alpha=r, target_modules=["proj"], use_dora=dora,
             lora_dropout=DROPOUT_P if dropout else 0.0))
@@ -225,7 +225,7 @@ def probe_layers(probe: Probe, label, m, k, n, r, method, dropout, backends):
 def probe_dora(probe: Probe, label, m, k, n, r, method, dropout):
     """DoRA layers (fwd and fwd+bwd under bf16 autocast): the Triton backend against a bare
     frozen nn.Linear, PEFT's use_dora and the reference backend (what DoRA ran on before);
-    measured only (benchmarks.model has no DoRA passes: predictions are None)."""
+    measured only (tools.model has no DoRA passes: predictions are None)."""
     import importlib.util
     dm, dk, dn = _dims(probe, m, k, n)
     dev = probe.device
@@ -298,9 +298,9 @@ METHODS = ("lora_fa", "lora", "lora_xs")
 
 
 def probe_model(probe: Probe, dry: bool) -> None:
-    """The model benchmark's fastest case (benchmarks/model_level.py): a BERT-style encoder at
+    """The model benchmark's fastest case (tools/model_level.py): a BERT-style encoder at
     RoBERTa-large width, LoRA-FA, bf16 base, lora_dropout 0.05, PEFT against enable_fused."""
-    from benchmarks import model_level as ml
+    from tools import model_level as ml
     shape = ml.PRESETS["tiny" if dry else "compass"].shapes["bert"]
     case = ml.Case("bert", "lora_fa", "bfloat16", 0.05, shape)
     figures = ml.run_case(case, probe.device, warmup=0 if dry else 1, repeats=1 if dry else 5)
@@ -308,7 +308,7 @@ def probe_model(probe: Probe, dry: bool) -> None:
 
 
 def first_groups(probe: Probe, dry: bool) -> list:
-    """(name, callable) groups of benchmarks.first's speed step, most decisive first: the Triton
+    """(name, callable) groups of tools.first's speed step, most decisive first: the Triton
     GEMMs against cuBLAS, then each method against bare and PEFT at 4096², r = 16, dropout off
     and on, the per-kernel breakdown there, QLoRA's 4-bit layer against its dense bf16 twin,
     the model case, DoRA (Triton against bare, PEFT's use_dora and the reference backend), the

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into markdown tables of ratios and a PNG plot.
 
-    python -m benchmarks.report RESULTS.json [--markdown OUT.md] [--plot OUT.png]
+    python -m tools.report RESULTS.json [--markdown OUT.md] [--plot OUT.png]
         [--model-plot OUT.png] [--readme README.md]
 
 --readme rewrites the table between the README's "results" markers with the headline cases

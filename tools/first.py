@@ -1,7 +1,7 @@
 """The first GPU run: what decides the design, in at most seven minutes from a cold Triton cache.
 
-    python -m benchmarks.first NAME [--results DIR] [--budget-s 400] [--dry-run]
-    bash benchmarks/gpu_session.sh first NAME        (the same, from the device tool)
+    python -m tools.first NAME [--results DIR] [--budget-s 400] [--dry-run]
+    bash tools/gpu_session.sh first NAME        (the same, from the device tool)
 
 It runs from the tree as copied, installs nothing, and writes every figure as one JSON line,
 flushed at once, to RESULTS/NAME.first.jsonl and, when $OUT is set, to $OUT/NAME.first.jsonl:
@@ -20,11 +20,11 @@ recorded as such, and a step's groups not started within its budget are recorded
    fp32 base with TF32); the same call twice (kept accumulators); the keep-mask bit for bit
    against the reference at an odd shape.
    Autotuning is ``quick`` here (one fitting config per kernel, no timing).
-3. speed: benchmarks.probe's figures (Triton GEMMs vs cuBLAS, both variants; fwd and fwd+bwd of
+3. speed: tools.probe's figures (Triton GEMMs vs cuBLAS, both variants; fwd and fwd+bwd of
    each method against a bare frozen nn.Linear and PEFT at the compass shapes; QLoRA: the 4-bit
    layer against the same layer over the dequantized bf16 W; DoRA's Triton backend against
    bare, PEFT's use_dora and the reference backend), most decisive first, each next to
-   benchmarks.model's prediction, with the cold first call of each.
+   tools.model's prediction, with the cold first call of each.
 4. cuda: the CUDA extension, built in the background from the start for this GPU's arch alone
    (skipped with the reason where nvcc is missing or its CUDA major differs from torch's), then
    its correctness cases and tests/test_csrc.py's GPU tests with the time left.
@@ -325,7 +325,7 @@ def _timed(sink, step, name, deadline, fn) -> bool:
 
 def step_speed(sink, dry: bool, deadline: float) -> None:
     import torch
-    from benchmarks import model, probe
+    from tools import model, probe
     os.environ.pop("LOWRANK_FUSED_AUTOTUNE", None)  # speed: the real autotuner
     device = torch.device("cpu" if dry else "cuda")
     p = probe.Probe(device, model.Hardware(), model.Code(),
@@ -455,7 +455,7 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
             if os.environ.get("OUT"):
                 shutil.copy(build_log, os.path.join(os.environ["OUT"], os.path.basename(build_log)))
         deadline = time.time() + budget
-        cmd = [sys.executable, "-m", "benchmarks.first", name, "--results", results,
+        cmd = [sys.executable, "-m", "tools.first", name, "--results", results,
                "--step", step, "--deadline", str(deadline - 3)] + (["--dry-run"] if dry else [])
         step_start = time.time()
         try:

@@ -4,19 +4,19 @@
 #
 # A lending of about 15 minutes (machine start included) takes one stage, run first:
 #
-#   bash benchmarks/gpu_session.sh first NAME       # <= 7 min from a cold cache, by its own
+#   bash tools/gpu_session.sh first NAME       # <= 7 min from a cold cache, by its own
 #                                                   # budget: env, correctness, speed, CUDA build
-#                                                   # -> results/NAME.first.jsonl (benchmarks/first.py)
+#                                                   # -> results/NAME.first.jsonl (tools/first.py)
 #
 # It runs from the tree as copied, installs nothing, and writes each figure as it is made.
 # The other stages need the package installed and suit longer lendings, in this order:
 #
-#   bash benchmarks/gpu_session.sh probe NAME       # design-deciding figures -> results/NAME.probe.json
-#   bash benchmarks/gpu_session.sh build            # lowrank_fused._C for this GPU only
-#   bash benchmarks/gpu_session.sh test             # CUDA-tensor correctness of both backends
-#   bash benchmarks/gpu_session.sh bench NAME [-k EXPR]   # throughput + memory -> results/NAME.json
-#   bash benchmarks/gpu_session.sh policy NAME      # report, README table, auto policy from NAME
-#   bash benchmarks/gpu_session.sh all NAME         # the five above, one after the other
+#   bash tools/gpu_session.sh probe NAME       # design-deciding figures -> results/NAME.probe.json
+#   bash tools/gpu_session.sh build            # lowrank_fused._C for this GPU only
+#   bash tools/gpu_session.sh test             # CUDA-tensor correctness of both backends
+#   bash tools/gpu_session.sh bench NAME [-k EXPR]   # throughput + memory -> results/NAME.json
+#   bash tools/gpu_session.sh policy NAME      # report, README table, auto policy from NAME
+#   bash tools/gpu_session.sh all NAME         # the five above, one after the other
 #
 # Dry run (no GPU; what CI does): GPU_SESSION_DRY_RUN=1, or --dry-run as the first argument.
 # Every stage then runs on the CPU with the CPU shapes: GPU-only calls are skipped (build),
@@ -55,7 +55,7 @@ export_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp "$@" "$O
 
 probe() {
   name="${1:?probe NAME}"
-  python -m benchmarks.probe --out "$results/$name.probe.json"
+  python -m tools.probe --out "$results/$name.probe.json"
   gpu_name > "$results/$name.gpu.txt"
   export_out "$results/$name.probe.json" "$results/$name.gpu.txt"
 }
@@ -100,9 +100,9 @@ bench() {
 policy() {
   name="${1:?policy NAME}"
   if [ "$dry" = 1 ]; then cp README.md "$readme"; fi
-  python -m benchmarks.report "$results/$name.json" --markdown "$results/$name.md" \
+  python -m tools.report "$results/$name.json" --markdown "$results/$name.md" \
     --plot "$results/$name.png" --readme "$readme"
-  python -m benchmarks.auto_policy "$results/$name.json" --out "$policy_out"
+  python -m tools.auto_policy "$results/$name.json" --out "$policy_out"
   export_out "$results/$name.md" "$results/$name.png" "$policy_out" "$readme"
 }
 
@@ -110,7 +110,7 @@ first() {
   name="${1:?first NAME}"
   flag=()
   [ "$dry" = 0 ] || flag=(--dry-run)
-  python -m benchmarks.first "$name" --results "$results" "${flag[@]}"
+  python -m tools.first "$name" --results "$results" "${flag[@]}"
 }
 
 case "$stage" in

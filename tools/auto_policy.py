@@ -1,7 +1,7 @@
 """Write the measured per-shape backend policy (lowrank_fused/auto_policy.json) from a GPU run of
 the throughput suite:
 
-    python -m benchmarks.auto_policy RESULTS.json [--out lowrank_fused/auto_policy.json]
+    python -m tools.auto_policy RESULTS.json [--out lowrank_fused/auto_policy.json]
 
 Every case timed for both the "triton" and the "cuda" backend becomes one entry naming the faster,
 with both median times, so the file says what each choice rests on.
@@ -12,13 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.report import load
+from tools.report import load
 from lowrank_fused.policy import BACKENDS
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lowrank_fused" / "auto_policy.json"
 # The one text of the file's "about" (the packaged file's is checked against it in the tests).
 ABOUT = ("Measured per-shape choice of 'auto' between the triton and cuda backends on CUDA "
-         "tensors. Written by: python -m benchmarks.auto_policy RESULTS.json. With no entry for "
+         "tensors. Written by: python -m tools.auto_policy RESULTS.json. With no entry for "
          "a call's GPU architecture, dtype and mode, 'auto' uses triton.")
 
 

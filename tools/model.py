@@ -1,6 +1,6 @@
 """Traffic/FLOP model of each backend's kernel sequence (a prediction, not a measurement).
 
-    python -m benchmarks.model [--set KEY=VALUE ...] [--after KEY=VALUE ...] [--markdown PATH]
+    python -m tools.model [--set KEY=VALUE ...] [--after KEY=VALUE ...] [--markdown PATH]
 
 Every backend is a list of passes (``Pass``: HBM bytes, FLOPs per execution unit, integer ops,
 atomics, programs). A pass takes launch + max(bytes / bandwidth, compute), compute being the
@@ -48,7 +48,7 @@ class Code:
     """What the kernels do today; each field is one kernel's property (kern16's changes land
     here as one-line updates)."""
     # the hash mask (lowrank_fused/dropout.py): integer SASS instructions it adds per element in
-    # the Triton kernels, measured by benchmarks.aot_check for sm_90a (P pass 7.0, dA 6.8, dx
+    # the Triton kernels, measured by tools.aot_check for sm_90a (P pass 7.0, dA 6.8, dx
     # 4.6; the worst is used; the per-element hash before pairs: 13.7; Philox `tl.rand`: 64)
     rng_int_ops: float = 7.0
     # csrc computes keep() per element (one hash each, keys hoisted): the unpaired figure

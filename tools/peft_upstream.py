@@ -1,13 +1,13 @@
 """Run PEFT's own tests twice, plain PEFT and served by lowrank_fused, and compare.
 
-    python -m benchmarks.peft_upstream --peft-tests DIR --select dora|qlora --out FILE.json
+    python -m tools.peft_upstream --peft-tests DIR --select dora|qlora --out FILE.json
 
 DIR is a checkout of PEFT's repository (its ``tests/`` folder is what runs; the installed
 ``peft`` package is what is tested). With ``--peft-git-dir GIT --peft-commit SHA`` a missing DIR
 is made first: ``git --git-dir GIT archive SHA tests pyproject.toml | tar -x -C DIR`` (only the
 tests), and the commit is written to ``DIR/PEFT_COMMIT``.
 
-Each run is one pytest process in DIR with ``-p benchmarks.peft_served_plugin`` (this repository
+Each run is one pytest process in DIR with ``-p tools.peft_served_plugin`` (this repository
 on ``PYTHONPATH``): ``LOWRANK_SERVE_PEFT=0`` for plain PEFT, ``=1`` for served, each writing one
 JSON line per test. PEFT's ``addopts`` (``--cov``, and pytest-cov is not a dependency) are
 cleared with ``-o addopts=``; nothing else of PEFT's configuration or tests changes.
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = "benchmarks.peft_served_plugin"
+PLUGIN = "tools.peft_served_plugin"
 
 #: selection -> PEFT test files, and the name terms that pick (include) and drop (exclude)
 #: tests in them: pytest's ``-k "(a or b) and not (c or d)"`` (case-insensitive substrings of

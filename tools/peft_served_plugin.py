@@ -1,6 +1,6 @@
 """pytest plugin: run PEFT's own test suite with every PEFT LoRA model served by lowrank_fused.
 
-Load it with ``-p benchmarks.peft_served_plugin`` (the worktree on ``sys.path``). Environment:
+Load it with ``-p tools.peft_served_plugin`` (the worktree on ``sys.path``). Environment:
 
 - ``LOWRANK_SERVE_PEFT=1``: serve. ``peft.tuners.tuners_utils.BaseTuner.inject_adapter`` is
   wrapped: after it runs on a model that holds PEFT LoRA layers, ``lowrank_fused.peft.enable_fused``
@@ -70,7 +70,7 @@ def serving_enabled() -> bool:
 def _missing(module: str, name: str):
     def raiser(*args, **kwargs):
         raise ModuleNotFoundError(f"{module} is not installed ({module}.{name} is a stub of "
-                                  "benchmarks.peft_served_plugin)")
+                                  "tools.peft_served_plugin)")
     return raiser
 
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel for sm_90a and sm_80, no GPU needed.
 
-    python -m benchmarks.aot_check [--arch sm90,sm80] [--quick] [--every-target] [--only KERNELS]
+    python -m tools.aot_check [--arch sm90,sm80] [--quick] [--every-target] [--only KERNELS]
                                    [--json PATH] [--report-only]
 
 The kernel launches are discovered by running the Triton backend's forward and backward (and
