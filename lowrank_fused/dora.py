@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, quantized
+from . import dispatch, quantized, stats
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
 from .ops import _without_autocast
@@ -185,8 +185,10 @@ class DoraLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, latent, magnitude, scaling, dropout_p,
-                seed, backend):
+                seed, backend, name=None):
         impl = dispatch.backend_module(backend, x.device)
+        backend_name = impl.__name__.rpartition(".")[2]
+        stats.record(name, backend_name, "forward")
         b_eff = lora_b if latent is None else lora_b @ latent.T
         norm = row_norm(weight, lora_a, b_eff, scaling)
         c = magnitude.detach().to(norm.dtype) / norm
@@ -205,6 +207,7 @@ class DoraLowRank(torch.autograd.Function):
         ctx.c, ctx.norm = c, norm  # N-vectors, not activations of size M
         ctx.scaling, ctx.dropout, ctx.impl = scaling, dropout, impl
         ctx.m_dtype = magnitude.dtype
+        ctx.name, ctx.backend_name = name, backend_name
         return y
 
     @staticmethod
@@ -217,6 +220,7 @@ class DoraLowRank(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
         if need_w:
             raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")
+        stats.record(ctx.name, ctx.backend_name, "backward")
         # autocast off, as in the plain backward: the products keep the saved tensors' dtypes
         dx, da, db, dr, dbias, dm = _without_autocast(
             grad_y, ctx.impl.dora_backward, grad_y.contiguous(), x, p, z, weight, lora_a, lora_b, latent, ctx.scaling,
@@ -225,4 +229,4 @@ class DoraLowRank(torch.autograd.Function):
             need_m=need_m, z_is_output=ctx.z_from_y)
         if dm is not None:
             dm = dm.to(ctx.m_dtype)
-        return dx, None, dbias, da, db, dr, dm, None, None, None, None
+        return dx, None, dbias, da, db, dr, dm, None, None, None, None, None

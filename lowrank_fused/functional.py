@@ -26,6 +26,7 @@ def low_rank_linear(
     backend: str = "auto",
     dropout_seed: Optional[int] = None,
     magnitude: Optional[Tensor] = None,
+    name: Optional[str] = None,
 ) -> Tensor:
     """y = x·Wᵀ + bias + scaling · dropout(x)·Aᵀ·R·Bᵀ, forward and backward fused.
 
@@ -55,6 +56,8 @@ def low_rank_linear(
             CUDA extension has no DoRA kernels) and "auto" on CUDA tensors
             (``dispatch.dora_choice``); over a 4-bit weight (QDoRA: the norm's terms of W from
             W dequantized once and cached while it is unchanged) on the reference backend.
+        name: a label for the call counts of ``lowrank_fused.stats`` (a layer's module name);
+            None counts the call as unnamed.
 
     Adapters (lora_a, lora_b, latent) share one dtype, which may differ from x's (fp32
     adapters on a bf16 base, as PEFT keeps them); y has x's dtype and every gradient its own
@@ -82,7 +85,7 @@ def low_rank_linear(
     if magnitude is not None:
         return _dora_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent, scaling=scaling,
                             dropout_p=dropout_p, training=training, backend=backend,
-                            dropout_seed=dropout_seed, magnitude=magnitude)
+                            dropout_seed=dropout_seed, magnitude=magnitude, name=name)
     four_bit = quantized.is_4bit(weight)
     compiling = torch.compiler.is_compiling()
     if four_bit and compiling:
@@ -90,7 +93,7 @@ def low_rank_linear(
         # lost): a 4-bit call runs eagerly, a graph break (fullgraph=True refuses it).
         return _eager_low_rank_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent,
                                       scaling=scaling, dropout_p=dropout_p, training=training,
-                                      backend=backend, dropout_seed=dropout_seed)
+                                      backend=backend, dropout_seed=dropout_seed, name=name)
     if compiling or _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
     if compiling or four_bit:  # a quant state can change between calls: checked each call
@@ -111,15 +114,15 @@ def low_rank_linear(
     if compiling:
         # The custom ops: torch.compile traces them without graph breaks.
         seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
-        y2d, _ = forward_op(rows, *args, seed, choice)
+        y2d, _ = forward_op(rows, *args, seed, choice, name)
     else:
         # Eager: the same code through an autograd.Function, without the dispatcher's cost;
         # with nothing to differentiate, the forward alone.
         seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
         if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, latent):
-            y2d, _ = EagerLowRank.apply(rows, *args, seed, choice)
+            y2d, _ = EagerLowRank.apply(rows, *args, seed, choice, name)
         else:
-            y2d, _ = run_forward(rows, *args, seed, choice)
+            y2d, _ = run_forward(rows, *args, seed, choice, name=name)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
 
 
@@ -128,7 +131,7 @@ _eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
 
 @torch.compiler.disable  # eager under torch.compile (a graph break): no custom op for DoRA yet
 def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p, training,
-                 backend, dropout_seed, magnitude):
+                 backend, dropout_seed, magnitude, name=None):
     four_bit = quantized.is_4bit(weight)
     if _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
@@ -144,7 +147,7 @@ def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p,
     # plain operator (under autocast P came out in the autocast dtype and the backward's
     # products then mixed dtypes)
     y2d = _without_autocast(x, dora.DoraLowRank.apply, rows, weight, bias, lora_a, lora_b,
-                            latent, magnitude, float(scaling), dropout_p, seed, choice)
+                            latent, magnitude, float(scaling), dropout_p, seed, choice, name)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, quantized, verification
+from . import dispatch, quantized, stats, verification
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError
 
@@ -66,10 +66,17 @@ def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
     return (weight.dtype, rows.shape[0], n, k, lora_a.shape[0])
 
 
-def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+def backend_name(impl) -> str:
+    """"reference", "triton" or "cuda": the name of a backend module."""
+    return impl.__name__.rpartition(".")[2]
+
+
+def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                name=None):
     """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
     tagged = dispatch.is_policy_tag(backend)  # only a policy tag needs the shape
     impl = dispatch.backend_module(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
+    stats.record(name, backend_name(impl), "forward")
     return _without_autocast(x, verification.forward, impl, x, weight, bias, lora_a,
                              effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed),
                              has_latent=latent is not None)
@@ -78,23 +85,26 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, see
 @torch.library.custom_op("lowrank_fused::forward", mutates_args=())
 def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
-               seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+               seed: Optional[Tensor], backend: str, name: Optional[str] = None
+               ) -> tuple[Tensor, Tensor]:
     """(y, P) for 2-D x; ``backend`` comes from dispatch.call_choice, ``seed`` is a 1-element
-    int64 tensor, or None without dropout."""
-    return run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
+    int64 tensor, or None without dropout; ``name`` labels the call in ``stats``."""
+    return run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                       name)
 
 
 @forward_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name=None):
     return (x.new_empty((x.shape[0], quantized.shape(weight)[0])),
             lora_a.new_empty((x.shape[0], lora_a.shape[0])))
 
 
 def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                 need_x, need_a, need_b, need_latent, need_bias) -> tuple:
+                 need_x, need_a, need_b, need_latent, need_bias, name=None) -> tuple:
     """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
     op, shared with the eager path."""
     impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
+    stats.record(name, backend_name(impl), "backward")
     dx, da, db, dr, dbias = _without_autocast(
         grad_y, verification.backward, impl, grad_y, x, p, weight, lora_a, lora_b, scaling,
         _dropout(dropout_p, seed), latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
@@ -106,17 +116,17 @@ def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_
 def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
                 lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
                 dropout_p: float, seed: Optional[Tensor], backend: str, need_x: bool,
-                need_a: bool, need_b: bool, need_latent: bool, need_bias: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                need_a: bool, need_b: bool, need_latent: bool, need_bias: bool,
+                name: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
     grads = run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed,
-                         backend, need_x, need_a, need_b, need_latent, need_bias)
+                         backend, need_x, need_a, need_b, need_latent, need_bias, name)
     return tuple(t if t is not None else grad_y.new_empty(0) for t in grads)
 
 
 @backward_op.register_fake
 def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-      need_x, need_a, need_b, need_latent, need_bias):
+      need_x, need_a, need_b, need_latent, need_bias, name=None):
     def maybe(needed, like, shape):
         return like.new_empty(shape if needed else (0,))
     return (maybe(need_x, grad_y, (grad_y.shape[0], quantized.shape(weight)[1])),
@@ -128,7 +138,7 @@ def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, ba
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend = inputs
+    x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name = inputs
     _, p = output
     need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
     ctx.save_for_backward(
@@ -136,7 +146,7 @@ def _setup_context(ctx, inputs, output):
         p if (need_b or need_latent) else None,
         weight, lora_a, lora_b, latent,  # parameters: no activation memory
     )
-    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.scaling, ctx.dropout_p, ctx.backend, ctx.name = scaling, dropout_p, backend, name
     ctx.seed = seed  # kept off save_for_backward: one integer, not an activation
 
 
@@ -161,12 +171,13 @@ def _backward(ctx, grad_y, grad_p, backward_fn=None):
     grad_y = grad_y.contiguous()
     outs = (backward_fn or backward_op)(
         grad_y, x, p, weight, lora_a, lora_b, latent, ctx.scaling, ctx.dropout_p, ctx.seed,
-        ctx.backend, need_x, need_a, need_b, need_latent and latent is not None, need_bias)
+        ctx.backend, need_x, need_a, need_b, need_latent and latent is not None, need_bias,
+        ctx.name)
     dx, da, db, dr, dbias = (g if needed else None for g, needed in
                              zip(outs, (need_x, need_a, need_b, need_latent, need_bias)))
     # W is frozen by design; if a caller unfroze it, its gradient is one plain GEMM.
     dw = (grad_y.T @ x).to(weight.dtype) if need_w else None
-    return dx, dw, dbias, da, db, dr, None, None, None, None
+    return dx, dw, dbias, da, db, dr, None, None, None, None, None
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -179,8 +190,9 @@ class EagerLowRank(torch.autograd.Function):
 
     # forward takes ctx (no setup_context): apply() then skips binding arguments by signature.
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
-        inputs = (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                name):
+        inputs = (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name)
         output = run_forward(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])

@@ -45,9 +45,11 @@ def counting_ops():
     calls = []
     real = ops.run_forward
 
-    def counted(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend):
+    def counted(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                name=None):
         calls.append((scaling, dropout_p, lora_a.shape[0]))
-        return real(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend)
+        return real(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+                    name)
 
     real_dora = reference.dora_forward
 

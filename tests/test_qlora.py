@@ -177,8 +177,8 @@ def test_4bit_calls_take_triton_when_asked_and_the_reference_on_cpu(backend, mon
     seen = []
     real = ops.run_forward
     monkeypatch.setattr(lf.functional, "run_forward",
-                        lambda *a: seen.append(a[-1]) or real(*a))
-    monkeypatch.setattr(ops, "run_forward", lambda *a: seen.append(a[-1]) or real(*a))
+                        lambda *a, **k: seen.append(a[9]) or real(*a, **k))
+    monkeypatch.setattr(ops, "run_forward", lambda *a, **k: seen.append(a[9]) or real(*a, **k))
     weight = params4bit()
     lora_a, lora_b, _ = adapters("lora_fa")
     lf.low_rank_linear(torch.randn(2, K), weight, lora_a.detach(), lora_b.detach(),
