@@ -259,7 +259,7 @@ def test_4bit_calls_reach_the_triton_backend_and_qdora_stays_on_the_reference(mo
     chosen = []
     real_apply = dora.DoraLowRank.apply
     monkeypatch.setattr(dora.DoraLowRank, "apply",
-                        lambda *a: chosen.append(a[-1]) or real_apply(*a))
+                        lambda *a: chosen.append(a[-2]) or real_apply(*a))
     magnitude = torch.ones(N, requires_grad=True)
     y = lf.low_rank_linear(case.x, weight, case.lora_a, case.lora_b, magnitude=magnitude,
                            backend="triton")
