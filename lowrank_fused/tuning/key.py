@@ -19,6 +19,7 @@ METHODS = ("lora", "lora_fa", "lora_xs")
 # a cache entry naming anything else is malformed.
 FLAGS = ("bias", "dropout", "dora", "4bit", "needs_dx", "deterministic")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_DIM = 2**40  # far above any real M, N, K or r; bounds what a cache file may claim
 _SEPARATOR = "|"
 
 
@@ -60,8 +61,8 @@ class TuningKey:
                             f"from {FLAGS})")
         for field in ("m", "n", "k", "r"):
             value = getattr(self, field)
-            if type(value) is not int or value < 1:
-                problems.append(f"{field} {value!r} (expected an int >= 1)")
+            if type(value) is not int or not 1 <= value <= MAX_DIM:
+                problems.append(f"{field} {value!r} (expected an int in [1, 2**40])")
         if type(self.m) is int and self.m >= 1 and self.m != m_bucket(self.m):
             problems.append(f"m {self.m} (expected a power of two: M is bucketed)")
         if problems:
@@ -92,7 +93,7 @@ class TuningKey:
         if len(parts) != 9:
             raise ValueError(f"a tuning key id has 9 fields separated by '|', got {text!r}")
         op, dtype, adapter_dtype, method, flags, *dims = parts
-        if not all(re.fullmatch(r"[1-9][0-9]{0,9}", d) for d in dims):
+        if not all(re.fullmatch(r"[1-9][0-9]{0,12}", d) for d in dims):
             raise ValueError(f"tuning key {text!r}: M, N, K, r must be positive integers")
         key = cls(op, dtype, adapter_dtype, method, tuple(flags.split("+")) if flags else (),
                   *map(int, dims))

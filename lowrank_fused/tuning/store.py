@@ -110,7 +110,7 @@ def read_json(path: Path):
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (yet)
         return None, None
     except OSError as err:
         return None, f"cannot read {path}: {err}"
