@@ -516,8 +516,13 @@ def test_under_tracing_nothing_is_timed_and_the_default_is_not_remembered(make_t
 def test_untimed_by_request_uses_what_is_recorded_else_the_default(make_tuner):
     tuner, calls = make_tuner(), []
     runs = contenders(make_tuner.clock, {"triton": 2.0, "reference": 1.0}, calls)
-    assert tuner.decide(key(), runs, untimed="LOWRANK_FUSED_AUTOTUNE=quick") == "triton"
+    seen = []
+    tuner.add_listener(seen.append)
+    for _ in range(2):
+        assert tuner.decide(key(), runs, untimed="LOWRANK_FUSED_AUTOTUNE=quick") == "triton"
     assert calls == [] and tuner.report()[0]["note"] == "LOWRANK_FUSED_AUTOTUNE=quick"
+    assert len(seen) == 1 and tuner.decided(key()) is None  # reported once, not remembered
+    assert tuner.decide(key(), runs) == "reference" and tuner.decided(key()) == "reference"
 
 
 def test_under_graph_capture_a_new_key_raises_capture_error_and_a_decided_one_does_not(

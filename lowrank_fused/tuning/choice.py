@@ -144,15 +144,24 @@ class Tuner:
         with self._lock:
             return self._decide(key, contenders, names, env, device, default, untimed)
 
+    def decided(self, key: TuningKey, device=None) -> Optional[str]:
+        """The winner this process already settled for ``key``, else None: the cheap check a
+        caller makes before building contenders."""
+        return self._memo.get((self.environment(device).digest, key))
+
     def _decide(self, key, contenders, names, env, device, default, untimed) -> str:
         memo_key = (env.digest, key)
+        if untimed is None and tracing():
+            untimed = "torch.compile is tracing"
+        previous = self._rows.get(memo_key)
+        if (previous is not None and previous.source == UNTIMED and untimed is not None
+                and (previous.note, previous.winner) == (untimed, default)):
+            return default  # reported once already
         if len(names) == 1:
             return self._settle(memo_key, Decision(key, env.gpu, names, {}, names[0], ONLY))
         recorded = self._recorded(key, names, env, device)
         if recorded is not None:
             return self._settle(memo_key, recorded)
-        if untimed is None and tracing():
-            untimed = "torch.compile is tracing"
         if untimed is not None:
             decision = Decision(key, env.gpu, names, {}, default, UNTIMED, untimed)
             self._rows[memo_key] = decision  # reported, not remembered: an eager call may time
