@@ -452,6 +452,33 @@ def test_the_shipped_table_is_used_when_the_local_cache_misses(make_tuner, tmp_p
     assert local.report()[0]["source"] == "local cache"
 
 
+@pytest.mark.parametrize("text", [
+    "not json",
+    json.dumps({"schema": "lowrank_fused.tuning-table/1", "about": "", "gpus": [dict(
+        name=H100.gpu, model="H100", capability="9.0", measured_with={}, source=None,
+        winners={key().id: {"winner": "evil", "times_ms": {"evil": 0.0}}}, kernels={})]}),
+])
+def test_a_damaged_shipped_table_is_ignored_with_one_warning(make_tuner, tmp_path, text):
+    table = tmp_path / "bad-table.json"
+    table.write_text(text)
+    tuner = make_tuner(table=table)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for op in ("forward", "backward"):
+            tuner.decide(key(op), contenders(make_tuner.clock, {"triton": 1.0, "reference": 2.0},
+                                             []))
+    assert len([w for w in caught if issubclass(w.category, TuningCacheWarning)]) == 1
+    assert {row["source"] for row in tuner.report()} == {"timed now"}
+
+
+def test_the_cache_lives_under_tritons_cache_directory_unless_moved(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOWRANK_FUSED_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert tuning.cache_dir() == tmp_path / "triton" / "lowrank_fused"
+    monkeypatch.setenv("LOWRANK_FUSED_CACHE_DIR", str(tmp_path / "mine"))
+    assert tuning.cache_dir() == tmp_path / "mine"
+
+
 def test_the_table_builder_refuses_a_damaged_cache_and_leaves_the_table(tmp_path, capsys):
     from tools import tuning_table
     bad = tmp_path / "bad.json"

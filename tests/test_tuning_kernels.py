@@ -145,3 +145,19 @@ def test_precompile_configs_compiles_each_candidate_with_the_launch_arguments():
     assert parallel.precompile_configs(Launch(), CONFIGS, {"HAS_DROPOUT": True}, workers=2)
     assert [(s["BLOCK"], s["num_warps"], s["HAS_DROPOUT"], s["n"], s["grid"]) for s in seen] == [
         (64, 4, True, 4, (1,)), (128, 8, True, 4, (1,))]
+
+
+def test_the_gemm_variant_is_remembered(tuner):
+    from lowrank_fused.tuning.autotune import remembered_variant
+    timed = []
+
+    def time_variants():
+        timed.append(1)
+        return {"tiled": 0.9, "tma": 0.8}
+    assert remembered_variant("fused_linear", torch.bfloat16, 8192, time_variants,
+                              tuner=tuner()) == "tma"
+    assert remembered_variant("fused_linear", torch.bfloat16, 8192, time_variants,
+                              tuner=tuner()) == "tma"
+    assert timed == [1]  # the second Tuner (a new process) restored it
+    assert remembered_variant("fused_linear", torch.float16, 8192,
+                              lambda: {"tiled": 0.7, "tma": None}, tuner=tuner()) == "tiled"

@@ -10,9 +10,9 @@ makes them all before training. Modules, one job each: ``key`` (what a choice is
 under tracing or graph capture), ``choice`` (the Tuner), ``autotune`` (persisting the kernels'
 autotuner configs), ``parallel`` (compiling in parallel), ``cold_start`` (``warmup``).
 
-The entry points the dispatcher needs: ``decide(key, contenders, device=..., default=...,
-untimed=...)`` and ``TuningKey.of(...)``; the kernels: ``PersistentAutotuner`` and
-``kernel_choice``.
+The entry points the dispatcher needs: ``TuningKey.of(...)``, ``tuner().decided(key)`` and
+``decide(key, contenders, device=..., default=..., untimed=...)``; the Triton backend installs
+``autotune.restore_or_tune`` and ``autotune.remembered_variant`` as the kernels' hooks.
 """
 from __future__ import annotations
 
