@@ -39,7 +39,7 @@ class Environment:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @property
+    @functools.cached_property  # read on every decision: computed once
     def digest(self) -> str:
         """16 hex digits naming this environment (the cache file's name)."""
         text = json.dumps(self.as_dict(), sort_keys=True)
@@ -103,10 +103,16 @@ def _package_version() -> str:
 
 def current(device: Optional[torch.device] = None) -> Environment:
     """The environment of ``device`` (a CUDA device, or anything else for "cpu")."""
-    device = torch.device(device) if device is not None else None
+    if device is not None and not isinstance(device, torch.device):
+        device = torch.device(device)
     if device is not None and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _cuda_environment(index)
+    return _cpu_environment()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_environment() -> Environment:
     return Environment("cpu", "", "none", "none", torch.__version__, _triton_version(),
                        _package_version(), source_digest())
 
