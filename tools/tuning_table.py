@@ -1,5 +1,6 @@
-"""Write the shipped tuning table (lowrank_fused/tuning/shipped_table.json) from the local
-tuning caches of GPU runs:
+"""Write the shipped tuning table from the local tuning caches of GPU runs.
+
+The table is lowrank_fused/tuning/shipped_table.json:
 
     python -m tools.tuning_table CACHE.json [CACHE.json ...] [--out PATH] [--source TEXT]
 
