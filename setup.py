@@ -11,7 +11,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["lowrank_fused", "lowrank_fused.backends", "lowrank_fused.peft",
-            "lowrank_fused.triton_kernels"]
+            "lowrank_fused.tuning", "lowrank_fused.triton_kernels"]
 # triton_kernels/ installs as lowrank_fused.triton_kernels: a top-level `triton_kernels` is taken.
 PACKAGE_DIR = {"lowrank_fused.triton_kernels": "triton_kernels"}
 

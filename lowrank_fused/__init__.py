@@ -14,10 +14,12 @@ from .initialization import (  # noqa: E402
     kaiming_uniform_a_, lora_xs_factors, lora_xs_latent, truncated_svd)
 from .layer import METHODS, LowRankLinear, scaling_for  # noqa: E402
 from .surgery import LowRankSummary, apply_low_rank, count_parameters  # noqa: E402
+from .tuning import tuning_report, warmup  # noqa: E402
 
 __all__ = [
     "low_rank_linear", "LowRankLinear", "apply_low_rank", "LowRankSummary", "count_parameters",
     "available_backends", "BackendUnavailableError", "DoubleBackwardError", "METHODS", "scaling_for",
     "kaiming_uniform_a_", "lora_xs_factors", "lora_xs_latent", "truncated_svd",
+    "tuning_report", "warmup",
 ]
 __version__ = "0.1.0"
