@@ -33,7 +33,7 @@ Backward (G = ∂L/∂y as (M, N); G_c = c ⊙ G, G itself for the plain operato
     dx    = G·W + D ⊙ dx̃                      (no dropout, DoRA: G_c·W + dP·A)
     dbias = Σ_rows G
     dm    = Σ_rows G ⊙ (x̃·Wᵀ + s·P·B_effᵀ) / ‖W + s·B_eff·A‖_row      DoRA
-    dW    = Gᵀ·x + ((c − 1) ⊙ G)ᵀ·x̃    (W is frozen in every method; for a caller that unfreezes it)
+    dW    = Gᵀ·x + ((c − 1) ⊙ G)ᵀ·x̃   (W is frozen in every method: for a caller who unfreezes it)
 """
 from __future__ import annotations
 
