@@ -19,7 +19,8 @@ Forward (B_eff = B·Rᵀ, so P·R·Bᵀ = P·B_effᵀ):
     P = x̃·Aᵀ                                          (M, r): kept instead of x when A is frozen
     y = x·Wᵀ + bias + s·P·B_effᵀ                                        the plain operator
     y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ                  DoRA (PEFT's rule)
-        c = m / ‖W + s·B_eff·A‖_row, the norm detached (DoRA §4.3): a constant to the gradients.
+        c = m / ‖W + s·B_eff·A‖_row (N,), scaling output column n by c_n; the norm detached
+        (DoRA §4.3): a constant to the gradients.
         Without dropout (x̃ = x) this is c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias; with c = 1 it is the
         plain operator.
 

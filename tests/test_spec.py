@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowrank_fused import spec
+from lowrank_fused.dropout import quantised_p
 
 K, N, R = 11, 9, 4
 TIGHT = dict(rtol=1e-12, atol=1e-12)
@@ -91,7 +92,7 @@ class _SameMask(nn.Module):
         self.keep, self.p = keep, p
 
     def forward(self, t):
-        return t * self.keep.to(t.dtype) / (1.0 - spec.dropout.quantised_p(self.p))
+        return t * self.keep.to(t.dtype) / (1.0 - quantised_p(self.p))
 
 
 def _peft_layer(dora, bias, p):
