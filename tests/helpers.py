@@ -1,4 +1,4 @@
-"""Shared test helpers: the naive composition the operator must equal, and case builders."""
+"""Shared test helpers: case builders, and the spec (lowrank_fused.spec) as the one oracle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from lowrank_fused.backends import reference
-from lowrank_fused.dropout import DropoutSpec, quantised_p
+from lowrank_fused import spec
+from lowrank_fused.dropout import quantised_p
 
 # Which operator inputs train, per case; x's own flag is set separately.
 TRAINABLE = {
@@ -59,7 +59,9 @@ def make_case(m_shape, k, n, r, *, trainable=TRAINABLE["lora"], bias=True, laten
 
 
 def naive_forward(case: Case, keep_mask=None, p: float = 0.0) -> torch.Tensor:
-    """Plain torch composition: y = x Wᵀ + b + s·dropout(x) Aᵀ R Bᵀ."""
+    """PyTorch's low-precision run of the operator's math in the dtypes the backends keep (the
+    low-rank branch in the adapters' dtype, added in x's): y = x Wᵀ + b + s·dropout(x) Aᵀ R Bᵀ.
+    A ``torch_low`` of the tolerance rule; the truth is ``spec_results``."""
     x = case.x
     x_lr = x if keep_mask is None else x * keep_mask / (1.0 - quantised_p(p))
     p_act = x_lr.to(case.lora_a.dtype) @ case.lora_a.T
@@ -71,21 +73,45 @@ def naive_forward(case: Case, keep_mask=None, p: float = 0.0) -> torch.Tensor:
     return y
 
 
-def as_float64(case: Case) -> Case:
-    """The same case with every tensor's values in float64 (same trainable flags, strides of
-    x kept only as far as ``double()`` keeps them)."""
-    def up(t):
-        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-    return Case(x=up(case.x), weight=up(case.weight), lora_a=up(case.lora_a),
-                lora_b=up(case.lora_b), bias=up(case.bias), latent=up(case.latent),
-                scaling=case.scaling)
-
-
-def reference_keep_mask(p: float, seed: int, shape, device="cpu"):
-    return reference.dropout_keep_mask(DropoutSpec(p, seed), shape, torch.device(device))
-
-
 def grads_of(out: torch.Tensor, grad_out: torch.Tensor, tensors: dict) -> dict:
     wanted = {k: v for k, v in tensors.items() if v.requires_grad}
     got = torch.autograd.grad(out, list(wanted.values()), grad_out, allow_unused=True)
     return dict(zip(wanted.keys(), got))
+
+
+def grad_output(shape, dtype: torch.dtype) -> torch.Tensor:
+    """The tests' ∂L/∂y: fixed values (seed 3) rounded to ``dtype``, on the CPU (callers move
+    it: ``.to(y)``), so a backend's run and the spec's see the same values."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float32).to(dtype)
+
+
+SPEC_GRADIENT = dict(x="dx", weight="dw", lora_a="da", lora_b="db", latent="dr", bias="dbias",
+                     magnitude="dm")
+
+
+def spec_results(tensors: dict, grad_y: Optional[torch.Tensor] = None, *, scaling: float,
+                 p: float = 0.0, seed: Optional[int] = None,
+                 dtype: torch.dtype = torch.float64) -> dict:
+    """The spec's y (key "y") and the gradient of each tensor that requires grad (keyed by its
+    name) for ``grad_y``, from ``tensors`` (x, weight, lora_a, lora_b, and bias, latent,
+    magnitude where present; a 4-bit weight dequantized by the caller) cast to ``dtype``: in
+    float64, the truth every backend is held to. The keep-mask is the project's for ``seed``."""
+    t = {name: v.detach().to(dtype) for name, v in tensors.items() if v is not None}
+    keep = spec.keep_mask(t["x"].shape, seed, p, t["x"].device) if p else None
+    kwargs = dict(bias=t.get("bias"), latent=t.get("latent"), magnitude=t.get("magnitude"),
+                  scaling=scaling, keep=keep, dropout_p=p)
+    operands = (t["x"], t["weight"], t["lora_a"], t["lora_b"])
+    y, _ = spec.forward(*operands, **kwargs)
+    out = {"y": y}
+    trainable = [name for name, v in tensors.items() if v is not None and v.requires_grad]
+    if trainable and grad_y is not None:
+        grads = spec.backward(grad_y.to(y), *operands, **kwargs)
+        out.update({name: getattr(grads, SPEC_GRADIENT[name]) for name in trainable})
+    return out
+
+
+def case_spec_results(case: Case, grad_y=None, p: float = 0.0, seed: Optional[int] = None,
+                      dtype: torch.dtype = torch.float64) -> dict:
+    """``spec_results`` for a ``Case``."""
+    return spec_results(case.tensors(), grad_y, scaling=case.scaling, p=p, seed=seed, dtype=dtype)

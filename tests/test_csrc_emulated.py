@@ -356,10 +356,12 @@ def test_cuda_backend_glue_with_a_latent_matches_reference(cuda_backend, dtype, 
 
 
 def check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic, with_latent=False):
-    """The cuda backend against the float64 reference backend, within the tolerance rule; the
-    reference draws its own mask, which is the kernels' mask bit for bit. Over a 16-bit base the
-    kernels multiply the low-rank operands in the base's dtype, so PyTorch's low-precision run of
-    the same math is the reference with the adapters in the base dtype (as in test_triton.py)."""
+    """The cuda backend against the spec in float64, within the tolerance rule; the spec takes
+    the mask of the project's definition, which is the kernels' mask bit for bit. Over a 16-bit
+    base the kernels multiply the low-rank operands in the base's dtype, so PyTorch's
+    low-precision run of the same math is the reference with the adapters in the base dtype (as
+    in test_triton.py)."""
+    from lowrank_fused import spec
     from lowrank_fused.backends import reference
     from lowrank_fused.dropout import DropoutSpec
 
@@ -376,7 +378,6 @@ def check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic, with_
     results = {}
     runs = (("reference", reference, lambda t: t, lambda t: t),
             ("same math", reference, lambda t: t, adapters_in_base),
-            ("float64", reference, torch.Tensor.double, torch.Tensor.double),
             ("cuda", cuda_backend, lambda t: t, lambda t: t))
     for name, backend, cast, cast_adapter in runs:
         x_, w_, bias_, g_ = map(cast, (x, weight, bias, grad_y))
@@ -393,6 +394,14 @@ def check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic, with_
             torch.use_deterministic_algorithms(False)
         results[name] = {what: t for what, t in zip(("y", "p", "dx", "da", "db", "dr", "dbias"),
                                                     (y, saved_p) + grads) if t is not None}
+    x64, w64, bias64, g64, a64, b64 = (t.double()
+                                       for t in (x, weight, bias, grad_y, lora_a, lora_b))
+    truth = dict(bias=bias64, latent=latent.double() if with_latent else None, scaling=scaling,
+                 keep=spec.keep_mask(x.shape, 17, p) if p else None, dropout_p=p)
+    y64, p64 = spec.forward(x64, w64, a64, b64, **truth)
+    grads64 = spec.backward(g64, x64, w64, a64, b64, **truth)
+    results["float64"] = dict(y=y64, p=p64, dx=grads64.dx, da=grads64.da, db=grads64.db,
+                              dr=grads64.dr, dbias=grads64.dbias)
     assert ("dr" in results["cuda"]) == with_latent
     for what, torch_low in results["same math"].items():
         got = results["cuda"][what]
@@ -508,6 +517,7 @@ def test_a_failed_launch_raises_through_the_backend(cuda_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
     """No bias: y is allocated uninitialised and the low-rank GEMM must not read it (beta = 0)."""
+    from lowrank_fused import spec
     from lowrank_fused.backends import reference
     from lowrank_fused.dropout import DropoutSpec
 
@@ -523,6 +533,6 @@ def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
         got, _ = cuda_backend.forward(x, weight, None, lora_a, lora_b, scaling, dropout)
     same_math = [t.to(dtype) for t in (lora_a, lora_b)]  # adapters in the base dtype
     torch_low, _ = reference.forward(x, weight, None, *same_math, scaling, dropout)
-    want64, _ = reference.forward(*(t.double() for t in (x, weight)), None,
-                                  *(t.double() for t in (lora_a, lora_b)), scaling, dropout)
+    want64, _ = spec.forward(*(t.double() for t in (x, weight, lora_a, lora_b)), scaling=scaling,
+                             keep=spec.keep_mask(x.shape, 17, p) if p else None, dropout_p=p)
     assert_kernel_close(got, want64, torch_low, "y", dtype)

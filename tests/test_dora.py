@@ -1,17 +1,16 @@
-"""DoRA (``magnitude=``): the factored row norm and its cache, and the operator against a float64
-dense PEFT-style formula for y and every gradient."""
+"""DoRA (``magnitude=``): the factored row norm and its cache, and the operator against the spec
+(lowrank_fused.spec: PEFT's rule, dense, in float64) for y and every gradient."""
 import pytest
 import torch
 
 import lowrank_fused as lf
-from lowrank_fused import dora
-from lowrank_fused.backends.reference import dropout_keep_mask
-from lowrank_fused.dropout import DropoutSpec
+from helpers import spec_results
+from lowrank_fused import dora, spec
 from lowrank_fused.saved_activations import SavedActivations
 
 
 def _dense_norm64(w, a, b, s):
-    return (w.double() + s * b.double() @ a.double()).norm(dim=1)
+    return spec.row_norm(w.double(), a.double(), b.double(), s)
 
 
 def test_row_norm_matches_float64_dense():
@@ -69,24 +68,15 @@ def test_norm_cache_follows_versions():
     assert len(dora._weight_a_cache) == 0                     # trainable A: not cached
 
 
-def _dense_dora64(x, w, bias, a, b, m, s, mask=None, latent=None):
-    """PEFT's DoRA on float64 leaves: returns y and the leaves (x, a, b, m, bias, latent)."""
-    leaves = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
-              for t in (x, a, b, m, bias, latent)]
-    x64, a64, b64, m64, bias64, r64 = leaves
-    w64 = w.double()
-    b_eff = b64 if r64 is None else b64 @ r64.T
-    norm = (w64 + s * b_eff @ a64).norm(dim=1).detach()
-    c = m64 / norm
-    base = x64 @ w64.T
-    if mask is None:
-        y = base + (c - 1) * base + c * s * ((x64 @ a64.T) @ b_eff.T)
-    else:
-        xd = x64 * mask
-        y = base + (c - 1) * (xd @ w64.T) + c * s * ((xd @ a64.T) @ b_eff.T)
-    if bias64 is not None:
-        y = y + bias64
-    return y, leaves
+GRADIENT_ORDER = ("x", "lora_a", "lora_b", "magnitude", "bias", "latent")
+
+
+def _spec64(x, w, bias, a, b, m, s, g=None, p=0.0, seed=None, latent=None):
+    """The spec in float64 (PEFT's DoRA rule, the project's mask for ``seed``): y, and for ∂L/∂y
+    = ``g`` the gradients of (x, a, b, m, bias, latent), None where a tensor needs none."""
+    tensors = dict(x=x, weight=w, lora_a=a, lora_b=b, bias=bias, latent=latent, magnitude=m)
+    out = spec_results(tensors, g, scaling=s, p=p, seed=seed)
+    return out["y"], [out.get(name) for name in GRADIENT_ORDER]
 
 
 def _case(method, dropout, three_d=False, dtype=torch.float32, seed=0):
@@ -111,22 +101,15 @@ def test_operator_matches_dense_float64(method, dropout, three_d):
     s, seed = 1.5, 1234
     y = lf.low_rank_linear(x, w, a, b, bias=bias, latent=latent, scaling=s, dropout_p=dropout,
                            dropout_seed=seed, magnitude=m)
-    mask = None
-    if dropout:
-        spec = DropoutSpec(dropout, seed)
-        rows = x.reshape(-1, x.shape[-1])
-        mask = (dropout_keep_mask(spec, rows.shape, x.device).double() * spec.keep_scale
-                ).reshape(x.shape)
-    want, leaves = _dense_dora64(x, w, bias, a, b, m, s, mask, latent)
+    g = torch.randn(*x.shape[:-1], w.shape[0], dtype=torch.float64)
+    want, grads = _spec64(x, w, bias, a, b, m, s, g, dropout, seed, latent)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(want)
     y.backward(g.to(y.dtype))
-    want.backward(g)
-    for ours, ref in zip((x, a, b, m, bias, latent), leaves):
+    for ours, ref in zip((x, a, b, m, bias, latent), grads):
         if ours is None or not ours.requires_grad:
             continue
         assert ours.grad is not None
-        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.grad.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def _run_operator(x, w, bias, a, b, m, s, dropout, seed, g):
@@ -164,24 +147,18 @@ def test_row_chunks_match_float64(monkeypatch, method, dropout, with_bias, dtype
     tight = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for y in (y_rows, y_four):
         torch.testing.assert_close(y.double(), y_whole.double(), **tight)
-    mask = None
-    if dropout:
-        spec = DropoutSpec(dropout, seed)
-        mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
-    want, leaves = _dense_dora64(x, w.double() if dtype == torch.float32 else w, bias, a, b, m,
-                                 s, mask)
+    want, grads = _spec64(x, w, bias, a, b, m, s, g, dropout, seed)
     # bf16: y rounds the base term x·Wᵀ (|y| up to about 8, ulp 2**-5) and then the sum
     loose = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=7e-2)
     torch.testing.assert_close(y_rows.double(), want, **loose)
-    want.backward(g)
-    for whole, rows, four, ref in zip(grads_whole, grads_rows, grads_four, leaves):
+    for whole, rows, four, ref in zip(grads_whole, grads_rows, grads_four, grads):
         if whole is None:
             assert rows is None and four is None
             continue
         torch.testing.assert_close(rows.double(), whole.double(), **tight)
         torch.testing.assert_close(four.double(), whole.double(), **tight)
         grad_tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else loose
-        torch.testing.assert_close(rows.double(), ref.grad, **grad_tol)
+        torch.testing.assert_close(rows.double(), ref, **grad_tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -210,11 +187,9 @@ def test_sparse_dropout_matches_dense_path(monkeypatch, method, dropout, with_bi
     monkeypatch.setattr(reference, "_SPARSE_DROPOUT_MAX_P", -1.0)
     y_dense, grads_dense = _run_operator(x, w, bias, a, b, m, s, dropout, seed, g)
     assert len(taken) == 1
-    spec = DropoutSpec(dropout, seed)
-    mask = dropout_keep_mask(spec, x.shape, x.device).double() * spec.keep_scale
-    assert 0 < (mask == 0).sum() < mask.numel()
-    want, leaves = _dense_dora64(x, w, bias, a, b, m, s, mask)
-    want.backward(g)
+    keep = spec.keep_mask(x.shape, seed, dropout)
+    assert 0 < (~keep).sum() < keep.numel()
+    want, grads = _spec64(x, w, bias, a, b, m, s, g, dropout, seed)
     if dtype == torch.bfloat16:
         tol, grad_tol = dict(rtol=2e-2, atol=7e-2), dict(rtol=2e-2, atol=7e-2)
     else:
@@ -222,19 +197,19 @@ def test_sparse_dropout_matches_dense_path(monkeypatch, method, dropout, with_bi
     for y in (y_sparse, y_dense):
         torch.testing.assert_close(y.double(), want, **tol)
     torch.testing.assert_close(y_sparse, y_dense, **tol)
-    for sparse, dense, ref in zip(grads_sparse, grads_dense, leaves):
+    for sparse, dense, ref in zip(grads_sparse, grads_dense, grads):
         if sparse is None:
             assert dense is None
             continue
-        torch.testing.assert_close(sparse.double(), ref.grad, **grad_tol)
-        torch.testing.assert_close(dense.double(), ref.grad, **grad_tol)
+        torch.testing.assert_close(sparse.double(), ref, **grad_tol)
+        torch.testing.assert_close(dense.double(), ref, **grad_tol)
 
 
 def test_eval_ignores_dropout():
     x, w, bias, a, b, latent, m = _case("lora", 0.3)
     y = lf.low_rank_linear(x, w, a, b, bias=bias, scaling=2.0, dropout_p=0.3, training=False,
                            magnitude=m)
-    want, _ = _dense_dora64(x, w, bias, a, b, m, 2.0)
+    want, _ = _spec64(x, w, bias, a, b, m, 2.0)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -264,22 +239,20 @@ def test_no_bias_no_dropout_keeps_y_for_dm(method):
     big = [t for t in saved.tensors if t.dim() == 2 and t.shape == y.shape]
     assert big and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
                        for t in big)
-    want, leaves = _dense_dora64(x, w, None, a, b, m, 1.5)
-    g = torch.randn_like(want)
+    g = torch.randn(*y.shape, dtype=torch.float64)
+    want, grads = _spec64(x, w, None, a, b, m, 1.5, g)
     y.backward(g.float())
-    want.backward(g)
-    for ours, ref in zip((x, a, b, m), leaves):
+    for ours, ref in zip((x, a, b, m), grads):
         if ours.requires_grad:
-            torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours.grad.double(), ref, rtol=1e-4, atol=1e-4)
     # a zero magnitude entry (c = 0) keeps Z instead, and dm there is still right
     x.grad = m.grad = None
     with torch.no_grad():
         m[3] = 0.0
     y = lf.low_rank_linear(x, w, a, b, scaling=1.5, magnitude=m)
-    want, leaves = _dense_dora64(x, w, None, a, b, m, 1.5)
+    want, grads = _spec64(x, w, None, a, b, m, 1.5, g)
     y.backward(g.float())
-    want.backward(g)
-    torch.testing.assert_close(m.grad.double(), leaves[3].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.grad.double(), grads[3], rtol=1e-4, atol=1e-4)
 
 
 def test_saved_without_trainable_magnitude_has_no_m_by_n():
@@ -316,7 +289,7 @@ def test_bf16_base_close_to_float64():
     x, w, bias, a, b, latent, m = _case("lora", 0.0, dtype=torch.bfloat16)
     y = lf.low_rank_linear(x, w, a, b, bias=bias, magnitude=m)
     assert y.dtype == torch.bfloat16
-    want, _ = _dense_dora64(x, w, bias, a, b, m, 1.0)
+    want, _ = _spec64(x, w, bias, a, b, m, 1.0)
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert m.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
@@ -349,13 +322,12 @@ def test_layer_forward_backward_matches_dense(method):
     layer = _dora_layer(method)
     x = torch.randn(2, 3, 40, requires_grad=True)
     y = layer(x)
-    want, leaves = _dense_dora64(x, layer.weight, layer.bias, layer.lora_a, layer.lora_b,
-                                 layer.magnitude, layer.scaling)
+    want, grads = _spec64(x, layer.weight, layer.bias, layer.lora_a, layer.lora_b,
+                          layer.magnitude, layer.scaling, torch.ones(*y.shape, dtype=torch.float64))
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
     y.sum().backward()
-    want.sum().backward()
-    torch.testing.assert_close(layer.magnitude.grad.double(), leaves[3].grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer.lora_b.grad.double(), leaves[2].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.magnitude.grad.double(), grads[3], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_b.grad.double(), grads[2], rtol=1e-4, atol=1e-4)
     assert (layer.lora_a.grad is not None) == (method == "lora")
 
 

@@ -1,4 +1,4 @@
-"""DoRA on the Triton backend (triton_kernels/dora.py) against a float64 reference, under the one
+"""DoRA on the Triton backend (triton_kernels/dora.py) against the spec in float64, under the one
 tolerance rule (tests/tolerance.py), on CPU under TRITON_INTERPRET=1 or on CUDA; and the
 routing of DoRA calls (dispatch.dora_choice)."""
 import pytest
@@ -9,6 +9,7 @@ import pairwise
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 import lowrank_fused as lf  # noqa: E402
+from helpers import grad_output, spec_results  # noqa: E402
 from lowrank_fused import dispatch  # noqa: E402
 from tolerance import assert_kernel_close  # noqa: E402
 
@@ -53,31 +54,34 @@ def cast(leaves, base=None, adapters=None):
     return out
 
 
-def run(leaves, backend, p, seed=11, grad_dtype=None):
+SCALING, SEED = 0.75, 11
+
+
+def run(leaves, backend, p, seed=SEED, grad_dtype=None):
     """y and the gradient of every leaf that requires grad; grad_y's values rounded to
     ``grad_dtype`` (default y's dtype)."""
     y = lf.low_rank_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"],
-                           bias=leaves["bias"], latent=leaves["latent"], scaling=0.75,
+                           bias=leaves["bias"], latent=leaves["latent"], scaling=SCALING,
                            dropout_p=p, dropout_seed=seed, magnitude=leaves["magnitude"],
                            backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float32).to(grad_dtype or y.dtype).to(y)
+    grad_y = grad_output(y.shape, grad_dtype or y.dtype).to(y)
     names = [n for n, t in leaves.items() if t is not None and t.requires_grad]
     grads = torch.autograd.grad(y, [leaves[n] for n in names], grad_y)
     return dict(y=y, **{f"d{n}": g for n, g in zip(names, grads)})
 
 
 def check(leaves, dtype, p):
-    """Triton against the float64 reference (the same seed: the same mask bits), within the
-    rule; PyTorch's low-precision run of the same math is the reference backend with the
-    adapters in the base's dtype over a 16-bit base (the kernels' low-rank dots take 16-bit
-    operands there)."""
+    """Triton against the spec in float64 (the same seed: the same mask bits), within the rule;
+    PyTorch's low-precision run of the same math is the reference backend with the adapters in
+    the base's dtype over a 16-bit base (the kernels' low-rank dots take 16-bit operands
+    there)."""
     got = run(leaves, "triton", p)
     grad_dtype = got["y"].dtype
     low = cast(leaves, adapters=None if dtype == torch.float32 else dtype)
     torch_low = run(low, "reference", p, grad_dtype=grad_dtype)
-    want64 = run(cast(leaves, torch.float64, torch.float64), "reference", p,
-                 grad_dtype=grad_dtype)
+    truth = spec_results(leaves, grad_output(got["y"].shape, grad_dtype), scaling=SCALING, p=p,
+                         seed=SEED)
+    want64 = {name if name == "y" else f"d{name}": t for name, t in truth.items()}
     assert set(got) == set(want64)
     for name in want64:
         ref_dtype = (leaves[name[1:]].dtype if name != "y" else leaves["x"].dtype)

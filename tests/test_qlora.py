@@ -17,7 +17,8 @@ from lowrank_fused import dispatch, ops, quantized  # noqa: E402
 from lowrank_fused import peft as lfp  # noqa: E402
 from lowrank_fused.saved_activations import SavedActivations  # noqa: E402
 
-from helpers import Case, as_float64, grads_of, naive_forward, reference_keep_mask  # noqa: E402
+from helpers import Case, case_spec_results, grads_of, naive_forward  # noqa: E402
+from lowrank_fused import spec  # noqa: E402
 from peft_helpers import Small, counting_ops, nonzero_b  # noqa: E402
 from qlora_helpers import linear4bit, quantize_model  # noqa: E402
 from tolerance import assert_kernel_close  # noqa: E402
@@ -69,18 +70,15 @@ def test_reference_matches_float64_on_the_dequantized_weight(quant_type, blocksi
     assert dense.shape == (N, K)
     case = Case(x=x, weight=dense, lora_a=lora_a, lora_b=lora_b, bias=bias, latent=latent,
                 scaling=0.5)
-    mask = (reference_keep_mask(dropout, seed, (x[..., 0].numel(), K)).reshape(x.shape)
-            if dropout else None)
-    case64 = as_float64(case)
-    want64 = naive_forward(case64, mask, dropout)
+    mask = spec.keep_mask(x.shape, seed, dropout) if dropout else None
     low = naive_forward(case, mask, dropout)
-    assert_kernel_close(y, want64, low, "y")
 
     grad_out = torch.randn(y.shape, generator=g).to(dtype)
+    want = case_spec_results(case, grad_out, dropout, seed)  # float64, over the dense W
+    assert_kernel_close(y, want["y"], low, "y")
     wanted = {k: v for k, v in case.tensors().items() if v.requires_grad}
     assert "x" in wanted and (set(wanted) - {"x"}) == METHODS[method]
     got = grads_of(y, grad_out, wanted)
-    want = grads_of(want64, grad_out.double(), {k: getattr(case64, k) for k in wanted})
     low_g = grads_of(low, grad_out, wanted)
     for name in wanted:
         assert_kernel_close(got[name], want[name], low_g[name], f"d{name}")
@@ -446,12 +444,12 @@ def test_dora_norm_of_a_4bit_weight_follows_a_requantized_weight():
     a, b, _ = adapters("lora_fa")
     first = dora.row_norm(w4, a, b, 2.0)
     dense = quantized.dequantize(w4, torch.float32)
-    torch.testing.assert_close(first, (dense + 2.0 * b.detach() @ a).norm(dim=1))
+    torch.testing.assert_close(first, spec.row_norm(dense, a, b.detach(), 2.0))
     other = params4bit(seed=5)  # a new quantization written into the same parameter
     w4.data, w4.quant_state = other.data, other.quant_state
     dense = quantized.dequantize(w4, torch.float32)
     torch.testing.assert_close(dora.row_norm(w4, a, b, 2.0),
-                               (dense + 2.0 * b.detach() @ a).norm(dim=1))
+                               spec.row_norm(dense, a, b.detach(), 2.0))
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_fa"])
@@ -466,10 +464,9 @@ def test_layer_dora_over_linear4bit(method):
         layer.magnitude.mul_(1.5)
     x = torch.randn(4, K, requires_grad=True)
     y = layer(x)
-    c = layer.magnitude.detach() / (dense + layer.scaling * layer.lora_b.detach()
-                                    @ layer.lora_a.detach()).norm(dim=1)
-    want = (c * (x @ dense.T + layer.scaling * (x @ layer.lora_a.T) @ layer.lora_b.T)
-            + layer.bias)
+    want, _ = spec.forward(x.detach(), dense, layer.lora_a.detach(), layer.lora_b.detach(),
+                           bias=layer.bias.detach(), scaling=layer.scaling,
+                           magnitude=layer.magnitude.detach())  # the spec, in fp32
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert layer.magnitude.grad is not None and layer.lora_b.grad is not None

@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 import bitsandbytes.functional as bnb_f  # noqa: E402
 
 import lowrank_fused as lf  # noqa: E402
-from helpers import as_float64, make_case  # noqa: E402
+from helpers import case_spec_results, grad_output, make_case  # noqa: E402
 from lowrank_fused import dispatch, quantized  # noqa: E402
 from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.errors import BackendUnavailableError  # noqa: E402
@@ -107,8 +107,7 @@ def run(case, backend, p, seed=11, grad_dtype=None):
     y = lf.low_rank_linear(case.x, case.weight, case.lora_a, case.lora_b, bias=case.bias,
                            latent=case.latent, scaling=case.scaling, dropout_p=p,
                            dropout_seed=seed, backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float32).to(grad_dtype or y.dtype).to(y)
+    grad_y = grad_output(y.shape, grad_dtype or y.dtype).to(y)
     grads = torch.autograd.grad(y, [case.tensors()[n] for n in names], grad_y)
     return dict(y=y, **dict(zip(names, grads)))
 
@@ -122,9 +121,9 @@ def with_adapters_in(case, dtype):
 
 def check_4bit(case, dtype, p=0.0, quant_type="nf4", blocksize=64, nested=False,
                state_dtype=None):
-    """The Triton 4-bit path against the reference over bitsandbytes' dequantized W: float64
-    (want64) and PyTorch's low-precision run of the same math (torch_low), the tolerance rule
-    (tests/tolerance.py) on y and each gradient."""
+    """The Triton 4-bit path against the spec in float64 over bitsandbytes' dequantized W
+    (want64) and the reference's low-precision run of the same math (torch_low), the tolerance
+    rule (tests/tolerance.py) on y and each gradient."""
     weight = params4bit(case.weight.to(state_dtype or dtype), quant_type, blocksize, nested)
     dense = quantized.dequantize(weight, dtype)  # bitsandbytes' values in the compute dtype
     got = run(dataclasses.replace(case, weight=weight), "triton", p)
@@ -132,7 +131,7 @@ def check_4bit(case, dtype, p=0.0, quant_type="nf4", blocksize=64, nested=False,
     reference_low = run(dataclasses.replace(case, weight=weight), "reference", p)
     same_math = dense_case if dtype == torch.float32 else with_adapters_in(dense_case, dtype)
     torch_low = run(same_math, "reference", p, grad_dtype=dtype)
-    want64 = run(as_float64(dense_case), "reference", p, grad_dtype=dtype)
+    want64 = case_spec_results(dense_case, grad_output(got["y"].shape, dtype), p, seed=11)
     assert set(got) == set(want64) == set(reference_low)
     for name in want64:
         assert got[name].dtype == reference_low[name].dtype, name

@@ -1,4 +1,5 @@
-"""Triton backend against the reference backend (on CPU under TRITON_INTERPRET=1, or on CUDA)."""
+"""Triton backend against the spec in float64, under the tolerance rule (on CPU under
+TRITON_INTERPRET=1, or on CUDA)."""
 import dataclasses
 
 import pytest
@@ -10,8 +11,8 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from helpers import as_float64, make_case  # noqa: E402
-from lowrank_fused import low_rank_linear  # noqa: E402
+from helpers import case_spec_results, grad_output, make_case  # noqa: E402
+from lowrank_fused import low_rank_linear, spec  # noqa: E402
 from lowrank_fused.backends import reference  # noqa: E402
 from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.triton_kernels import dropout_keep_mask  # noqa: E402
@@ -30,8 +31,7 @@ def run(case, backend, p=0.0, seed=11, grad_dtype=None):
     y = low_rank_linear(case.x, case.weight, case.lora_a, case.lora_b, bias=case.bias,
                         latent=case.latent, scaling=case.scaling, dropout_p=p,
                         dropout_seed=seed, backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float32).to(grad_dtype or y.dtype).to(y)
+    grad_y = grad_output(y.shape, grad_dtype or y.dtype).to(y)
     grads = torch.autograd.grad(y, [case.tensors()[n] for n in names], grad_y)
     return dict(y=y, **dict(zip(names, grads)))
 
@@ -49,14 +49,16 @@ def with_adapters_in(case, dtype):
 
 
 def check(case, dtype, p=0.0):
-    """Triton against the float64 reference, within the tolerance rule (tests/tolerance.py);
-    the reference draws its own mask, which is the kernels' mask bit for bit. Over a 16-bit
-    base the kernels' low-rank dots take 16-bit operands (as PEFT's autocast does), so PyTorch's
-    low-precision run of the same math is the reference with the adapters in the base dtype."""
+    """Triton against the spec in float64, within the tolerance rule (tests/tolerance.py); the
+    spec takes the mask of the project's definition, which is the kernels' mask bit for bit.
+    Over a 16-bit base the kernels' low-rank dots take 16-bit operands (as PEFT's autocast
+    does), so PyTorch's low-precision run of the same math is the reference with the adapters in
+    the base dtype."""
     reference_low, got = run_both(case, p)
     same_math = case if dtype == torch.float32 else with_adapters_in(case, dtype)
-    torch_low = run(same_math, "reference", p, grad_dtype=reference_low["y"].dtype)
-    want64 = run(as_float64(case), "reference", p, grad_dtype=reference_low["y"].dtype)
+    grad_dtype = reference_low["y"].dtype
+    torch_low = run(same_math, "reference", p, grad_dtype=grad_dtype)
+    want64 = case_spec_results(case, grad_output(got["y"].shape, grad_dtype), p, seed=11)
     assert set(got) == set(want64)
     for name in want64:
         assert got[name].dtype == reference_low[name].dtype, name
@@ -171,9 +173,7 @@ def test_backend_reads_strided_operands(operand):
     args = {name: t.to(DEVICE) for name, t in args.items()}
     strided = dict(args, **{operand: strided_copy(args[operand])})
     results = {}
-    as64 = {name: t.double() for name, t in args.items()}
-    for name, backend, given in (("torch_low", reference, args), ("want64", reference, as64),
-                                 ("got", triton_backend, strided)):
+    for name, backend, given in (("torch_low", reference, args), ("got", triton_backend, strided)):
         y, p = backend.forward(given["x"], given["weight"], given["bias"], given["lora_a"],
                                given["lora_b_eff"], 0.5, None)
         grads = backend.backward(given["grad_y"], given["x"], p, given["weight"],
@@ -181,6 +181,11 @@ def test_backend_reads_strided_operands(operand):
                                  need_a=True, need_b=True, need_bias=True)
         dx, da, db, _, dbias = grads  # no latent: dR is None
         results[name] = (y, dx, da, db, dbias)
+    as64 = {name: t.double() for name, t in args.items()}
+    operands = (as64["x"], as64["weight"], as64["lora_a"], as64["lora_b_eff"])
+    y64, _ = spec.forward(*operands, bias=as64["bias"], scaling=0.5)
+    grads64 = spec.backward(as64["grad_y"], *operands, bias=as64["bias"], scaling=0.5)
+    results["want64"] = (y64, grads64.dx, grads64.da, grads64.db, grads64.dbias)
     for label, got, want64, torch_low in zip(["y", "dx", "dA", "dB", "dbias"], results["got"],
                                              results["want64"], results["torch_low"]):
         assert_kernel_close(got, want64, torch_low, f"{label} with a strided {operand}")
@@ -275,14 +280,12 @@ def test_inputs_past_2_31_elements():
     grad_y = torch.randn(m, n, generator=g, device=DEVICE, dtype=torch.bfloat16)
     (dx,) = torch.autograd.grad(y, [x], grad_y)
     rows = torch.tensor([0, m // 2, m - 257, m - 1], device=DEVICE)
-    for cast in (lambda t: t, torch.Tensor.double):
-        xs = cast(x.detach()[rows]).requires_grad_()
-        ys = low_rank_linear(xs, cast(weight), cast(lora_a), cast(lora_b.detach()), scaling=0.5,
-                             backend="reference")
-        (dxs,) = torch.autograd.grad(ys, [xs], cast(grad_y[rows]))
-        if cast is torch.Tensor.double:
-            want64 = (ys, dxs)
-        else:
-            torch_low = (ys, dxs)
+    xs = x.detach()[rows].requires_grad_()
+    ys = low_rank_linear(xs, weight, lora_a, lora_b.detach(), scaling=0.5, backend="reference")
+    (dxs,) = torch.autograd.grad(ys, [xs], grad_y[rows])
+    torch_low = (ys, dxs)
+    operands = [t.double() for t in (x.detach()[rows], weight, lora_a, lora_b.detach())]
+    y64, _ = spec.forward(*operands, scaling=0.5)
+    want64 = (y64, spec.backward(grad_y[rows].double(), *operands, scaling=0.5).dx)
     for name, got, want, low in zip(("y", "dx"), (y[rows], dx[rows]), want64, torch_low):
         assert_kernel_close(got, want, low, f"{name} rows past 2^31 elements")
