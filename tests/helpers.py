@@ -115,3 +115,15 @@ def case_spec_results(case: Case, grad_y=None, p: float = 0.0, seed: Optional[in
                       dtype: torch.dtype = torch.float64) -> dict:
     """``spec_results`` for a ``Case``."""
     return spec_results(case.tensors(), grad_y, scaling=case.scaling, p=p, seed=seed, dtype=dtype)
+
+
+def case_spec_magnitudes(case: Case, grad_y=None, p: float = 0.0,
+                         seed: Optional[int] = None) -> dict:
+    """The spec in float64 on every tensor's absolute value (and |dL/dy|): the size of the terms
+    each output sums, the scale of its rounding errors where the sum cancels
+    (tolerance.assert_kernel_close's ``magnitude``)."""
+    def absolute(t):
+        return None if t is None else t.detach().abs().requires_grad_(t.requires_grad)
+    tensors = {name: absolute(t) for name, t in case.tensors().items()}
+    return spec_results(tensors, None if grad_y is None else grad_y.abs(),
+                        scaling=abs(case.scaling), p=p, seed=seed)

@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 import bitsandbytes.functional as bnb_f  # noqa: E402
 
 import lowrank_fused as lf  # noqa: E402
-from helpers import case_spec_results, grad_output, make_case  # noqa: E402
+from helpers import case_spec_magnitudes, case_spec_results, grad_output, make_case  # noqa: E402
 from lowrank_fused import dispatch, quantized  # noqa: E402
 from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.errors import BackendUnavailableError  # noqa: E402
@@ -131,11 +131,13 @@ def check_4bit(case, dtype, p=0.0, quant_type="nf4", blocksize=64, nested=False,
     reference_low = run(dataclasses.replace(case, weight=weight), "reference", p)
     same_math = dense_case if dtype == torch.float32 else with_adapters_in(dense_case, dtype)
     torch_low = run(same_math, "reference", p, grad_dtype=dtype)
-    want64 = case_spec_results(dense_case, grad_output(got["y"].shape, dtype), p, seed=11)
+    grad_y = grad_output(got["y"].shape, dtype)
+    want64 = case_spec_results(dense_case, grad_y, p, seed=11)
+    terms = case_spec_magnitudes(dense_case, grad_y, p, seed=11)
     assert set(got) == set(want64) == set(reference_low)
     for name in want64:
         assert got[name].dtype == reference_low[name].dtype, name
-        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
+        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype, terms[name])
 
 
 # (M rows, K, r, method, bias, dropout, dtype, quant type, blocksize, nested): every method, each

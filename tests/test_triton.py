@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from helpers import case_spec_results, grad_output, make_case  # noqa: E402
+from helpers import case_spec_magnitudes, case_spec_results, grad_output, make_case  # noqa: E402
 from lowrank_fused import low_rank_linear, spec  # noqa: E402
 from lowrank_fused.backends import reference  # noqa: E402
 from lowrank_fused.backends import triton as triton_backend  # noqa: E402
@@ -58,11 +58,13 @@ def check(case, dtype, p=0.0):
     same_math = case if dtype == torch.float32 else with_adapters_in(case, dtype)
     grad_dtype = reference_low["y"].dtype
     torch_low = run(same_math, "reference", p, grad_dtype=grad_dtype)
-    want64 = case_spec_results(case, grad_output(got["y"].shape, grad_dtype), p, seed=11)
+    grad_y = grad_output(got["y"].shape, grad_dtype)
+    want64 = case_spec_results(case, grad_y, p, seed=11)
+    terms = case_spec_magnitudes(case, grad_y, p, seed=11)
     assert set(got) == set(want64)
     for name in want64:
         assert got[name].dtype == reference_low[name].dtype, name
-        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype)
+        assert_kernel_close(got[name], want64[name], torch_low[name], name, dtype, terms[name])
 
 
 # Every pair of levels at least once (the full product under LOWRANK_FUSED_EXHAUSTIVE=1, as a
