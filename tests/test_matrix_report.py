@@ -11,7 +11,7 @@ CPU = torch.device("cpu")
 METHODS = ("lora", "lora_fa", "lora_xs", "dora", "qlora")
 
 
-def _group(tmp_path, monkeypatch, broken=("dora", "lora_fa")):
+def _group(tmp_path, monkeypatch, broken=("dora", "lora_fa"), methods=METHODS):
     """One matrix point into NAME.first.jsonl, PEFT's layer raising for ``broken`` methods."""
     real_peft = probe.peft
 
@@ -27,7 +27,7 @@ def _group(tmp_path, monkeypatch, broken=("dora", "lora_fa")):
     sink = first.Sink([path])
     p = probe.Probe(CPU, model.Hardware(), model.Code(),
                     sink=lambda row: sink(step="speed", **row))
-    probe.matrix_group(p, "matrix 4096² r=16", probe.POINTS[0], methods=METHODS)
+    probe.matrix_group(p, "matrix 4096² r=16", probe.POINTS[0], methods=methods)
     return p, path, [json.loads(line) for line in path.open()]
 
 
@@ -69,7 +69,7 @@ def test_a_cuda_error_ends_the_group_after_a_row_naming_the_case(tmp_path, monke
     # on a GPU a CUDA error leaves the context broken: simulated here by the check itself
     monkeypatch.setattr(probe.Probe, "cuda_broken", lambda self, exc: True)
     with pytest.raises(probe.FatalCudaError):
-        _group(tmp_path, monkeypatch, broken=("lora",))
+        _group(tmp_path, monkeypatch, broken=("lora",), methods=("lora",))
     rows = [json.loads(line) for line in (tmp_path / "t.first.jsonl").open()]
     assert rows[-1]["kind"] == "fatal" and rows[-1]["ends_step"]
     assert rows[-1]["contender"] == "peft lora"

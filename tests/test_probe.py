@@ -64,14 +64,17 @@ def test_predictions_follow_tools_model_for_every_role():
     assert probe.predicted_s("bare", "4bit", dims, False, p, True) is None
 
 
-def test_dry_run_writes_the_first_matrix_point(tmp_path):
+def test_dry_run_writes_the_groups_asked_for(tmp_path):
     out = tmp_path / "probe.json"
-    result = probe.run(str(out), quick=True)
+    result = probe.run(str(out), prefixes=["gemm", "kernels"])
     saved = json.loads(out.read_text())
     assert saved["dry_run"] is True and result["figures"] == saved["figures"]
-    assert [name for name, _ in saved["plan"]] == ["matrix 4096² r=16"]
-    times = [f for f in saved["figures"] if f["kind"] == "time"]
-    assert {f["mode"] for f in times} == {"fwd", "fwd+bwd"}
-    assert all(f["p50_ms"] > 0 for f in times)
-    assert all(f["predicted_ms"] > 0 for f in times if f["contender"] in ("bare", "ours-triton lora"))
-    assert out.stat().st_size < 200_000
+    assert [name for name, _ in saved["plan"]] == ["gemm vs cuBLAS, copy ceiling",
+                                                   "kernels 4096² r=16 lora"]
+    names = [f["name"] for f in saved["figures"]]
+    assert any(n.startswith("Triton fused_linear tma") for n in names)
+    assert any(n.startswith("kernel grad_a dropout=on") for n in names)
+    assert any(n.startswith("device-to-device copy") for n in names)
+    kernels = [f for f in saved["figures"] if f["name"].startswith("kernel ")]
+    assert len(kernels) == 10 and all(f["p50_ms"] > 0 and f["predicted_ms"] > 0 for f in kernels)
+    assert out.stat().st_size < 100_000

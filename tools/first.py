@@ -136,19 +136,30 @@ def _run(cmd, timeout=30) -> str:
         return f"unavailable ({type(err).__name__})"
 
 
-GPU_QUERY = ("clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,pstate,"
-             "clocks_throttle_reasons.active")
+GPU_QUERY = "clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,pstate"
+# what limits the clocks: the field's newer name first (older drivers know only the second)
+GPU_REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
+
+
+def _smi(fields: str) -> list:
+    line = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], 20)
+    values = [v.strip() for v in line.split(",")]
+    return values if len(values) == len(fields.split(",")) else [line]
 
 
 def gpu_state() -> dict:
-    """nvidia-smi's clocks, temperature, power and throttle reasons now (no torch import)."""
+    """nvidia-smi's clocks, temperature, power and clock-limit reasons now (no torch import)."""
     if not shutil.which("nvidia-smi"):
         return {"nvidia_smi": "not found"}
-    line = _run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader"], 20)
-    values = [v.strip() for v in line.split(",")]
-    if len(values) != len(GPU_QUERY.split(",")):
-        return {"nvidia_smi": line}
-    return dict(zip(GPU_QUERY.split(","), values))
+    values = _smi(GPU_QUERY)
+    state = (dict(zip(GPU_QUERY.split(","), values)) if len(values) > 1
+             else {"nvidia_smi": values[0]})
+    for field in GPU_REASONS:
+        reason = _smi(field)[0]
+        if reason.startswith("0x"):
+            state[field] = reason
+            break
+    return state
 
 
 # ---------------------------------------------------------------------------------- step 1

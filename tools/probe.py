@@ -304,6 +304,15 @@ def matrix_contenders(base, point_dims, dropout, methods, backends, peft_methods
     return out
 
 
+def _layer_inputs(probe: Probe, point: Point):
+    """(x, G, the frozen bf16 base) of a point, drawn on the device; x requires grad."""
+    m, k, n, _ = point.dims(probe.dry)
+    gen = torch.Generator(device=probe.device).manual_seed(1)
+    x = torch.randn(m, k, device=probe.device, dtype=BF16, generator=gen).requires_grad_(True)
+    g = torch.randn(m, n, device=probe.device, dtype=BF16, generator=gen)
+    return x, g, base_linear(k, n, probe.device)
+
+
 def _runners(layer, x, g, device):
     def fwd():
         with torch.autocast(device.type, dtype=BF16):
@@ -321,22 +330,16 @@ def matrix_group(probe: Probe, group: str, point: Point, *, dropout: bool = Fals
     """One point of the matrix: every contender built and its cold fwd+bwd run (ours first, each
     in its own try), the bare layer timed alone, then all of them interleaved (fwd, then
     fwd+bwd), the bare layer alone again (noise); a row per timing, a row per ratio."""
-    dims = point.dims(probe.dry)
-    m, k, n, r = dims
-    real = (point.m, point.k, point.n, point.r)
+    dims, real = point.dims(probe.dry), (point.m, point.k, point.n, point.r)
     dev = probe.device
     where = dict(group=group, point=point.label, m=point.m, k=point.k, n=point.n, r=point.r,
                  dropout=dropout, **({"cpu_dims": list(dims)} if probe.dry else {}))
-    gen = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(m, k, device=dev, dtype=BF16, generator=gen).requires_grad_(True)
-    g = torch.randn(m, n, device=dev, dtype=BF16, generator=gen)
-    base = base_linear(k, n, dev)
+    x, g, base = _layer_inputs(probe, point)
     peft_methods = [mt for mt in methods if with_peft]
     runners, first_ms = {}, {}
     for c in matrix_contenders(base, dims, dropout, methods, backends, peft_methods):
         what = dict(where, contender=c.name, role=c.role, method=c.method)
-        reason = missing_reason(c.method, c.role) if c.method != "4bit" else missing_reason(
-            "qlora", "bare")
+        reason = missing_reason("qlora" if c.method == "4bit" else c.method, c.role)
         if reason:
             probe.record({**what, "kind": "missing", "skipped": reason})
             continue
@@ -376,8 +379,8 @@ def matrix_group(probe: Probe, group: str, point: Point, *, dropout: bool = Fals
             probe.record({**where, "kind": "time", "contender": name, "role": c.role,
                           "method": c.method, "backend": c.backend, "mode": mode,
                           **spread.row(), "predicted_ms": _ms(predicted),
-                          "first_call_ms": round(first_ms[name], 1) if mode == "fwd+bwd"
-                          else None, "note": c.note or None})
+                          # the contender's cold first call, of fwd+bwd (its fwd ran in it)
+                          "first_call_ms": round(first_ms[name], 1), "note": c.note or None})
         _ratios(probe, where, mode, got, runners, real, dropout)
 
 
@@ -421,12 +424,8 @@ def calibration_group(probe: Probe, group: str) -> None:
     """4096², r = 16, LoRA-FA: the layer under full autotuning with the tiled and with the TMA
     GEMMs forced, against itself under quick (tiled), all interleaved: tuned ÷ quick."""
     point = POINTS[0]
-    m, k, n, r = point.dims(probe.dry)
-    dev = probe.device
-    gen = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(m, k, device=dev, dtype=BF16, generator=gen).requires_grad_(True)
-    g = torch.randn(m, n, device=dev, dtype=BF16, generator=gen)
-    base = base_linear(k, n, dev)
+    r, real, dev = point.dims(probe.dry)[3], (point.m, point.k, point.n, point.r), probe.device
+    x, g, base = _layer_inputs(probe, point)
     where = dict(group=group, point=point.label, m=point.m, k=point.k, n=point.n, r=point.r,
                  method="lora_fa", dropout=False)
     settings = {"quick": ("quick", "tiled"), "full tiled": ("full", "tiled"),
@@ -452,7 +451,9 @@ def calibration_group(probe: Probe, group: str) -> None:
             probe.record({**where, "kind": "time", "contender": f"ours-triton lora_fa {label}",
                           "role": "ours", "backend": "triton", "mode": mode,
                           "autotune": settings[label][0], "gemm": settings[label][1],
-                          **spread.row(), "first_call_ms": round(first[label], 1)})
+                          **spread.row(), "first_call_ms": round(first[label], 1),
+                          "predicted_ms": _ms(predicted_s("ours", "lora_fa", real, False, probe,
+                                                          mode != "fwd"))})
             if label != "quick" and "quick" in got:
                 probe.record({**where, "kind": "calibration", "mode": mode,
                               "contender": f"ours-triton lora_fa {label}",
@@ -603,7 +604,9 @@ def llama_first_step_group(probe: Probe, group: str) -> None:
         from tools import model_level as ml
         shape = ml.Shape(s["layers"], s["d"], s["ff"], s["batch"], s["seq"],
                          head_dim=s["head_dim"], vocab=s["vocab"])
-        net = ml.ARCHS["llama"].build(shape).to(device=dev, dtype=BF16)
+        with torch.device(dev):  # initialised on the device: seconds fewer than on the CPU
+            net = ml.ARCHS["llama"].build(shape)
+        net = net.to(dtype=BF16)
         ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), device=dev)
 
         def loss_of():
@@ -671,6 +674,12 @@ class Group:
     run: Callable[[], None]
 
 
+# A dry run's points after the first: one method of each family (plain, DoRA, 4-bit); the
+# first point and the dropout point run them all (on the interpreter a point's code is the
+# same at any shape, and CI's dry run must stay short)
+DRY_LATER_METHODS = ("lora", "dora", "qlora")
+
+
 def plan(probe: Probe, cuda_backend: bool = False) -> list:
     """The speed step's groups in order, with their estimated seconds (what they were counted
     from is beside each). ``cuda_backend``: the matrix times ours on CUDA C++ too."""
@@ -679,10 +688,11 @@ def plan(probe: Probe, cuda_backend: bool = False) -> list:
     # a matrix point: ~16 layers built (LoRA-XS's SVD, 4-bit quantization), their cold
     # fwd+bwd, ~34 timings of ~100 ms; r = 64 first compiles its dropout-off kernels
     # (~15 quick builds at ~1 s), which 4096→11008 then reuses (the config does not depend on N)
-    for point, est in zip(POINTS, (20, 20, 35, 25)):
+    for i, (point, est) in enumerate(zip(POINTS, (20, 20, 35, 25))):
         name = f"matrix {point.label}"
-        groups.append(Group(name, est, lambda p=point, nm=name: matrix_group(
-            probe, nm, p, backends=backends)))
+        methods = DRY_LATER_METHODS if probe.dry and i else tuple(METHODS)
+        groups.append(Group(name, est, lambda p=point, nm=name, mt=methods: matrix_group(
+            probe, nm, p, methods=mt, backends=backends)))
     # full autotuning of LoRA-FA's kernels, both GEMM variants: ~37 configs at ~1 s a build
     groups.append(Group("calibration full/quick 4096² r=16 lora_fa", 55,
                         lambda: calibration_group(probe, "calibration full/quick 4096² r=16 "
