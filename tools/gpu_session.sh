@@ -64,7 +64,10 @@ export_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp "$@" "$O
 
 probe() {
   name="${1:?probe NAME}"
-  python -m tools.probe --out "$results/$name.probe.json"
+  # a dry run: the first matrix point (first's dry run runs the whole plan)
+  quick=()
+  [ "$dry" = 0 ] || quick=(--quick)
+  python -m tools.probe --out "$results/$name.probe.json" "${quick[@]}"
   gpu_name > "$results/$name.gpu.txt"
   export_out "$results/$name.probe.json" "$results/$name.gpu.txt"
 }
