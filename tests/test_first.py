@@ -48,6 +48,7 @@ def test_a_killed_step_keeps_its_rows_in_both_copies(tmp_path, monkeypatch):
     _fake_steps(monkeypatch, SINK + textwrap.dedent("""\
         sink(step=sys.argv[3], kind="figure", n=1)
         sink(step=sys.argv[3], kind="figure", n=2)
+        sink(step=sys.argv[3], kind="group", group="g1", status="started")
         time.sleep(120)  # past any budget here: the driver kills it
         """))
     rc = first.run("t", str(tmp_path / "results"), dry=True, budget_s=6, steps=["speed"])
@@ -60,6 +61,10 @@ def test_a_killed_step_keeps_its_rows_in_both_copies(tmp_path, monkeypatch):
     [step] = [r for r in rows if r.get("kind") == "step"]
     assert step["status"] == "out of time (killed)" and step["seconds"] < 30
     assert rows[-1]["kind"] == "summary" and rows[-1]["failed_steps"] == ["speed"]
+    # the group it was killed in is closed as such: a --resume runs it again
+    assert [r["status"] for r in rows if r.get("group") == "g1"] == [
+        "started", "killed at the step's deadline"]
+    assert first.died_in(rows, "speed", "group") == [] and first.groups_done(rows) == set()
 
 
 def test_a_step_ended_by_a_cuda_error_starts_again_with_what_is_left(tmp_path, monkeypatch):

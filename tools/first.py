@@ -625,7 +625,7 @@ def step_cuda(sink, dry: bool, deadline: float, build_log: str, prefixes=None) -
     cases = [(label, c) for label, c in correctness_cases(dry)
              if c["variant"] == "tiled" and not c["method"].startswith("dora")
              and not c.get("quant") and "rank" not in c and "shape" not in c]
-    done = {r["name"] for r in written if r.get("step") == "cuda" and "name" in r}
+    done = {r["name"] for r in written if r.get("step") == "cuda" and "ok" in r}
     failed += step_correctness(sink, dry, deadline - 15, backend="cuda",
                                cases=cases[:12] + cases[-4:], done=done)
     left = deadline - time.time()
@@ -662,7 +662,9 @@ def run_step(step: str, name: str, results: str, dry: bool, deadline: float,
             for case in died_in(written, "correctness", "name"):
                 sink(step="correctness", name=case, ok=False, error="the step's process died in "
                      "this case (signal or CUDA error); not retried")
-            done = {r["name"] for r in written if r.get("step") == "correctness" and "name" in r}
+            # checked already (a case skipped for time, or killed in, runs again)
+            done = {r["name"] for r in rows(sink.paths[0])
+                    if r.get("step") == "correctness" and "ok" in r}
             failed = step_correctness(sink, dry, deadline, done=done)
             if dry and failed:  # on the CPU a failure is a bug to fix before any GPU run
                 return 1
@@ -758,6 +760,7 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
                 rc = subprocess.run(cmd, cwd=ROOT, timeout=end - time.time()).returncode
             except subprocess.TimeoutExpired:
                 status = "out of time (killed)"
+                _close_killed(sink, step)
                 break
             status = "done" if rc == 0 else f"failed (rc {rc})"
             if not (rc == CUDA_ERROR_RC or rc < 0) or tries >= RESTARTS:
@@ -778,6 +781,16 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
     sink(step="summary", kind="summary", wall_s=round(wall, 1), limit_s=TOTAL_BUDGET_S,
          within_limit=wall <= TOTAL_BUDGET_S, failed_steps=failed, **_tally(sink.paths[0]))
     return 1 if failed or wall > TOTAL_BUDGET_S else 0
+
+
+def _close_killed(sink, step: str) -> None:
+    """Rows for the case or group a step was killed in at its deadline: not a crash, so a
+    --resume runs them again."""
+    written = rows(sink.paths[0])
+    for group in died_in(written, step, "group"):
+        sink(step=step, kind="group", group=group, status="killed at the step's deadline")
+    for case in died_in(written, step, "name"):
+        sink(step=step, name=case, skipped="killed at the step's deadline")
 
 
 def _tally(path) -> dict:
