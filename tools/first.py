@@ -90,8 +90,8 @@ class Sink:
             with open(path, "a") as f:
                 f.write(line)
         shown = {k: v for k, v in row.items() if k not in ("step", "commit", "autotune")}
-        print(f"[{row.get('step', '-')}] {json.dumps(shown, default=str, ensure_ascii=False)[:240]}",
-              flush=True)
+        text = json.dumps(shown, default=str, ensure_ascii=False)
+        print(f"[{row.get('step', '-')}] {text[:240]}", flush=True)
 
     def sync(self) -> None:
         """Makes every copy equal to the first: a step killed between its writes to the two
@@ -702,15 +702,12 @@ def budgets_for(steps=None, budget_s: float = None) -> dict:
 def plan_row(budgets: dict, dry: bool, prefixes) -> dict:
     """What the run will do and what each part is expected to take (the speed groups'
     estimates are for an H100; a dry run runs them all on CPU shapes)."""
-    import importlib.util
     speed = []
     if "speed" in budgets:
-        spec = importlib.util.find_spec("torch")
-        if spec is not None:
-            import torch
-            from tools import model, probe as probes
-            p = probes.Probe(torch.device("cpu"), model.Hardware(), model.Code())
-            speed = [(g.name, g.est_s) for g in probes.selected(probes.plan(p), prefixes)]
+        import torch
+        from tools import model, probe as probes
+        p = probes.Probe(torch.device("cpu"), model.Hardware(), model.Code())
+        speed = [(g.name, g.est_s) for g in probes.selected(probes.plan(p), prefixes)]
     cumulative, order = 0.0, []
     for group, est in speed:
         cumulative += est
@@ -741,6 +738,7 @@ def run(name: str, results: str, dry: bool, budget_s: float = None, steps=None,
         sink.sync()  # $OUT starts empty on every command: it gets what the file holds
     budgets = budgets_for(steps, budget_s)
     sink(step="plan", kind="plan", resume=resume, groups=prefixes,
+         autotune="correctness and speed: quick; the calibration group: full",
          **plan_row(budgets, dry, prefixes))
     build, failed = None, []
     build_log = os.path.join(results, f"{name}.cuda_build.log")
@@ -815,9 +813,10 @@ def _start_build(sink, dry, log_path):
     if cmd is None:
         sink(step="cuda", name="build", skipped=env)
         return None
-    sink(step="cuda", name="build", started=" ".join(cmd[1:]), archs=env["LOWRANK_FUSED_CUDA_ARCHS"])
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    sink(step="cuda", name="build", started=" ".join(cmd[1:]),
+         archs=env["LOWRANK_FUSED_CUDA_ARCHS"])
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finish_build(sink, build, log_path, deadline):

@@ -70,8 +70,10 @@ class Point:
         return 32, 64, 64 if self.n == self.k else 96, min(self.r, 32)
 
 
-POINTS = (Point("4096² r=16", 8192, 4096, 4096, 16), Point("4096→11008 r=16", 8192, 4096, 11008, 16),
-          Point("4096² r=64", 8192, 4096, 4096, 64), Point("4096→11008 r=64", 8192, 4096, 11008, 64))
+POINTS = (Point("4096² r=16", 8192, 4096, 4096, 16),
+          Point("4096→11008 r=16", 8192, 4096, 11008, 16),
+          Point("4096² r=64", 8192, 4096, 4096, 64),
+          Point("4096→11008 r=64", 8192, 4096, 11008, 64))
 
 # matrix method -> (LowRankLinear method, DoRA, 4-bit NF4 base)
 METHODS = {"lora": ("lora", False, False), "lora_fa": ("lora_fa", False, False),
@@ -107,8 +109,7 @@ class FatalCudaError(RuntimeError):
 
 class Probe:
     """Runs groups and records rows: ``sink`` gets each row as it is made (tools.first writes
-    it out at once); ``figures`` keeps them. ``rounds``: timing rounds (None: tools.timing's
-    default on a GPU; 1 on a dry run)."""
+    it out at once); ``figures`` keeps them. On a CPU (a dry run) one timing round each."""
 
     def __init__(self, device: torch.device, hw: model.Hardware, code: model.Code, sink=None):
         self.device, self.hw, self.code = device, hw, code
