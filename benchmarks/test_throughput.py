@@ -1,14 +1,14 @@
 """Layer throughput, forward and forward+backward, each case with its ratio to the bare frozen
-nn.Linear of the same shape timed in the same run (extra_info["ratio_to_linear"])."""
+nn.Linear of the same shape timed with it, interleaved (extra_info["ratio_to_linear"]): the one
+timer of tools/timing.py, as tools.first's matrix (CUDA events, L2 flushed, p20/p50/p80,
+gradients set to None before every call)."""
 import pytest
 import torch
 
 from benchmarks.conftest import DEVICE, DTYPE, RANKS, SHAPES, TOKENS
 from tools.layers import METHODS, build, implementations
-from tools.timing import median_ms
+from tools import timing
 from lowrank_fused import dispatch
-
-_linear_ms = {}
 
 
 def _forward_only(layer, x):
@@ -19,11 +19,14 @@ def _forward_only(layer, x):
 
 
 def _runner(layer, x, grad, mode):
+    """A timing.Timed of one call; fwd+bwd sets every gradient to None first (outside the
+    timing), so no repeat adds into a kept .grad."""
     if mode == "forward":
-        return _forward_only(layer, x)
+        return timing.Timed(_forward_only(layer, x))
+
     def fwd_bwd():
         layer(x).backward(grad)
-    return fwd_bwd
+    return timing.Timed(fwd_bwd, timing.grads_to_none(x, layer))
 
 
 def _inputs(k, n, m):
@@ -31,17 +34,6 @@ def _inputs(k, n, m):
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
     return x, grad
-
-
-def linear_ms(shape_name, m, mode):
-    """The bare frozen nn.Linear's time for this shape, measured once per run."""
-    key = (shape_name, m, mode)
-    if key not in _linear_ms:
-        k, n = SHAPES[shape_name]
-        x, grad = _inputs(k, n, m)
-        _linear_ms[key] = median_ms(_runner(build("linear", k, n, 1, "lora", DTYPE, DEVICE), x,
-                                            grad, mode), DEVICE)
-    return _linear_ms[key]
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -57,14 +49,16 @@ def test_layer(benchmark, shape_name, m, rank, impl, method, mode):
     layer = build(impl, k, n, rank, method, DTYPE, DEVICE)
     x, grad = _inputs(k, n, m)
     run = _runner(layer, x, grad, mode)
-    ms = median_ms(run, DEVICE)
-    base_ms = linear_ms(shape_name, m, mode)
+    linear = _runner(build("linear", k, n, 1, "lora", DTYPE, DEVICE), x, grad, mode)
+    got = timing.interleaved({"case": run, "linear": linear}, DEVICE)
+    ms, base_ms = got["case"].p50, got["linear"].p50
     benchmark.group = f"{shape_name} M={m} {mode}"
     benchmark.extra_info.update(shape=shape_name, K=k, N=n, M=m, rank=rank, impl=impl,
                                 method=method, mode=mode, dtype=str(DTYPE), median_ms=ms,
+                                p20_ms=got["case"].p20, p80_ms=got["case"].p80,
                                 linear_ms=base_ms, ratio_to_linear=ms / base_ms,
                                 device=torch.cuda.get_device_name() if DEVICE.type == "cuda"
                                 else "cpu",
                                 arch=dispatch.gpu_arch(DEVICE) if DEVICE.type == "cuda"
                                 else "cpu")
-    benchmark(run)
+    benchmark(lambda: (run.before and run.before(), run.fn()))

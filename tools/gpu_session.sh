@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # A GPU session in stages, each short enough for one 10-minute command on a lent machine
-# (offline: torch, triton, pytest and peft must already be installed there).
+# (offline: torch, triton, pytest and peft must already be installed there; bitsandbytes
+# travels as .carry/, made by tools/prepare_bitsandbytes.py, and is put on PYTHONPATH here).
 #
-# A lending of about 15 minutes (machine start included) takes one stage, run first:
+# A lending of about 15 minutes (machine start included) takes one stage, run first
+# (docs/gpu-session.md has the exact command for the device tool):
 #
-#   bash tools/gpu_session.sh first NAME       # <= 7 min from a cold cache, by its own
-#                                                   # budget: env, correctness, speed, CUDA build
-#                                                   # -> results/NAME.first.jsonl (tools/first.py)
+#   bash tools/gpu_session.sh first NAME [--budget-s S] [--steps a,b] [--groups P] [--resume]
+#       # <= 420 s by its own budget: env, correctness, speed (the matrix first), CUDA build
+#       # -> results/NAME.first.jsonl (tools/first.py), then its report (.first.md, .first.png)
 #
 # It runs from the tree as copied, installs nothing, and writes each figure as it is made.
+# LOWRANK_FUSED_COMMIT names the commit in every row (.git does not travel; from git when here).
 # The other stages need the package installed and suit longer lendings, in this order:
 #
 #   bash tools/gpu_session.sh probe NAME       # design-deciding figures -> results/NAME.probe.json
@@ -30,11 +33,17 @@ cd "$(dirname "$0")/.."
 dry="${GPU_SESSION_DRY_RUN:-0}"
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 [ "$dry" = "0" ] || dry=1
-usage="stage: first NAME | probe NAME | build | test | bench NAME [-k EXPR] | policy NAME | all NAME"
+usage="stage: first NAME [options] | probe NAME | build | test | bench NAME [-k EXPR] | policy NAME | all NAME"
 # The device machines' Python is python3; a plain python may be absent there.
 python() { if command -v python >/dev/null 2>&1; then command python "$@"; else python3 "$@"; fi; }
 stage="${1:?$usage}"
 shift
+# the slimmed bitsandbytes the device tool carries (tools/prepare_bitsandbytes.py)
+if [ -d .carry ]; then export PYTHONPATH="$PWD/.carry${PYTHONPATH:+:$PYTHONPATH}"; fi
+if [ -z "${LOWRANK_FUSED_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then
+  LOWRANK_FUSED_COMMIT="$(git rev-parse HEAD)$(git diff --quiet HEAD -- 2>/dev/null || echo -dirty)"
+  export LOWRANK_FUSED_COMMIT
+fi
 
 if [ "$dry" = 1 ]; then
   results="${GPU_SESSION_RESULTS:-$(mktemp -d -t gpu_session.XXXXXX)}"
@@ -55,7 +64,10 @@ export_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp "$@" "$O
 
 probe() {
   name="${1:?probe NAME}"
-  python -m tools.probe --out "$results/$name.probe.json"
+  # a dry run: the first matrix point (first's dry run runs the whole plan)
+  quick=()
+  [ "$dry" = 0 ] || quick=(--quick)
+  python -m tools.probe --out "$results/$name.probe.json" "${quick[@]}"
   gpu_name > "$results/$name.gpu.txt"
   export_out "$results/$name.probe.json" "$results/$name.gpu.txt"
 }
@@ -86,8 +98,9 @@ run_tests() {
 
 bench() {
   name="${1:?bench NAME}"; shift
-  # The ratios come from each case's own do_bench median (extra_info); pytest-benchmark's
-  # timer only adds rounds, so it is kept short. A dry run keeps it to one round: it checks the
+  # The ratios come from each case's own timing, interleaved with the bare layer (tools/timing.py,
+  # the timer tools.first uses; extra_info); pytest-benchmark's timer only adds rounds, so it is
+  # kept short. A dry run keeps it to one round: it checks the
   # suite and the JSON, not speed.
   timers=(--benchmark-min-rounds=3 --benchmark-max-time=0.05)
   [ "$dry" = 0 ] || timers=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
@@ -107,14 +120,24 @@ policy() {
 }
 
 first() {
-  name="${1:?first NAME}"
+  name="${1:?first NAME [--budget-s S] [--steps a,b] [--groups P] [--resume]}"; shift
   flag=()
   [ "$dry" = 0 ] || flag=(--dry-run)
-  python -m tools.first "$name" --results "$results" "${flag[@]}"
+  rc=0
+  python -m tools.first "$name" --results "$results" "${flag[@]}" "$@" || rc=$?
+  # the report, whatever the run's end: the table lands at the end of the output
+  python -m tools.report "$results/$name.first.jsonl" --markdown "$results/$name.first.md" \
+    --plot "$results/$name.first.png" || rc=$((rc ? rc : 1))
+  if [ -n "${OUT:-}" ]; then
+    for f in "$results/$name.first.md" "$results/$name.first.png"; do
+      if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
+    done
+  fi
+  return "$rc"
 }
 
 case "$stage" in
-  first) first "$@" ;;
+  first) first "$@" || exit $? ;;
   probe) probe "$@" ;;
   build) build ;;
   test) run_tests "$@" ;;

@@ -49,7 +49,9 @@ class NaiveLowRank(nn.Module):
                                    requires_grad=method == "lora")
         self.lora_b = nn.Parameter(torch.randn(n, rank, **factory) * 0.01,
                                    requires_grad=method != "lora_xs")
-        self.latent = nn.Parameter(torch.zeros(rank, rank, **factory)) if method == "lora_xs" else None
+        # R random too: no timed product runs on zeros
+        self.latent = (nn.Parameter(torch.randn(rank, rank, **factory) * 0.01)
+                       if method == "lora_xs" else None)
 
     def forward(self, x):
         p = x.to(self.lora_a.dtype) @ self.lora_a.T
@@ -58,7 +60,9 @@ class NaiveLowRank(nn.Module):
         return self.base(x) + (p @ self.lora_b.T).to(x.dtype)
 
 
-class _Holder(nn.Module):
+class Holder(nn.Module):
+    """One Linear under the name PEFT targets (``proj``)."""
+
     def __init__(self, base):
         super().__init__()
         self.proj = base
@@ -68,15 +72,17 @@ class _Holder(nn.Module):
 
 
 def peft_layer(base: nn.Linear, rank: int, method: str) -> nn.Module:
-    """PEFT's LoRA on one Linear; LoRA-FA freezes every lora_A (PEFT has no LoRA-XS: same rank
-    LoRA stands in for it)."""
+    """PEFT's LoRA on one Linear, lora_B random (PEFT's zero init would time products of
+    zeros); LoRA-FA freezes every lora_A (PEFT has no LoRA-XS: same rank LoRA stands in)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_Holder(base), LoraConfig(r=rank, lora_alpha=rank,
+    model = get_peft_model(Holder(base), LoraConfig(r=rank, lora_alpha=rank,
                                                      target_modules=["proj"]))
-    if method == "lora_fa":
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_A" in name:
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+            if "lora_A" in name and method == "lora_fa":
                 param.requires_grad_(False)
     return model
 

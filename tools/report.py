@@ -1,7 +1,16 @@
-"""Turn a pytest-benchmark JSON file into markdown tables of ratios and a PNG plot.
+"""Turn a results file into markdown tables of ratios and a PNG plot.
 
+    python -m tools.report NAME.first.jsonl [--markdown OUT.md] [--plot OUT.png] [--readme R]
     python -m tools.report RESULTS.json [--markdown OUT.md] [--plot OUT.png]
         [--model-plot OUT.png] [--readme README.md]
+
+A ``.first.jsonl`` (tools/first.py, the first GPU run) gives the matrix: per point, method and
+mode, ours' p50 with its p20-p80 spread, its ratio to the bare frozen layer and to PEFT doing
+the same method, each measured beside tools.model's prediction; the noise figure (the bare
+layer's drift over each group), the calibration (full ÷ quick autotuning), the other figures,
+the contenders missing and why, the correctness checks, and the run's setting (GPU, commit,
+versions, autotune mode). The plot (default: beside the file, ``.png``) draws the fwd+bwd ratios
+to bare per point. A pytest-benchmark JSON file gives the suites' tables.
 
 --readme rewrites the table between the README's "results" markers with the headline cases
 (LLaMA-7B shapes, M = 8192, r in {16, 64}) of RESULTS.json, and, when RESULTS.json holds
@@ -178,6 +187,7 @@ def plot(infos: list[dict], out: Path) -> None:
         ax.set_title(f"{mode}: time / bare frozen nn.Linear (all shapes)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -230,28 +240,67 @@ def update_readme(readme: Path, infos: list[dict], source: str) -> None:
         block = (f"{MODEL_START}\nFrom `{source}`. {model_caption(infos)}\n\n"
                  f"{model_table(infos)}\n{MODEL_END}")
         text = _replace_block(text, MODEL_START, MODEL_END, block, readme)
-    readme.write_text(text)
+    _write(readme, text)
+
+
+def _write(path: Path, text: str) -> None:
+    """Writes through a temporary file and a rename: a failed write leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _plot_to(draw, infos, out: Path) -> None:
+    """draw(infos, tmp) into a temporary PNG renamed over ``out`` (nothing drawn: nothing)."""
+    tmp = out.with_name(out.stem + ".tmp.png")
+    draw(infos, tmp)
+    if tmp.exists():
+        tmp.replace(out)
+
+
+def first_report(args) -> None:
+    """A .first.jsonl: the matrix and the rest as markdown (printed, or --markdown), the plot
+    (--plot, default beside the file), the README's results table (--readme)."""
+    from tools import matrix_report
+    rows = matrix_report.load(args.results)
+    text = matrix_report.markdown(rows)
+    if args.markdown:
+        _write(args.markdown, text)
+    print(text)
+    out = args.plot or args.results.with_name(args.results.name.removesuffix(".jsonl") + ".png")
+    _plot_to(matrix_report.plot, rows, out)
+    print(f"plot: {out}" if out.exists() else "plot: no matrix rows to draw")
+    if args.readme:
+        block = (f"{START}\nFrom `{args.results.as_posix()}`. {matrix_report.setting(rows)}\n\n"
+                 f"{matrix_report.matrix_table(rows)}\n{END}")
+        _write(args.readme, _replace_block(args.readme.read_text(), START, END, block,
+                                           args.readme))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("results", type=Path,
+                        help="NAME.first.jsonl (tools.first), or pytest-benchmark JSON "
+                             "(--benchmark-json)")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the ratios here")
     parser.add_argument("--model-plot", type=Path,
                         help="write a PNG plot of the model-level ratios (ours / PEFT) here")
     parser.add_argument("--readme", type=Path, help="refresh this README's results tables")
     args = parser.parse_args(argv)
+    if args.results.name.endswith(".jsonl"):
+        first_report(args)
+        return
     machine, infos = load(args.results)
     text = markdown(machine, infos)
     if args.markdown:
-        args.markdown.write_text(text)
+        _write(args.markdown, text)
     else:
         print(text)
     if args.plot:
-        plot(infos, args.plot)
+        _plot_to(plot, infos, args.plot)
     if args.model_plot:
-        plot_models(infos, args.model_plot)
+        _plot_to(plot_models, infos, args.model_plot)
     if args.readme:
         update_readme(args.readme, infos, args.results.as_posix())
 
