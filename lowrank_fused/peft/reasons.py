@@ -65,7 +65,10 @@ def _four_bit_base_reason(base) -> Optional[str]:
     if type(base).__name__ not in _BNB_4BIT_CLASSES or \
             not type(base).__module__.startswith("bitsandbytes"):
         return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
-    if getattr(base.weight, "quant_state", None) is None:
+    # a weight that lost its quant state (sharded by FSDP) gets it back from the module, in
+    # bitsandbytes' forward and in ours
+    if getattr(base.weight, "quant_state", None) is None and \
+            getattr(base, "quant_state", None) is None:
         return "its 4-bit base weight has no quant_state yet (move the model to its device)"
     return None
 

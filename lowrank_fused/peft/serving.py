@@ -121,6 +121,8 @@ def forward_over_4bit(self, x, peft_forward):
     for a trainable A. Where x must be cast (an fp32 model over a bf16-computing base), the
     sibling layers reading one x share one cast (``input_cast``)."""
     base = self.get_base_layer()
+    if getattr(base.weight, "quant_state", None) is None:
+        _restore_quant_state(base)
     if base.compute_dtype is None:  # bitsandbytes sets it on its first call, from x
         base.set_compute_type(x)
         base.compute_type_is_set = True
@@ -131,6 +133,16 @@ def forward_over_4bit(self, x, peft_forward):
     x_c = shared_cast(x, compute)  # q/k/v (gate/up) share one cast copy
     y = fused_forward(self, x_c, lambda _: peft_forward(x), base.weight, bias)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _restore_quant_state(base) -> None:
+    """Give a 4-bit base's weight its quant state back from the module, as bitsandbytes'
+    forward does: FSDP's all-gathered (unsharded) weight is a plain tensor without it."""
+    from bitsandbytes.nn import modules as bnb_modules  # imported: base is one of its layers
+
+    restore = getattr(bnb_modules, "fix_4bit_weight_quant_state_from_module", None)
+    if restore is not None:
+        restore(base)
 
 
 class ServedLayer:
