@@ -212,3 +212,17 @@ def test_layers_that_are_not_linear_are_listed_at_enable():
     assert fused.served == ["base_model.model.q"]
     assert fused.fallbacks == {"base_model.model.emb": "Embedding layers are not Linear"}
     assert str(fused).startswith("1/2 LoRA layers served")
+
+
+def test_a_backend_that_cannot_run_is_refused_before_anything_changes(monkeypatch):
+    from lowrank_fused import BackendUnavailableError, dispatch
+
+    model = small_peft()
+    before = _state(model)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        lfp.enable_fused(model, backend="nope")
+    assert _state(model) == before
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        lfp.enable_fused(model, backend="triton")
+    assert _state(model) == before
