@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+
 from torch import nn
 
 from .. import stats as operator_stats
+from . import serving
 from .call_counts import FusedStats, stats
 from .lora_layers import LoraLayer, LoraLinear, lora_layers, lora_linear4bit_class
 from .reasons import layer_reason, peft_class, static_reason
-from . import serving
 from .serving import BACKEND, NAME, REPORTED, STATE, FusedLoraLinear, flush_reports
 
 logger = logging.getLogger("lowrank_fused.peft")
@@ -56,8 +57,8 @@ def _grouped(fallbacks: dict) -> str:
 class FusedPeft:
     """What ``enable_fused`` did. ``served``: the names of the layers that run the operator;
     ``fallbacks``: {name: reason} of those that run PEFT's forward (found at enable time, and
-    any a later call met); ``backend`` (asked) and ``backends`` ({device: the backend that
-    asks for there}); ``summary()`` (what it prints as); ``stats()`` (the operator's calls);
+    any a later call met); ``backend`` (as asked) and ``backends`` ({device: what it means
+    there}); ``summary()`` (what it prints as); ``stats()`` (the operator's calls);
     ``disable()`` (or leaving a ``with`` block) restores PEFT."""
 
     def __init__(self, model: nn.Module, backend: str, backends: dict, state: dict):
@@ -136,10 +137,11 @@ def _strict_error(plan: list) -> ValueError:
                       "run PEFT's own forward; the model was not changed:\n" + "\n".join(lines))
 
 
-def _apply(root: nn.Module, backend: str, plan: list, state: dict, at_call: bool) -> None:
+def _apply(backend: str, plan: list, state: dict, at_call: bool) -> None:
     """Serve the planned layers; those with a reason are noted (at a call: reported)."""
     for name, module, static, reason in plan:
-        module.__dict__.pop(REPORTED, None)
+        for key in (REPORTED, UNSERVABLE):
+            module.__dict__.pop(key, None)
         module.__dict__[NAME] = name
         module.__dict__[STATE] = state
         if static is not None:
@@ -171,7 +173,7 @@ def _serve_new_layers(root: nn.Module, args) -> None:
         if (isinstance(module, LoraLayer) and not _is_served(module)
                 and UNSERVABLE not in module.__dict__):
             state = root.__dict__.setdefault(STATE, {"served": [], "fallbacks": {}})
-            _apply(root, root.__dict__[BACKEND], _plan(_new_layers(root)), state, at_call=True)
+            _apply(root.__dict__[BACKEND], _plan(_new_layers(root)), state, at_call=True)
             return
 
 
@@ -219,7 +221,7 @@ def enable_fused(model: nn.Module, backend: str = "auto", strict: bool = False) 
     _remove_hooks(model)
     model.__dict__[BACKEND] = backend
     state = model.__dict__[STATE] = {"served": [], "fallbacks": {}}
-    _apply(model, backend, plan, state, at_call=False)
+    _apply(backend, plan, state, at_call=False)
     operator_stats.reset([name for name, _ in layers])  # counts start at enable
     model.register_forward_pre_hook(_serve_new_layers)
     model.register_forward_hook(_say_call_fallbacks)
