@@ -68,3 +68,33 @@ def counting_ops():
         for module, name in patched:
             setattr(module, name, real)
         reference.dora_forward = real_dora
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(layers=2, vocab=64):
+    """A Llama from a config (random weights, nothing downloaded): hidden 32, 7 Linear layers
+    per decoder layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=64, attention_dropout=0.0,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def tiny_llama_peft(layers=2, nonzero=True, **config):
+    """``tiny_llama`` with PEFT LoRA (r = 4) on every projection; B made nonzero, so A has a
+    gradient."""
+    config = dict(dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), **config)
+    model = get_peft_model(tiny_llama(layers), LoraConfig(**config))
+    if nonzero:
+        nonzero_b(model)
+    return model
+
+
+def token_ids(batch=2, seq=8, vocab=64, seed=3):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -1,17 +1,15 @@
 """DDP (gloo, 2 CPU processes) gives one process's gradients; FSDP2 wraps the layer."""
-import os
-import time
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from distributed_helpers import WORLD, init_gloo, write_result
+from distributed_helpers import run_two_processes as run_workers
 from lowrank_fused import LowRankLinear, apply_low_rank
 
-WORLD = 2
 GLOBAL_BATCH = 8
 
 
@@ -40,9 +38,7 @@ def single_process_grads(method):
 
 
 def _worker(rank, method, wrapper, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
-                            rank=rank, world_size=WORLD)
+    init_gloo(rank, out_dir)
     try:
         model = build(method)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -65,35 +61,16 @@ def _worker(rank, method, wrapper, out_dir):
                     g = g.full_tensor()
                 grads[n] = g.detach().clone()
         assert set(grads) == set(names)
-        if rank == 0:
-            torch.save(grads, os.path.join(out_dir, "grads.tmp"))
-            os.replace(os.path.join(out_dir, "grads.tmp"), os.path.join(out_dir, "grads.pt"))
-        dist.barrier()
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Both ranks are done; skip gloo's teardown, which now and then hangs or aborts on exit.
-    os._exit(0)
+    write_result(rank, out_dir, grads)
 
 
 def run_two_processes(method, wrapper, deadline_s=120):
-    """Rank 0's gradients, within ``deadline_s``; workers left alive after that are killed."""
+    """Rank 0's gradients."""
     with tempfile.TemporaryDirectory() as out_dir:
-        result = os.path.join(out_dir, "grads.pt")
-        ctx = mp.start_processes(_worker, args=(method, wrapper, out_dir), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-        end = time.monotonic() + deadline_s
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > end:
-                    break
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        if not os.path.exists(result):
-            pytest.fail(f"{wrapper} workers gave no result within {deadline_s} s")
-        return torch.load(result)
+        return run_workers(_worker, (method, wrapper), out_dir, deadline_s)
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_xs"])

@@ -285,7 +285,7 @@ def test_peft_save_and_load_with_a_4bit_base(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_an_8bit_base_is_reported_with_the_reason():
+def test_an_8bit_base_is_reported_with_the_reason(caplog):
     from peft import LoraConfig, get_peft_model
     model = Small()
     lin8 = bnb.nn.Linear8bitLt(16, 24, has_fp16_weights=False)
@@ -295,8 +295,10 @@ def test_an_8bit_base_is_reported_with_the_reason():
         peft_model = get_peft_model(model, LoraConfig(r=R, target_modules=["q", "v"]))
     except Exception as err:  # pragma: no cover - depends on the bitsandbytes build
         pytest.skip(f"an 8-bit PEFT layer cannot be built here: {err}")
-    with pytest.warns(UserWarning, match="Linear8bitLt"):
+    with caplog.at_level("INFO", logger="lowrank_fused.peft"):
         fused = lfp.enable_fused(peft_model)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "1/2 LoRA layers served" in caplog.text and "Linear8bitLt" in caplog.text
     assert "8-bit" in fused.fallbacks["base_model.model.q"]
     assert fused.served == ["base_model.model.v"]
 
@@ -356,7 +358,7 @@ def test_sibling_layers_share_one_cast_of_x(monkeypatch):
     their common x for dA, not one each; outputs and gradients are bit-identical to casting per
     layer."""
     from peft import LoraConfig, get_peft_model
-    from lowrank_fused.peft import qlora
+    from lowrank_fused.peft import serving
     torch.manual_seed(0)
     model = quantize_model(Siblings(), compute_dtype=torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=8, target_modules=["q", "k", "v"]))
@@ -377,7 +379,7 @@ def test_sibling_layers_share_one_cast_of_x(monkeypatch):
         return len(copies), y.detach(), x1.grad, grads
 
     shared, y0, dx0, g0 = step()
-    monkeypatch.setattr(qlora, "shared_cast", lambda t, dtype: t.to(dtype))
+    monkeypatch.setattr(serving, "shared_cast", lambda t, dtype: t.to(dtype))
     per_layer, y1, dx1, g1 = step()
     assert (shared, per_layer) == (1, 3)
     assert torch.equal(y0, y1) and torch.equal(dx0, dx1)

@@ -1,6 +1,8 @@
 """Finding PEFT's LoRA layers in a model (shared by serving, LoRA-FA and LoRA-XS)."""
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 try:
@@ -18,6 +20,14 @@ def lora_linear4bit_class():
     except ImportError:
         return None
     return getattr(peft_bnb, "Linear4bit", None)
+
+
+def is_bnb_linear4bit(module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit Linear (or a subclass), without importing
+    bitsandbytes: a module of that class exists only once bitsandbytes is imported."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    cls = getattr(bnb_nn, "Linear4bit", None) if bnb_nn is not None else None
+    return cls is not None and isinstance(module, cls)
 
 
 def is_lora_linear(module) -> bool:

@@ -1,119 +1,83 @@
-"""Serve PEFT's LoRA Linear layers with the fused operator.
+"""The forward of a served PEFT LoRA layer: the fused operator where the call can be served,
+PEFT's own forward (reported) where it cannot.
 
-Mechanism: a served layer's ``__class__`` becomes ``FusedLoraLinear``, a subclass of
-``peft.tuners.lora.Linear`` that overrides only ``forward``; the model it was enabled on gets a
-forward pre-hook (a module-level function) that serves, or reports, LoRA layers created later.
-Why this and not the alternatives:
+Mechanism: a served layer's ``__class__`` becomes ``FusedLoraLinear`` (or, over a bitsandbytes
+4-bit base in PEFT's 4-bit class, ``qlora.FusedLoraLinear4bit``), a subclass of PEFT's class
+that overrides only ``forward``. Why a class swap and not the alternatives:
 
 - Nothing is stored per instance but plain data, so pickling, ``copy.deepcopy`` and
-  ``torch.save``/``torch.load`` give a served model back (a bound method on the instance, as
-  before, does not unpickle).
+  ``torch.save``/``torch.load`` give a served model back (a bound method on the instance does
+  not unpickle).
 - ``LoraConfig._register_custom_module`` only acts when PEFT builds layers from that one config:
-  ``add_adapter``/``load_adapter`` with a new config, ``from_pretrained`` (the config comes from
-  disk) and ``inject_adapter_in_model`` would all build plain layers again. The pre-hook finds
-  those at the next forward, whatever created them.
-- State dicts, ``save_pretrained`` and PEFT's own ``isinstance`` checks see a
-  ``peft.tuners.lora.Linear``; ``disable_fused`` swaps the class back (do so before pickling
-  for a model that unpickles without lowrank_fused installed).
+  ``add_adapter``/``load_adapter`` with a new config, ``from_pretrained`` and
+  ``inject_adapter_in_model`` would all build plain layers again (``enable``'s pre-hook finds
+  those at the next forward, whatever created them).
+- State dicts, ``save_pretrained`` and PEFT's own ``isinstance`` checks see PEFT's class.
 
-A PEFT QLoRA layer (``peft.tuners.lora.bnb.Linear4bit``, over a bitsandbytes ``Linear4bit``)
-is served the same way by ``FusedLoraLinear4bit`` (in ``qlora.py``, importable only with
-bitsandbytes): x is cast to the base's compute dtype as bitsandbytes does, the 4-bit weight goes
-to the operator as it is (dequantized per call, never saved), y comes back in x's dtype.
+Over a 4-bit base (PEFT's ``lora.bnb.Linear4bit``, or its plain ``lora.Linear`` around a
+bitsandbytes ``Linear4bit`` when the model was not marked ``is_loaded_in_4bit``) x is cast to
+the base's compute dtype as bitsandbytes does, the ``Params4bit`` goes to the operator as it
+is (dequantized per call, never saved) and y comes back in x's dtype.
 
-PEFT's DoRA (``use_dora=True``) on a Linear over a plain nn.Linear or a 4-bit base (QDoRA), one
-active adapter, is served by the operator's ``magnitude=`` (dispatch.dora_choice: the Triton
-backend on CUDA tensors, the reference path on the CPU and for QDoRA).
-
-What cannot be served (DoRA with several active adapters, other
-variants, LoRA bias, conv/embedding/8-bit layers,
-``fan_in_fan_out``, mixed-adapter batches, several active adapters with dropout) runs PEFT's own
-forward and is reported once per layer and reason.
+PEFT's DoRA (one active adapter, over a plain nn.Linear or a 4-bit base) runs through the
+operator's ``magnitude=``. What cannot be served (``reasons``) runs PEFT's forward; a reason
+met at call time is said once, for all the layers that met it in one pass
+(``flush_reports``), not once per layer. ``enable`` (``enable_fused``) imports this module,
+never the other way round.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
-from torch import nn
 
-from .. import quantized
 from ..functional import low_rank_linear
-from .lora_layers import LoraLayer, LoraLinear, lora_layers, lora_linear4bit_class
+from .input_cast import shared_cast
+from .lora_layers import LoraLinear, is_bnb_linear4bit
+from .reasons import active_adapters, call_reason, dropout_p, is_dora
 
-_BACKEND = "_lowrank_fused_backend"  # on the enabled root: the backend new layers get
-_NAME = "_lowrank_fused_name"
-_REPORTED = "_lowrank_fused_reported"
-_UNSERVABLE = "_lowrank_fused_unservable"  # on a layer: why it can never be served
+# keys in a served layer's __dict__ (plain data: copies and pickles carry them)
+BACKEND = "_lowrank_fused_backend"  # the backend its calls ask for
+NAME = "_lowrank_fused_name"  # its module name: labels its calls in lowrank_fused.stats
+REPORTED = "_lowrank_fused_reported"  # the reasons it has reported since enable_fused
+# on the enabled root and its layers, one dict: {"served": [names], "fallbacks": {name: reason}}
+STATE = "_lowrank_fused_state"
 
-
-def _dropout_p(module, adapter: str) -> float:
-    """PEFT's own rule: the lora_dropout module's training flag decides, not the layer's."""
-    dropout = module.lora_dropout[adapter]
-    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-
-
-def _is_dora(module, adapter: str) -> bool:
-    """Whether ``adapter`` of this layer is PEFT's DoRA on a Linear (DoraLinearVariant)."""
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    return variant is not None and _dora_variant_class() is not None and (
-        variant is _dora_variant_class() or type(variant) is _dora_variant_class())
+_pending: dict = {}  # reason -> names of the layers that met it at call time, not yet said
 
 
-def _dora_variant_class():
-    try:
-        from peft.tuners.lora.variants import DoraLinearVariant
-    except ImportError:  # an older PEFT: no variant registry
-        return None
-    return DoraLinearVariant
+def _report_once(module, reason: str, at_call: bool = True) -> None:
+    """Note that ``module`` runs PEFT's forward for ``reason``. Each layer notes a reason
+    once; a reason first met at a call waits in ``_pending`` until ``flush_reports``, so one
+    warning covers every layer that met it. A layer meeting a pending reason again means its
+    pass is over: the pending reports are said then, if no root forward hook said them."""
+    reported = module.__dict__.setdefault(REPORTED, set())
+    name = module.__dict__.get(NAME, type(module).__name__)
+    if reason in reported:
+        if name in _pending.get(reason, ()):
+            flush_reports()
+        return
+    reported.add(reason)
+    if at_call:
+        _pending.setdefault(reason, []).append(name)
+        state = module.__dict__.get(STATE)
+        if state is not None:  # enable_fused's result lists it from now on
+            state["fallbacks"].setdefault(name, reason)
+            if name in state["served"]:
+                state["served"].remove(name)
 
 
-def _dora_reason(module, active) -> Optional[str]:
-    """Why a DoRA call cannot be served, or None: one active adapter over a dense nn.Linear or
-    a bitsandbytes 4-bit base, the magnitude in the adapters' dtype."""
-    if len(active) > 1:
-        return "several active adapters with DoRA"
-    (adapter,) = active
-    base = module.get_base_layer()
-    if type(base) is not nn.Linear and not quantized.is_linear4bit(base):  # QDoRA is served
-        return f"DoRA over a {type(base).__name__} base layer"
-    magnitude = module.lora_magnitude_vector[adapter].weight
-    if magnitude.dtype != module.lora_A[adapter].weight.dtype:
-        return "a DoRA magnitude of another dtype than its adapters"
-    if module.training and _dropout_p(module, adapter) >= 1.0:
-        return "DoRA with lora_dropout=1.0"
-    return None
+def _names(names: list, limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _call_reason(module, active) -> Optional[str]:
-    variants = getattr(module, "lora_variant", {})
-    dora = False
-    for adapter in active:
-        if adapter in variants and _is_dora(module, adapter):
-            dora = True
-        elif adapter in variants:
-            return f"adapter {adapter!r} is a {type(variants[adapter]).__name__}"
-        if module.lora_B[adapter].bias is not None:
-            return f"adapter {adapter!r} has a LoRA bias"
-    if dora:
-        reason = _dora_reason(module, active)
-        if reason is not None:
-            return reason
-    if len({module.lora_A[a].weight.dtype for a in active}) > 1:
-        return "active adapters of different dtypes"
-    if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
-        return "several active adapters with dropout (each draws its own mask)"
-    return None
-
-
-def _report_once(module, reason: str, stacklevel: int = 3) -> None:
-    reported = module.__dict__.setdefault(_REPORTED, set())
-    if reason not in reported:
-        reported.add(reason)
-        warnings.warn(f"lowrank_fused: {module.__dict__.get(_NAME, 'a layer')} "
-                      f"runs PEFT's own forward: {reason}", stacklevel=stacklevel)
+def flush_reports() -> None:
+    """Say, once per reason, which layers met it at call time since the last flush."""
+    while _pending:
+        reason, names = _pending.popitem()
+        layers = "1 LoRA layer runs" if len(names) == 1 else f"{len(names)} LoRA layers run"
+        warnings.warn(f"lowrank_fused: {layers} PEFT's own forward: {reason} "
+                      f"({_names(names)})", stacklevel=3)
 
 
 def fused_forward(self, x, peft_forward, base_weight, bias):
@@ -121,20 +85,20 @@ def fused_forward(self, x, peft_forward, base_weight, bias):
     or PEFT's own (``peft_forward``) where the call cannot be served."""
     if self.disable_adapters or self.merged:
         return peft_forward(x)  # PEFT's base-only path
-    active = [a for a in self.active_adapters if a in self.lora_A]
+    active = active_adapters(self)
     if not active:
         return peft_forward(x)
-    reason = _call_reason(self, active)
+    reason = call_reason(self, active)
     if reason is not None:
-        _report_once(self, reason, stacklevel=4)
+        _report_once(self, reason)
         return peft_forward(x)
 
     magnitude = None
     if len(active) == 1:
         (adapter,) = active
         lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        scaling, p = self.scaling[adapter], _dropout_p(self, adapter)
-        if _is_dora(self, adapter):
+        scaling, p = self.scaling[adapter], dropout_p(self, adapter)
+        if is_dora(self, adapter):
             # PEFT's DoRA rule: dropout only when the layer trains (and its dropout does)
             magnitude = self.lora_magnitude_vector[adapter].weight
             p = p if self.training else 0.0
@@ -145,8 +109,40 @@ def fused_forward(self, x, peft_forward, base_weight, bias):
         lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], 1)
         scaling, p = 1.0, 0.0
     return low_rank_linear(x, base_weight, lora_a, lora_b, bias=bias, scaling=scaling,
-                           dropout_p=p, training=p > 0, backend=self.__dict__[_BACKEND],
-                           magnitude=magnitude)
+                           dropout_p=p, training=p > 0, backend=self.__dict__[BACKEND],
+                           magnitude=magnitude, name=self.__dict__.get(NAME))
+
+
+def forward_over_4bit(self, x, peft_forward):
+    """``fused_forward`` over a bitsandbytes 4-bit base, as its ``Linear4bit.forward`` does
+    the base: x cast to the compute dtype (bias too), y cast back to x's dtype. Unlike PEFT's
+    forward it does not clone the base output nor cast x to the adapters' fp32 (a full-width
+    copy that a trainable A keeps): the operator casts x inside its own pass and keeps x only
+    for a trainable A. Where x must be cast (an fp32 model over a bf16-computing base), the
+    sibling layers reading one x share one cast (``input_cast``)."""
+    base = self.get_base_layer()
+    if getattr(base.weight, "quant_state", None) is None:
+        _restore_quant_state(base)
+    if base.compute_dtype is None:  # bitsandbytes sets it on its first call, from x
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    compute = base.compute_dtype or x.dtype
+    bias = base.bias
+    if bias is not None and bias.dtype != compute:
+        bias = bias.to(compute)
+    x_c = shared_cast(x, compute)  # q/k/v (gate/up) share one cast copy
+    y = fused_forward(self, x_c, lambda _: peft_forward(x), base.weight, bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _restore_quant_state(base) -> None:
+    """Give a 4-bit base's weight its quant state back from the module, as bitsandbytes'
+    forward does: FSDP's all-gathered (unsharded) weight is a plain tensor without it."""
+    from bitsandbytes.nn import modules as bnb_modules  # imported: base is one of its layers
+
+    restore = getattr(bnb_modules, "fix_4bit_weight_quant_state_from_module", None)
+    if restore is not None:
+        restore(base)
 
 
 class ServedLayer:
@@ -162,8 +158,12 @@ class ServedLayer:
 
     def forward(self, x, *args, **kwargs):
         peft_forward = super().forward
-        if args or kwargs:
-            return peft_forward(x, *args, **kwargs)  # PEFT's mixed-batch path
+        if args or kwargs:  # PEFT's mixed-adapter batch (adapter_names=), or extra arguments
+            if not (self.disable_adapters or self.merged):
+                _report_once(self, "a call with extra arguments ("
+                             + ", ".join(sorted(kwargs) or ["positional"])
+                             + "): PEFT's mixed-adapter batch")
+            return peft_forward(x, *args, **kwargs)
         return self._served_forward(x, peft_forward)
 
     def _served_forward(self, x, peft_forward):
@@ -178,143 +178,7 @@ class FusedLoraLinear(ServedLayer, LoraLinear):
 
     def _served_forward(self, x, peft_forward):
         base = self.get_base_layer()
+        if is_bnb_linear4bit(base):  # a hand-assembled QLoRA model: PEFT's plain Linear
+            return forward_over_4bit(self, x, peft_forward)
         return fused_forward(self, x, peft_forward, base.weight, base.bias)
 
-
-def _fused_class(module):
-    """The served class for a PEFT LoRA layer's class, or None."""
-    if type(module) is LoraLinear:
-        return FusedLoraLinear
-    four_bit = lora_linear4bit_class()
-    if four_bit is not None and type(module) is four_bit:
-        from .qlora import FusedLoraLinear4bit
-        return FusedLoraLinear4bit
-    return None
-
-
-def _is_fused(module) -> bool:
-    return getattr(type(module), "_lowrank_fused_served", False)
-
-
-def _quantized_reason(module) -> Optional[str]:
-    """Why a PEFT LoRA layer over a quantized (bitsandbytes) base cannot be served, or None for
-    a layer that is not over one, or is over a servable 4-bit base."""
-    name = type(module).__name__
-    if name in ("Linear8bitLt",) and type(module).__module__.startswith("peft."):
-        return ("base layer bitsandbytes Linear8bitLt (8-bit, LLM.int8()) is not served: its "
-                "outlier decomposition and int8 matmul are not reproduced by this package; "
-                "only 4-bit (Linear4bit, NF4/FP4) bases are")
-    four_bit = lora_linear4bit_class()
-    if four_bit is None or not isinstance(module, four_bit):
-        return None
-    import bitsandbytes as bnb  # present: the PEFT class exists only with it
-
-    base = module.get_base_layer()
-    if type(base) not in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4):
-        return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
-    if getattr(base.weight, "quant_state", None) is None:
-        return "its 4-bit base weight has no quant_state yet (move the model to its device)"
-    return None
-
-
-def _static_reason(module) -> Optional[str]:
-    """Why this LoRA layer can never be served, or None."""
-    quantized_reason = _quantized_reason(module)
-    if quantized_reason is not None:
-        return quantized_reason
-    four_bit = lora_linear4bit_class()
-    if four_bit is not None and isinstance(module, four_bit):
-        if type(module).__name__ not in ("Linear4bit", "FusedLoraLinear4bit"):
-            return f"{type(module).__name__} is a custom subclass of PEFT's LoRA Linear4bit"
-        return None
-    if not isinstance(module, LoraLinear):
-        return f"{type(module).__name__} layers are not Linear"
-    if type(module) not in (LoraLinear, FusedLoraLinear):
-        return f"{type(module).__name__} is a custom subclass of PEFT's LoRA Linear"
-    if type(module.get_base_layer()) is not nn.Linear:
-        return f"base layer {type(module.get_base_layer()).__name__} is not a plain nn.Linear"
-    if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out weights"
-    return None
-
-
-@dataclass
-class FusedPeft:
-    """What ``enable_fused`` did; ``disable()`` (or leaving a ``with`` block) restores PEFT."""
-
-    served: list[str] = field(default_factory=list)
-    fallbacks: dict[str, str] = field(default_factory=dict)
-    model: Optional[nn.Module] = field(default=None, repr=False)
-
-    def disable(self) -> None:
-        if self.model is not None:
-            disable_fused(self.model)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.disable()
-
-
-def _serve(root: nn.Module, backend: str, result: FusedPeft, stacklevel: int) -> None:
-    for name, module in lora_layers(root):
-        if _is_fused(module) and module.__dict__.get(_BACKEND) == backend:
-            result.served.append(name)
-            continue
-        reason = _static_reason(module)
-        module.__dict__[_NAME] = name
-        if reason is not None:
-            module.__dict__[_UNSERVABLE] = reason
-            result.fallbacks[name] = reason
-            _report_once(module, reason, stacklevel=stacklevel)
-            continue
-        if not _is_fused(module):
-            module.__class__ = _fused_class(module)
-        module.__dict__[_BACKEND] = backend
-        result.served.append(name)
-
-
-def _serve_new_layers(root: nn.Module, args) -> None:
-    """Forward pre-hook of the enabled model: LoRA layers added since (add_adapter,
-    load_adapter, inject_adapter_in_model) are served or reported before they run. The scan
-    only reads types (about 0.6 ms for 400 modules on a busy CPU); the full pass runs only when
-    a layer is new."""
-    for module in root.modules():
-        if (isinstance(module, LoraLayer) and not _is_fused(module)
-                and _UNSERVABLE not in module.__dict__):
-            _serve(root, root.__dict__[_BACKEND], FusedPeft(), stacklevel=4)
-            return
-
-
-def _remove_hook(root: nn.Module) -> None:
-    for key, hook in list(root._forward_pre_hooks.items()):
-        if hook is _serve_new_layers:
-            del root._forward_pre_hooks[key]
-
-
-def enable_fused(model: nn.Module, backend: str = "auto") -> FusedPeft:
-    """Route every PEFT LoRA Linear layer of ``model``, and every one created later, through
-    the fused operator; layers that cannot be served run PEFT's forward and are reported.
-
-    Returns a ``FusedPeft`` (``served`` names, ``fallbacks`` with reasons, ``disable()``)."""
-    if not lora_layers(model):
-        raise ValueError("the model has no PEFT LoRA layer: build it with peft.get_peft_model "
-                         "(or inject_adapter_in_model) first")
-    _remove_hook(model)
-    model.__dict__[_BACKEND] = backend
-    result = FusedPeft(model=model)
-    _serve(model, backend, result, stacklevel=4)
-    model.register_forward_pre_hook(_serve_new_layers)
-    return result
-
-
-def disable_fused(model: nn.Module) -> None:
-    """Undo ``enable_fused`` on ``model`` (also on a copy or an unpickled one): PEFT's forward."""
-    _remove_hook(model)
-    model.__dict__.pop(_BACKEND, None)
-    for _, module in lora_layers(model):
-        module.__dict__.pop(_UNSERVABLE, None)
-        if _is_fused(module):
-            module.__class__ = type(module)._peft_class
-            module.__dict__.pop(_BACKEND, None)
