@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 
 from . import accumulators, persistent, variants
-from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
-                      rank_block)
+from .autotuner import launcher, m_bucket
+from .configs import for_base, rank_block
+from .precision import dot_precision, low_rank_dot_dtype
 from .dropout import keep_pairs, pair_columns, seed_arg
 from .mma import mma, narrow
 from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d

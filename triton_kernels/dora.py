@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
-                      rank_block)
+from .autotuner import launcher, m_bucket
+from .configs import for_base, rank_block
+from .precision import dot_precision, low_rank_dot_dtype
 from . import accumulators
 from .dropout import keep_tile, seed_arg
 from .mma import mma, narrow

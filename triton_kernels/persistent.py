@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
+from .autotuner import launcher
+from .configs import rank_block
+from .precision import dot_precision, low_rank_dot_dtype
 from .mma import mma, narrow
 from .tiling import grouped_tile, offsets_2d
 
