@@ -74,11 +74,12 @@ def test_every_kernel_the_backend_launches_is_discovered():
             "_grad_input_kernel", "_grad_a_kernel", "_grad_b_kernel",
             "_fused_linear_tma_kernel", "_fused_linear_4bit_kernel",
             "_grad_input_4bit_kernel"} <= kernels
-    # DoRA's (triton_kernels/dora.py), with dropout on the two-accumulator configs
+    # DoRA's (triton_kernels/dora.py), with dropout on the two-accumulator configs; its pass
+    # over G is the plain kernels' with the column scale, on DoRA's own configs
     dora = {launch[1]: launch[2] for launch in launches if launch[5].startswith("dora")}
     assert dora == {"_project_kernel": "skinny", "_dora_linear_kernel": "gemm_dual",
-                    "_dora_grad_output_kernel": "grad_output_dora",
-                    "_dora_grad_b_kernel": "skinny", "_dora_grad_input_kernel": "gemm_dual",
+                    "_grad_output_pass_kernel": "grad_output_dora",
+                    "_grad_b_kernel": "skinny", "_dora_grad_input_kernel": "gemm_dual",
                     "_grad_a_kernel": "skinny"}
     stored = [launch[4]["STORE_DROPPED"] for launch in launches
               if launch[1] == "_project_kernel"]

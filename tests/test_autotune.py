@@ -1,4 +1,4 @@
-"""What a GPU run's kernel choices cost and key on (configs.launcher, variants.py), tested on the
+"""What a GPU run's kernel choices cost and key on (autotuner.launcher, variants.py), tested on the
 CPU: the GPU path's autotuner runs over the interpreter with its timing faked, and the variant
 choice with fake launches and a fake do_bench."""
 import types
@@ -14,10 +14,11 @@ from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa
 from lowrank_fused.dropout import keep_mask, quantised_p  # noqa: E402
-from lowrank_fused.triton_kernels import (backward, configs, dora, dropout,  # noqa: E402
-                                          forward, persistent, variants)
+from lowrank_fused.triton_kernels import (autotune_mode, autotuner, backward,  # noqa: E402
+                                          configs, dora, dropout, fit, forward, interpreter,
+                                          persistent, variants)
 
-pytestmark = pytest.mark.skipif(not configs.interpreting(), reason="fakes the GPU path on CPU")
+pytestmark = pytest.mark.skipif(not interpreter.interpreting(), reason="fakes the GPU path on CPU")
 
 SEEDED_KERNELS = [forward._project_kernel, backward._grad_input_kernel, backward._grad_a_kernel,
                   dropout._keep_mask_kernel, dora._dora_grad_input_kernel]
@@ -75,13 +76,13 @@ def test_autotune_keys_name_every_constexpr_of_the_launch(monkeypatch):
 
 @pytest.fixture
 def gpu_path(monkeypatch):
-    """configs.launcher as on an H100 (the autotuner over sm90 configs), kernels still on the
+    """autotuner.launcher as on an H100 (the autotuner over sm90 configs), kernels still on the
     interpreter; timing faked: each config takes 1 / BLOCK_N (the widest wins)."""
-    monkeypatch.setattr(configs, "interpreting", lambda: False)
-    monkeypatch.setattr(configs, "config_family", lambda: "sm90")
+    monkeypatch.setattr(autotuner, "interpreting", lambda: False)
+    monkeypatch.setattr(autotuner, "config_family", lambda: "sm90")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(configs, "_tuned", {})
-    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(autotuner, "_tuned", {})
+    monkeypatch.delenv(autotune_mode.AUTOTUNE_ENV, raising=False)
     timed = []
 
     def fake_bench(self, *args, config, **meta):
@@ -100,19 +101,19 @@ def _project(p_drop=0.0, m=8, k=64, r=4):
 
 
 def _project_tuner():
-    [tuner] = [t for (kernel, *_), t in configs._tuned.items()
+    [tuner] = [t for (kernel, *_), t in autotuner._tuned.items()
                if kernel is forward._project_kernel]
     return tuner
 
 
 def test_a_dropout_call_does_not_reuse_the_plain_calls_config(gpu_path):
-    limit = configs.shared_memory_limit((9, 0))
+    limit = fit.shared_memory_limit((9, 0))
     _project(p_drop=0.0)
     plain = _project_tuner().best_config
     assert plain.kwargs["BLOCK_N"] == 256  # the fake timing's winner: pruned with dropout
     _project(p_drop=0.25)
     chosen = _project_tuner().best_config
-    assert configs.fits(chosen, "skinny", 2, 16, limit, "sm90", dropout=True), chosen
+    assert fit.fits(chosen, "skinny", 2, 16, limit, "sm90", dropout=True), chosen
     assert len(_project_tuner().cache) == 2
 
 
@@ -122,33 +123,33 @@ def test_quick_mode_takes_the_first_fitting_config_untimed(gpu_path, monkeypatch
     _project()  # full: times the fitting configs, the widest wins
     assert gpu_path and _project_tuner().best_config.kwargs["BLOCK_N"] == 256
     gpu_path.clear()
-    monkeypatch.setenv(configs.AUTOTUNE_ENV, "quick")
+    monkeypatch.setenv(autotune_mode.AUTOTUNE_ENV, "quick")
     _project()  # the same key: quick must not reuse the full tuner's winner
-    quick = [t for t in configs._tuned.values() if t.quick]
+    quick = [t for t in autotuner._tuned.values() if t.quick]
     assert len(quick) == 1 and not gpu_path
-    first = configs.fitting_configs(configs.SKINNY_CONFIGS["sm90"], "skinny", 2, 16,
-                                    configs.shared_memory_limit((9, 0)), "sm90")[0]
+    first = fit.fitting_configs(configs.SKINNY_CONFIGS["sm90"], "skinny", 2, 16,
+                                fit.shared_memory_limit((9, 0)), "sm90")[0]
     assert quick[0].best_config == first
 
 
 def test_one_fitting_config_is_not_timed(gpu_path, monkeypatch):
-    monkeypatch.setattr(configs, "fitting_configs", lambda configs_, *args: configs_[:1])
+    monkeypatch.setattr(autotuner, "fitting_configs", lambda configs_, *args: configs_[:1])
     _project()
     assert not gpu_path
 
 
 @pytest.mark.parametrize("value", ["fast", "FULL", "0"])
 def test_a_bad_autotune_mode_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv(configs.AUTOTUNE_ENV, value)
+    monkeypatch.setenv(autotune_mode.AUTOTUNE_ENV, value)
     with pytest.raises(ValueError, match=rf"LOWRANK_FUSED_AUTOTUNE.*'full', 'quick'.*'{value}'"):
         _project()
 
 
 def test_autotune_mode_default_is_full(monkeypatch):
-    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
-    assert configs.autotune_mode() == "full"
-    monkeypatch.setenv(configs.AUTOTUNE_ENV, "quick")
-    assert configs.autotune_mode() == "quick"
+    monkeypatch.delenv(autotune_mode.AUTOTUNE_ENV, raising=False)
+    assert autotune_mode.autotune_mode() == "full"
+    monkeypatch.setenv(autotune_mode.AUTOTUNE_ENV, "quick")
+    assert autotune_mode.autotune_mode() == "quick"
 
 
 # --- graph capture -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_no_autotuning_under_graph_capture(gpu_path, capturing, monkeypatch):
     gpu_path.clear()
     _project()  # under capture the cached choice runs
     assert not gpu_path
-    monkeypatch.setenv(configs.AUTOTUNE_ENV, "quick")
+    monkeypatch.setenv(autotune_mode.AUTOTUNE_ENV, "quick")
     _project(m=300)  # quick: one config, a new key is no timing
     assert not gpu_path
 
@@ -190,7 +191,7 @@ def auto(monkeypatch):
     monkeypatch.setattr(variants, "tma_supported", lambda device: True)
     monkeypatch.setattr(variants, "_winners", {})
     monkeypatch.delenv(variants.ENV, raising=False)
-    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+    monkeypatch.delenv(autotune_mode.AUTOTUNE_ENV, raising=False)
 
     def launch(variant):
         state.launches.append(variant)
@@ -236,7 +237,7 @@ def test_a_failing_variant_leaves_the_other(auto):
 
 
 def test_quick_mode_picks_tiled_untimed(auto, monkeypatch):
-    monkeypatch.setenv(configs.AUTOTUNE_ENV, "quick")
+    monkeypatch.setenv(autotune_mode.AUTOTUNE_ENV, "quick")
     assert auto.choose() == "tiled" and not auto.launches
 
 

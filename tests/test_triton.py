@@ -216,7 +216,7 @@ def test_tile_offsets_are_64_bit():
 def test_low_rank_dots_run_in_the_bases_16_bit_dtype():
     # Issue 16 item 2: fp32 adapters over a half base are rounded at load (16-bit tensor cores);
     # over an fp32 base the dots keep the adapters' dtype, TF32 only where torch allows it.
-    from lowrank_fused.triton_kernels.configs import dot_precision, low_rank_dot_dtype
+    from lowrank_fused.triton_kernels.precision import dot_precision, low_rank_dot_dtype
     assert low_rank_dot_dtype(torch.bfloat16, torch.float32) == tl.bfloat16
     assert low_rank_dot_dtype(torch.float16, torch.float32) == tl.float16
     assert low_rank_dot_dtype(torch.float32, torch.float32) == tl.float32
@@ -251,19 +251,19 @@ def test_grad_a_split_over_rows_matches(p):
 
 def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
     # Issue 16: configs are pruned before the autotuner compiles them.
-    from lowrank_fused.triton_kernels import configs
+    from lowrank_fused.triton_kernels import autotuner, configs, fit
     hopper_gemm = configs.GEMM_CONFIGS["sm90"][0]  # 128x256x64, 3 stages
     # the AOT compile of the bf16 GEMM at this config reports 147456 bytes
-    assert configs.shared_memory_estimate(hopper_gemm, "gemm", 2, 16) == 147456
+    assert fit.shared_memory_estimate(hopper_gemm, "gemm", 2, 16) == 147456
     x = torch.empty(4, 4, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    prune = configs._pruner("gemm")
+    prune = autotuner._pruner("gemm")
     assert prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x}) == configs.GEMM_CONFIGS["sm90"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     kept = prune(configs.GEMM_CONFIGS["sm90"], {"x_ptr": x})  # 99 KB: Hopper's big tiles go
     assert hopper_gemm not in kept and kept
-    assert all(configs.shared_memory_estimate(c, "gemm", 2, 16) <= 99 * 1024 for c in kept)
-    skinny = configs._pruner("skinny")(configs.SKINNY_CONFIGS["sm80"], {"g_ptr": x},
+    assert all(fit.shared_memory_estimate(c, "gemm", 2, 16) <= 99 * 1024 for c in kept)
+    skinny = autotuner._pruner("skinny")(configs.SKINNY_CONFIGS["sm80"], {"g_ptr": x},
                                        RANK_BLOCK=256)
     assert len(skinny) >= 1  # never empty: the smallest config stays
 

@@ -6,7 +6,8 @@ import torch
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 import triton  # noqa: E402
-from lowrank_fused.triton_kernels import accumulators, backward, configs, forward  # noqa: E402
+from lowrank_fused.triton_kernels import accumulators, backward, configs, fit, forward  # noqa: E402
+from lowrank_fused.triton_kernels import interpreter, precision  # noqa: E402
 from lowrank_fused.triton_kernels import grad_output_pass  # noqa: E402
 from tolerance import assert_kernel_close  # noqa: E402
 
@@ -29,7 +30,7 @@ def test_every_rank_and_dtype_has_a_fitting_config(family, generation, dropout):
     for rank in range(1, 129):
         for base_bytes in BASE_BYTES:
             block = configs.rank_block(rank)
-            assert any(configs.fits(c, family, base_bytes, block, LIMITS[generation],
+            assert any(fit.fits(c, family, base_bytes, block, LIMITS[generation],
                                     generation, dropout)
                        for c in table), (family, generation, rank, base_bytes, dropout)
 
@@ -38,23 +39,23 @@ def test_dropout_prunes_the_tiles_that_spilled_with_its_mask():
     # configs.py's budgets: aot_check saw these spill with dropout only
     wide_4_warps = next(c for c in configs.CONFIGS["gemm"]["sm90"]
                         if c.num_warps == 4 and c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128)
-    assert configs.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", False)
-    assert not configs.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", True)
+    assert fit.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", False)
+    assert not fit.fits(wide_4_warps, "gemm", 2, 16, LIMITS["sm90"], "sm90", True)
     wide_skinny = next(c for c in configs.CONFIGS["skinny"]["sm90"] if c.kwargs["BLOCK_N"] == 256)
-    assert configs.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", False)
-    assert not configs.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", True)
+    assert fit.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", False)
+    assert not fit.fits(wide_skinny, "skinny", 2, 16, LIMITS["sm90"], "sm90", True)
 
 
 def test_fitting_configs_keep_only_what_fits():
     table = configs.CONFIGS["grad_output"]["sm90"]
-    kept = configs.fitting_configs(table, "grad_output", 2, 128, LIMITS["sm90"])
+    kept = fit.fitting_configs(table, "grad_output", 2, 128, LIMITS["sm90"])
     assert kept and len(kept) < len(table)
-    assert all(configs.shared_memory_estimate(c, "grad_output", 2, 128) <= LIMITS["sm90"]
+    assert all(fit.shared_memory_estimate(c, "grad_output", 2, 128) <= LIMITS["sm90"]
                for c in kept)
-    assert all(configs.register_estimate(c, "grad_output", 128)
-               <= configs.REGISTER_BUDGET["grad_output"] for c in kept)
+    assert all(fit.register_estimate(c, "grad_output", 128)
+               <= fit.REGISTER_BUDGET["grad_output"] for c in kept)
     # past r = 128 the least shared memory stays rather than nothing
-    assert len(configs.fitting_configs(table, "grad_output", 4, 512, LIMITS["sm80"])) == 1
+    assert len(fit.fitting_configs(table, "grad_output", 4, 512, LIMITS["sm80"])) == 1
 
 
 @pytest.mark.parametrize("family", sorted(configs.CONFIGS))
@@ -62,7 +63,7 @@ def test_estimates_grow_with_every_tile_dimension(family):
     for config in [c for table in configs.CONFIGS[family].values() for c in table]:
         def smem(stages=config.num_stages, base=2, rank=32, **scale):
             meta = {k: v * scale.get(k, 1) for k, v in config.kwargs.items()}
-            return configs.shared_memory_estimate(_config(config.num_warps, stages, **meta),
+            return fit.shared_memory_estimate(_config(config.num_warps, stages, **meta),
                                                   family, base, rank)
         assert smem() < smem(stages=config.num_stages + 1) < smem(stages=config.num_stages + 2)
         assert smem() < smem(base=4)
@@ -71,7 +72,7 @@ def test_estimates_grow_with_every_tile_dimension(family):
             assert smem() == smem(rank=128)  # the rank tiles reuse the K loop's buffers
         else:
             assert smem(rank=16) < smem(rank=32) < smem(rank=128)
-        regs = lambda rank: configs.register_estimate(config, family, rank)  # noqa: E731
+        regs = lambda rank: fit.register_estimate(config, family, rank)  # noqa: E731
         assert regs(16) < regs(64) < regs(128)
 
 
@@ -107,7 +108,7 @@ def test_shared_memory_estimate_never_below_a_compile(family, tiles, base_bytes,
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n)
     if block_k:
         meta.update(BLOCK_K=block_k[0], GROUP_M=8)
-    estimate = configs.shared_memory_estimate(_config(warps, stages, **meta), family,
+    estimate = fit.shared_memory_estimate(_config(warps, stages, **meta), family,
                                               base_bytes, rank_block)
     assert measured <= estimate <= 1.5 * measured
 
@@ -128,8 +129,8 @@ def test_register_rule_prunes_configs_that_spilled(family, tiles, rank_block):
     if block_k:
         meta.update(BLOCK_K=block_k[0], GROUP_M=8)
     config = _config(warps, stages, **meta)
-    assert not configs.fits(config, family, 2, rank_block, 10 ** 9)
-    assert configs.fits(config, family, 2, 16, 10 ** 9)  # the same tiles at r = 16 stay
+    assert not fit.fits(config, family, 2, rank_block, 10 ** 9)
+    assert fit.fits(config, family, 2, 16, 10 ** 9)  # the same tiles at r = 16 stay
 
 
 def _recorded_keys(monkeypatch, m):
@@ -208,7 +209,7 @@ def test_kept_accumulators_give_independent_results(dtype):
     for kept in accumulators._pool().values():
         assert not any(kept.data_ptr() == t.data_ptr() for t in results)
         assert not kept.any()  # left zeroed for the next call
-    if dtype == torch.bfloat16 and (DEVICE == "cuda" or configs.interpreting()):
+    if dtype == torch.bfloat16 and (DEVICE == "cuda" or interpreter.interpreting()):
         assert ((n, r) in {key[2] for key in accumulators._pool()})  # the kept path ran
 
 
@@ -244,13 +245,13 @@ def test_dot_precision_follows_the_fp32_precision_api(fp32_precision_restored):
     # Reading the legacy allow_tf32 raises once the new API was used (transformers does).
     matmul = fp32_precision_restored
     matmul.fp32_precision = "tf32"
-    assert configs.dot_precision(torch.float32) == "tf32"
+    assert precision.dot_precision(torch.float32) == "tf32"
     matmul.fp32_precision = "ieee"
-    assert configs.dot_precision(torch.float32) == "ieee"
+    assert precision.dot_precision(torch.float32) == "ieee"
     # "none" inherits the generic setting
     matmul.fp32_precision = "none"
     torch.backends.fp32_precision = "tf32"
-    assert configs.dot_precision(torch.float32) == "tf32"
+    assert precision.dot_precision(torch.float32) == "tf32"
     torch.backends.fp32_precision = "ieee"
-    assert configs.dot_precision(torch.float32) == "ieee"
-    assert configs.dot_precision(torch.bfloat16) == "tf32"  # 16-bit dots: the flag is moot
+    assert precision.dot_precision(torch.float32) == "ieee"
+    assert precision.dot_precision(torch.bfloat16) == "tf32"  # 16-bit dots: the flag is moot

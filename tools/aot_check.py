@@ -13,7 +13,7 @@ variants are recorded (triton_kernels/variants.py: tiled, and the persistent TMA
 ``*_tma``, sm_90a only), and the 4-bit GEMMs (triton_kernels/quantized.py: rows
 ``fused_linear_4bit`` and ``grad_input_4bit``, cases ``4bit`` and ``4bit-nested``). Exit
 status 1 on a compile error, a spill, shared memory over the limit, a dot off the tensor cores
-or a TMA kernel without TMA instructions (0 with ``--report-only``). fp32 bases are built at both fp32 precisions (configs.dot_precision): an
+or a TMA kernel without TMA instructions (0 with ``--report-only``). fp32 bases are built at both fp32 precisions (precision.dot_precision): an
 "ieee" fp32 dot must stay on CUDA cores, with no TF32 instruction in its kernel; a "tf32" one
 must become TF32 tensor-core instructions. Also prints the integer instructions the dropout
 keep-mask adds per element in each kernel that draws it, and fails past MASK_BUDGET.
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 TARGETS = {"sm90": (90, 128), "sm80": (80, 64)}
 SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
 BASE_DTYPES = ("bfloat16", "float16", "float32")
-# What fp32 dots run as (configs.dot_precision, from torch's TF32 setting): both are built.
+# What fp32 dots run as (precision.dot_precision, from torch's TF32 setting): both are built.
 FP32_PRECISIONS = ("ieee", "tf32")
 ADAPTER_DTYPES = ("bfloat16", "float16", "float32")
 RANKS = (1, 16, 64, 128)
@@ -107,7 +107,7 @@ def deterministic_algorithms(flag: bool):
 
 @contextlib.contextmanager
 def fp32_matmul_precision(precision: str):
-    """torch's fp32 matmul precision ("ieee" or "tf32", what configs.dot_precision reads) set
+    """torch's fp32 matmul precision ("ieee" or "tf32", what precision.dot_precision reads) set
     for the block, then restored: the fp32_precision API where torch has it, else allow_tf32."""
     import torch
     matmul = torch.backends.cuda.matmul
@@ -252,13 +252,12 @@ def family_configs(family: str, generation: str, base: str = "bfloat16", rank_bl
     rank block and dropout, as plain dicts: the configs the autotuner sees after its pruning;
     none where the family has no configs for ``generation`` (TARGET_ONLY)."""
     import torch
-    from lowrank_fused.triton_kernels import configs
+    from lowrank_fused.triton_kernels import configs, fit
     table = configs.CONFIGS[family]
     if generation not in table:
         return []
-    offered = configs.fitting_configs(table[generation], family,
-                                      getattr(torch, base).itemsize, rank_block,
-                                      SMEM_LIMIT[generation], generation, dropout)
+    offered = fit.fitting_configs(table[generation], family, getattr(torch, base).itemsize,
+                                  rank_block, SMEM_LIMIT[generation], generation, dropout)
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in offered]
 
 
@@ -320,7 +319,7 @@ def classify_dots(ttgir: str) -> dict:
 
 def fp32_precision_of(kwargs) -> str:
     """The precision a launch asked of its fp32 dots: "ieee" if any precision constexpr says so
-    (configs.dot_precision gives it to fp32 dots only), else "tf32"."""
+    (precision.dot_precision gives it to fp32 dots only), else "tf32"."""
     return "ieee" if ("value", "ieee") in kwargs.values() else "tf32"
 
 

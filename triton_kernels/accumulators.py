@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .interpreter import interpreting
 from .mma import narrow
 
 _BLOCK = 1024

@@ -1,51 +1,60 @@
-"""Backward, G = dL/dy (M x N):
+"""Backward of y = x·Wᵀ + bias + s·P·B_effᵀ, P = x̃·Aᵀ, x̃ = dropout(x), G = dL/dy (M x N):
 
 - one pass over G per row block gives dP = s·G·B_eff (M x r), and, in the same read of G, the
   partial sums of dB_eff = s·Gᵀ·P and of dbias (fp32 atomics, or a second, deterministic pass
-  over G when torch.are_deterministic_algorithms_enabled());
+  over G when torch.are_deterministic_algorithms_enabled()); with DoRA's column scale c too
+  (dora.py: G' = c ⊙ G feeds dP and dB_eff, and Σ_rows G ⊙ Z gives dm);
 - dx = G·W + dropout(dP·A): the dx GEMM with the low-rank term as r extra steps of its K loop;
 - dA = dPᵀ·dropout(x) (LoRA only: the one place x is needed).
+
+W is frozen (no dW). LoRA-XS (B_eff = B·Rᵀ) takes dR = dB_effᵀ·B from dB_eff in the backend.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import accumulators, persistent, variants
-from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
-                      rank_block)
+from .autotuner import launcher, m_bucket
+from .configs import for_base, rank_block
 from .dropout import keep_pairs, pair_columns, seed_arg
+from .low_rank import dropped_low_rank_halves, low_rank_product, low_rank_rows
 from .mma import mma, narrow
-from .tiling import grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d
+from .precision import dot_precision, low_rank_dot_dtype
+from .tiling import (grouped_tile, matmul_tile, matmul_tile_halves, offsets_2d, store_tile,
+                     stream, tile_span)
 
 
+# The pass over G, one read of G per row block. The plain operator is DoRA's with c = 1: with its
+# column scale c (SCALED), y = c ⊙ Z + bias, Z = x·Wᵀ + s·P·B_effᵀ (with dropout y = x·Wᵀ + bias
+# + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ, Z = x̃·Wᵀ + s·P·B_effᵀ). With G' = c ⊙ G:
+#   dL/dP     = s·G'·B_eff     (M x r)   stored per row block
+#   dL/dB_eff = s·G'ᵀ·P        (N x r)   per-row-block partial sums, fp32 atomics
+#   dL/dbias  = Σ_rows G       (N)
+#   dL/dc     = Σ_rows G ⊙ Z   (N)       NEED_DM; dm = dL/dc / ‖W + s·B_eff·A‖_row (the backend)
 @triton.jit
-def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R,
-                             scaling,
-                             stride_gm, stride_gn, stride_bn, stride_br,
-                             NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
-                             NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                             PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
-                             BLOCK_M: tl.constexpr,
+def _grad_output_pass_kernel(g_ptr, z_ptr, c_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr,
+                             gz_ptr, M, M_BUCKET, N, R, scaling,
+                             stride_gm, stride_gn, stride_zm, stride_zn, stride_bn, stride_br,
+                             SCALED: tl.constexpr, NEED_DP: tl.constexpr, NEED_DB: tl.constexpr,
+                             NEED_DBIAS: tl.constexpr, NEED_DM: tl.constexpr,
+                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                             RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok = tile_span(tl.program_id(0), BLOCK_M, M)
     ranks = tl.arange(0, RANK_BLOCK)
     rank_ok = ranks < R
     gb = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
     if NEED_DB:
-        p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
+        p = low_rank_rows(p_ptr, rows, row_ok, R, scaling, DOT_DTYPE, RANK_BLOCK)
     ns = tl.arange(0, BLOCK_N)
     # dP alone (deterministic mode, LoRA-XS with B frozen): rows past M read row M - 1 again
     # instead of a row mask, as their dP is never stored. One predicate fewer in the loop, where
-    # ptxas spilled row_ok (sm_80, 4-warp 64x64 at r = 64); dB and dbias keep the mask.
-    ROWS_MASKED: tl.constexpr = NEED_DB or NEED_DBIAS
+    # ptxas spilled row_ok (sm_80, 4-warp 64x64 at r = 64); the column sums keep the mask.
+    ROWS_MASKED: tl.constexpr = NEED_DB or NEED_DBIAS or NEED_DM
     g_rows = rows if ROWS_MASKED else tl.minimum(rows, M - 1)
-    g_ptrs = g_ptr + offsets_2d(g_rows, ns, stride_gm, stride_gn)
-    b_ptrs = b_ptr + offsets_2d(ns, ranks, stride_bn, stride_br)
-    g_step = tl.full((), BLOCK_N, tl.int64) * stride_gn
-    b_step = tl.full((), BLOCK_N, tl.int64) * stride_bn
+    g_ptrs, g_step = stream(g_ptr, g_rows, ns, stride_gm, stride_gn, stride_gn, BLOCK_N)
+    z_ptrs, z_step = stream(z_ptr, rows, ns, stride_zm, stride_zn, stride_zn, BLOCK_N)
+    b_ptrs, b_step = stream(b_ptr, ns, ranks, stride_bn, stride_br, stride_bn, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + ns
         col_ok = cols < N
@@ -53,18 +62,29 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
             g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         else:
             g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+        if SCALED:  # held in fp32 for the sums and the scaling
+            g = g.to(tl.float32)
+        # relaxed atomics: only the sums matter, nothing is ordered against them here
         if NEED_DBIAS:
-            # relaxed: only the sums matter, nothing is ordered against them in this kernel
             tl.atomic_add(dbias_ptr + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok,
                           sem="relaxed")
-        g = narrow(g, DOT_DTYPE)
-        if NEED_DP:
-            b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            gb = mma(g, narrow(b, DOT_DTYPE), gb, PRECISION)
-        if NEED_DB:
-            db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32), PRECISION)
-            tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
-                          mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
+        if NEED_DM:
+            z = tl.load(z_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            tl.atomic_add(gz_ptr + cols, tl.sum(g * z.to(tl.float32), axis=0), mask=col_ok,
+                          sem="relaxed")
+            z_ptrs += z_step
+        if NEED_DP or NEED_DB:
+            if SCALED:  # G' = c ⊙ G, on load
+                g = g * tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            g = narrow(g, DOT_DTYPE)
+            if NEED_DP:
+                b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+                gb = mma(g, narrow(b, DOT_DTYPE), gb, PRECISION)
+            if NEED_DB:
+                db = mma(tl.trans(g), p, tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32),
+                         PRECISION)
+                tl.atomic_add(db_ptr + offsets_2d(cols, ranks, R, 1), db,
+                              mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
         g_ptrs += g_step
         b_ptrs += b_step
     if NEED_DP:
@@ -72,31 +92,41 @@ def _grad_output_pass_kernel(g_ptr, b_ptr, p_ptr, dp_ptr, db_ptr, dbias_ptr, M, 
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
+# Deterministic dB_eff, dbias and Σ_rows G ⊙ Z (the pass over G's sums without atomics): each
+# program owns BLOCK_N rows of dB (columns of G) and walks all of M.
 @triton.jit
-def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, stride_gm,
-                   stride_gn,
-                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr,
+def _grad_b_kernel(g_ptr, z_ptr, c_ptr, p_ptr, db_ptr, dbias_ptr, gz_ptr, M, M_BUCKET, N, R,
+                   scaling, stride_gm, stride_gn, stride_zm, stride_zn,
+                   SCALED: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                   NEED_DM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Deterministic dB_eff and dbias: each program owns BLOCK_N rows of dB and walks all of M.
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    cols, col_ok = tile_span(tl.program_id(0), BLOCK_N, N)
     ranks = tl.arange(0, RANK_BLOCK)
     rank_ok = ranks < R
+    if SCALED:
+        scale = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
     db = tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gz = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ms = tl.arange(0, BLOCK_M)
-    g_ptrs = g_ptr + offsets_2d(ms, cols, stride_gm, stride_gn)
-    p_ptrs = p_ptr + offsets_2d(ms, ranks, R, 1)
-    g_step = tl.full((), BLOCK_M, tl.int64) * stride_gm
-    p_step = tl.full((), BLOCK_M, tl.int64) * R
+    g_ptrs, g_step = stream(g_ptr, ms, cols, stride_gm, stride_gn, stride_gm, BLOCK_M)
+    z_ptrs, z_step = stream(z_ptr, ms, cols, stride_zm, stride_zn, stride_zm, BLOCK_M)
+    p_ptrs, p_step = stream(p_ptr, ms, ranks, R, 1, R, BLOCK_M)
     for m0 in range(0, M, BLOCK_M):
         row_ok = (m0 + ms) < M
         g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if SCALED:
+            g = g.to(tl.float32)
         if NEED_DBIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
+        if NEED_DM:
+            z = tl.load(z_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            gz += tl.sum(g * z.to(tl.float32), axis=0)
+            z_ptrs += z_step
         if NEED_DB:
             p = tl.load(p_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            if SCALED:
+                g = g * scale[None, :]
             db = mma(tl.trans(narrow(g, DOT_DTYPE)), narrow(p, DOT_DTYPE), db, PRECISION)
         g_ptrs += g_step
         p_ptrs += p_step
@@ -106,8 +136,14 @@ def _grad_b_kernel(g_ptr, p_ptr, db_ptr, dbias_ptr, M, M_BUCKET, N, R, scaling, 
                  mask=col_ok[:, None] & rank_ok[None, :])
     if NEED_DBIAS:
         tl.store(dbias_ptr + cols, narrow(dbias, dbias_ptr.dtype.element_ty), mask=col_ok)
+    if NEED_DM:
+        tl.store(gz_ptr + cols, gz, mask=col_ok)
 
 
+# dx: x enters y through x·Wᵀ and through P = x̃·Aᵀ, x̃ = x ⊙ keep / (1 − p):
+#   dL/dx = G·W + (dL/dP·A) ⊙ keep / (1 − p)  = [G | dP]·[W ; A] without dropout
+# The low-rank steps first (low_rank.py), then G·W on the same accumulator; with dropout the tile
+# is the mask's two column halves (dropout.pair_columns), each masked before G·W continues it.
 # seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
 @triton.jit(do_not_specialize=["seed"])
 def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R,
@@ -119,51 +155,31 @@ def _grad_input_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
     # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N in
-    # BLOCK_K steps, then over r.
+    # BLOCK_K steps, after the r low-rank steps.
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ranks = tl.arange(0, RANK_BLOCK)
-    rank_ok = ranks < R
+    rows, row_ok = tile_span(pid_m, BLOCK_M, M)
     # The low-rank term first, into the accumulator the G·W loop then continues: dP and A are
     # dead before that loop (and with dropout no second tile waits beside the accumulator).
-    dp = narrow(tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0), DOT_DTYPE)
+    dp = low_rank_rows(dp_ptr, rows, row_ok, R, 1.0, DOT_DTYPE, RANK_BLOCK)
     if HAS_DROPOUT:
-        # The tile as the mask's two column halves (one hash per pair of elements).
-        HALF_N: tl.constexpr = BLOCK_N // 2
-        cols_lo, cols_hi = pair_columns(pid_k * BLOCK_N, HALF_N)
-        lo_ok = cols_lo < K
-        hi_ok = cols_hi < K
-        keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_lo, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & lo_ok[None, :], other=0.0), DOT_DTYPE)
-        acc_lo = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
-        acc_lo = acc_lo * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_hi, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & hi_ok[None, :], other=0.0), DOT_DTYPE)
-        acc_hi = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
-        acc_hi = acc_hi * tl.where(keep_hi, keep_scale, 0.0)
+        acc_lo, acc_hi, cols_lo, cols_hi, lo_ok, hi_ok = dropped_low_rank_halves(
+            dp, a_ptr, rows, pid_k * BLOCK_N, K, R, stride_ar, stride_ak, seed, p_drop, keep_scale,
+            DOT_DTYPE, LR_PRECISION, RANK_BLOCK, BLOCK_N // 2)
         acc_lo, acc_hi = matmul_tile_halves(acc_lo, acc_hi, g_ptr, w_ptr, rows, cols_lo, cols_hi,
                                             row_ok, lo_ok, hi_ok, N, stride_gm, stride_gn,
                                             stride_wn, stride_wk, PRECISION, BLOCK_K)
-        tl.store(dx_ptr + offsets_2d(rows, cols_lo, K, 1), narrow(acc_lo, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & lo_ok[None, :])
-        tl.store(dx_ptr + offsets_2d(rows, cols_hi, K, 1), narrow(acc_hi, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & hi_ok[None, :])
+        store_tile(dx_ptr, acc_lo, rows, cols_lo, row_ok, lo_ok, K)
+        store_tile(dx_ptr, acc_hi, rows, cols_hi, row_ok, hi_ok, K)
     else:
-        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE)
-        acc = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
+        cols, col_ok = tile_span(pid_k, BLOCK_N, K)
+        acc = low_rank_product(dp, a_ptr, cols, col_ok, R, stride_ar, stride_ak, DOT_DTYPE,
+                               LR_PRECISION, RANK_BLOCK)
         acc = matmul_tile(acc, g_ptr, w_ptr, rows, cols, row_ok, col_ok, N, stride_gm, stride_gn,
-                          stride_wn, stride_wk, PRECISION, BLOCK_K)  # [dP | G]·[A ; W]
-        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), narrow(acc, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+                          stride_wn, stride_wk, PRECISION, BLOCK_K)
+        store_tile(dx_ptr, acc, rows, cols, row_ok, col_ok, K)
 
 
+# dA: P = x̃·Aᵀ, so dL/dA = dPᵀ·x̃ (r x K), the keep-mask drawn again from (seed, row, column).
 # seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
 @triton.jit(do_not_specialize=["seed"])
 def _grad_a_kernel(dp_ptr, x_ptr, partial_ptr, M, M_BUCKET, K, R, rows_per_split, stride_xm,
@@ -232,56 +248,74 @@ def grad_output_pass(grad_y, lora_b_eff, p, scaling, *, need_dp, need_db, need_d
                      bias_dtype=None, deterministic=False):
     """(dP (M x r, fp32), dB_eff (N x r, B's dtype), dbias (N, bias_dtype)); None where not
     asked for. One read of G unless ``deterministic``, which adds a pass over G for dB and dbias."""
+    return column_scaled_grad_output_pass(
+        grad_y, None, None, lora_b_eff, p, scaling, need_dp=need_dp, need_db=need_db,
+        need_dbias=need_dbias, need_gz=False, bias_dtype=bias_dtype,
+        deterministic=deterministic)[:3]
+
+
+def column_scaled_grad_output_pass(grad_y, z, scale, lora_b_eff, p, scaling, *, need_dp, need_db,
+                                   need_dbias, need_gz, bias_dtype=None, deterministic=False):
+    """``grad_output_pass`` with DoRA's column scale c (``scale``: fp32 (N,), or None) applied to
+    G where it feeds dP and dB_eff, and Σ_rows G ⊙ Z (N, fp32) when ``need_gz``: (dP, dB_eff,
+    dbias, Σ G ⊙ Z), None where not asked for. ``deterministic`` adds a column-owning pass over
+    G (and Z) for the column sums instead of atomics."""
     m, n = grad_y.shape
     r = lora_b_eff.shape[1]
     device = grad_y.device
     db_dtype, dbias_dtype = lora_b_eff.dtype, bias_dtype or grad_y.dtype
-    fused_reductions = not deterministic
-    dp = torch.empty((m, r), dtype=torch.float32, device=device) if need_dp else None
-    if fused_reductions:  # atomics add into zeroed fp32 accumulators (kept between calls)
-        db = accumulators.acquire((n, r), device, db_dtype) if need_db else None
-        dbias = accumulators.acquire((n,), device, dbias_dtype) if need_dbias else None
+    fused = not deterministic
+    if fused:  # atomics add into zeroed fp32 accumulators (kept between calls)
+        def output(shape, dtype):
+            return accumulators.acquire(shape, device, dtype)
     else:  # _grad_b_kernel stores every element, in the output dtype
-        db = torch.empty((n, r), dtype=db_dtype, device=device) if need_db else None
-        dbias = torch.empty((n,), dtype=dbias_dtype, device=device) if need_dbias else None
+        def output(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=device)
+    dp = torch.empty((m, r), dtype=torch.float32, device=device) if need_dp else None
+    db = output((n, r), db_dtype) if need_db else None
+    dbias = output((n,), dbias_dtype) if need_dbias else None
+    gz = output((n,), torch.float32) if need_gz else None
     dot_dtype = low_rank_dot_dtype(grad_y.dtype, lora_b_eff.dtype)
-    # Unused outputs point at a scratch word, never at an input: the autotuner zeroes
-    # db_ptr and dbias_ptr before each trial.
+    # Unused operands point at a scratch word, never at an input: the autotuner zeroes
+    # db_ptr, dbias_ptr and gz_ptr before each trial.
     scratch = torch.empty(1, dtype=torch.float32, device=device)
-    if m and (need_dp or fused_reductions and (need_db or need_dbias)):
-        kernel, meta = launcher(_grad_output_pass_kernel, for_base("grad_output", grad_y.dtype),
-                                key=["M_BUCKET", "N", "R", "NEED_DP", "NEED_DB", "NEED_DBIAS",
-                                     "DOT_DTYPE", "PRECISION", "RANK_BLOCK"],
-                                reset_to_zero=["db_ptr", "dbias_ptr"])
+    given = lambda t: t if t is not None else scratch  # noqa: E731
+    z_arg = z if z is not None else grad_y
+    shared = dict(SCALED=scale is not None, DOT_DTYPE=dot_dtype,
+                  PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r))
+    if m and (need_dp or fused and (need_db or need_dbias or need_gz)):
+        family = "grad_output" if scale is None else "grad_output_dora"
+        kernel, meta = launcher(_grad_output_pass_kernel, for_base(family, grad_y.dtype),
+                                key=["M_BUCKET", "N", "R", "SCALED", "NEED_DP", "NEED_DB",
+                                     "NEED_DBIAS", "NEED_DM", "DOT_DTYPE", "PRECISION",
+                                     "RANK_BLOCK"],
+                                reset_to_zero=["db_ptr", "dbias_ptr", "gz_ptr"])
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        kernel[grid](grad_y, lora_b_eff, p if p is not None else scratch,
-                     dp if need_dp else scratch, db if db is not None else scratch,
-                     dbias if dbias is not None else scratch,
-                     m, m_bucket(m), n, r, float(scaling), grad_y.stride(0), grad_y.stride(1),
-                     lora_b_eff.stride(0), lora_b_eff.stride(1),
-                     NEED_DP=need_dp, NEED_DB=need_db and fused_reductions,
-                     NEED_DBIAS=need_dbias and fused_reductions, DOT_DTYPE=dot_dtype,
-                     PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
-    if deterministic and (need_db or need_dbias):
+        kernel[grid](grad_y, z_arg, given(scale), lora_b_eff, given(p), given(dp), given(db),
+                     given(dbias), given(gz), m, m_bucket(m), n, r, float(scaling),
+                     grad_y.stride(0), grad_y.stride(1), z_arg.stride(0), z_arg.stride(1),
+                     lora_b_eff.stride(0), lora_b_eff.stride(1), NEED_DP=need_dp,
+                     NEED_DB=need_db and fused, NEED_DBIAS=need_dbias and fused,
+                     NEED_DM=need_gz and fused, **shared, **meta)
+    if deterministic and (need_db or need_dbias or need_gz):
         if m == 0:  # nothing to reduce: the stores never run
-            for t in (db, dbias):
+            for t in (db, dbias, gz):
                 if t is not None:
                     t.zero_()
         else:
             kernel, meta = launcher(_grad_b_kernel, for_base("skinny", grad_y.dtype), key=[
-                "M_BUCKET", "N", "R", "NEED_DB", "NEED_DBIAS", "DOT_DTYPE", "PRECISION",
-                "RANK_BLOCK"])
+                "M_BUCKET", "N", "R", "SCALED", "NEED_DB", "NEED_DBIAS", "NEED_DM", "DOT_DTYPE",
+                "PRECISION", "RANK_BLOCK"])
             grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
-            kernel[grid](grad_y, p if p is not None else scratch,
-                         db if db is not None else scratch,
-                         dbias if dbias is not None else scratch, m, m_bucket(m), n, r,
-                         float(scaling), grad_y.stride(0), grad_y.stride(1), NEED_DB=need_db,
-                         NEED_DBIAS=need_dbias, DOT_DTYPE=dot_dtype,
-                         PRECISION=dot_precision(dot_dtype), RANK_BLOCK=rank_block(r), **meta)
-    elif fused_reductions:
+            kernel[grid](grad_y, z_arg, given(scale), given(p), given(db), given(dbias),
+                         given(gz), m, m_bucket(m), n, r, float(scaling), grad_y.stride(0),
+                         grad_y.stride(1), z_arg.stride(0), z_arg.stride(1), NEED_DB=need_db,
+                         NEED_DBIAS=need_dbias, NEED_DM=need_gz, **shared, **meta)
+    elif fused:
         db = accumulators.take(db, db_dtype) if db is not None else None
         dbias = accumulators.take(dbias, dbias_dtype) if dbias is not None else None
-    return dp, db, dbias
+        gz = accumulators.take(gz, torch.float32) if gz is not None else None
+    return dp, db, dbias, gz
 
 
 def grad_input(grad_y, weight, dp, lora_a, seed=0, p_drop=0.0, variant=None):

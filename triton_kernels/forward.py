@@ -6,11 +6,14 @@ import triton
 import triton.language as tl
 
 from . import persistent, variants
-from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
-                      rank_block)
+from .autotuner import launcher, m_bucket
+from .configs import for_base, rank_block
 from .dropout import keep_pairs, pair_columns, seed_arg
+from .low_rank import low_rank_tile
 from .mma import mma, narrow
-from .tiling import grouped_tile, matmul_tile, offsets_2d
+from .precision import dot_precision, low_rank_dot_dtype
+from .tiling import (add_bias, grouped_tile, matmul_tile, offsets_2d, store_tile, stream,
+                     tile_span)
 
 
 # seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
@@ -49,30 +52,25 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, xd_ptr, M, M_BUCKET, K, R,
             lo_ok = (k0 + cols_lo) < K
             hi_ok = (k0 + cols_hi) < K
             keep_lo, keep_hi = keep_pairs(seed, mask_rows, k0 + cols_lo, p_drop)
-            x = tl.load(x_lo, mask=lo_ok[None, :], other=0.0)
-            a_t = tl.load(a_lo, mask=lo_ok[:, None] & rank_ok[None, :], other=0.0)
-            x = x.to(tl.float32) * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
-            if STORE_DROPPED:
-                tl.store(xd_ptr + offsets_2d(x_rows, k0 + cols_lo, K, 1),
-                         narrow(x, xd_ptr.dtype.element_ty), mask=lo_ok[None, :])
-            acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
-            x = tl.load(x_hi, mask=hi_ok[None, :], other=0.0)
-            a_t = tl.load(a_hi, mask=hi_ok[:, None] & rank_ok[None, :], other=0.0)
-            x = x.to(tl.float32) * tl.where(keep_hi, keep_scale, 0.0)
-            if STORE_DROPPED:
-                tl.store(xd_ptr + offsets_2d(x_rows, k0 + cols_hi, K, 1),
-                         narrow(x, xd_ptr.dtype.element_ty), mask=hi_ok[None, :])
-            acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
+            for half in tl.static_range(2):  # the low columns, then the high ones
+                x_ptrs, a_ptrs = (x_lo, a_lo) if half == 0 else (x_hi, a_hi)
+                ok, keep = (lo_ok, keep_lo) if half == 0 else (hi_ok, keep_hi)
+                x = tl.load(x_ptrs, mask=ok[None, :], other=0.0)
+                a_t = tl.load(a_ptrs, mask=ok[:, None] & rank_ok[None, :], other=0.0)
+                x = x.to(tl.float32) * tl.where(keep, keep_scale, 0.0)  # NaN·0 = NaN
+                if STORE_DROPPED:
+                    cols = k0 + (cols_lo if half == 0 else cols_hi)
+                    tl.store(xd_ptr + offsets_2d(x_rows, cols, K, 1),
+                             narrow(x, xd_ptr.dtype.element_ty), mask=ok[None, :])
+                acc = mma(narrow(x, DOT_DTYPE), narrow(a_t, DOT_DTYPE), acc, PRECISION)
             x_lo += x_step
             x_hi += x_step
             a_lo += a_step
             a_hi += a_step
     else:
         ks = tl.arange(0, BLOCK_N)
-        x_ptrs = x_ptr + offsets_2d(x_rows, ks, stride_xm, stride_xk)
-        a_ptrs = a_ptr + offsets_2d(ks, ranks, stride_ak, stride_ar)
-        x_step = tl.full((), BLOCK_N, tl.int64) * stride_xk
-        a_step = tl.full((), BLOCK_N, tl.int64) * stride_ak
+        x_ptrs, x_step = stream(x_ptr, x_rows, ks, stride_xm, stride_xk, stride_xk, BLOCK_N)
+        a_ptrs, a_step = stream(a_ptr, ks, ranks, stride_ak, stride_ar, stride_ak, BLOCK_N)
         for k0 in range(0, K, BLOCK_N):
             col_ok = (k0 + ks) < K
             x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
@@ -85,6 +83,8 @@ def _project_kernel(x_ptr, a_ptr, p_ptr, xd_ptr, M, M_BUCKET, K, R,
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
+# y = x·Wᵀ + bias + s·P·B_effᵀ = [x | s·P]·[W | B_eff]ᵀ: the r low-rank steps of the K loop first
+# (low_rank.py), then x·Wᵀ; nothing of size M x N but y is written. Backward: backward.py.
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, R,
                          scaling,
@@ -96,28 +96,15 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKE
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    # K-extension, [x | s·P]·[W | B_eff]ᵀ: the r low-rank steps first, so the P and B_eff tiles
-    # are dead before the main loop's pipeline fills.
-    ranks = tl.arange(0, RANK_BLOCK)
-    p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
-                mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-    b_t = tl.load(b_ptr + offsets_2d(ranks, cols, stride_br, stride_bn),
-                  mask=col_ok[None, :] & (ranks < R)[:, None], other=0.0)
-    p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
-    acc = mma(p, narrow(b_t, DOT_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-              LR_PRECISION)
+    rows, row_ok = tile_span(pid_m, BLOCK_M, M)
+    cols, col_ok = tile_span(pid_n, BLOCK_N, N)
+    acc = low_rank_tile(p_ptr, b_ptr, rows, cols, row_ok, col_ok, R, scaling, stride_br,
+                        stride_bn, DOT_DTYPE, LR_PRECISION, RANK_BLOCK)
     acc = matmul_tile(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk,
                       stride_wk, stride_wn, PRECISION, BLOCK_K)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + offsets_2d(rows, cols, N, 1), narrow(acc, y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        acc = add_bias(acc, bias_ptr, cols, col_ok, stride_bias)
+    store_tile(y_ptr, acc, rows, cols, row_ok, col_ok, N)
 
 
 def project(x: torch.Tensor, lora_a: torch.Tensor, seed: int = 0, p_drop: float = 0.0

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .interpreter import interpreting
 
 # Triton's CPU interpreter multiplies bfloat16 tiles as raw integers; there (and only there) the
 # operands are widened to float32 first, which gives the same products a bf16 tensor core does.

@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, launcher, low_rank_dot_dtype, rank_block
+from .autotuner import launcher
+from .configs import rank_block
+from .low_rank import low_rank_tile
 from .mma import mma, narrow
-from .tiling import grouped_tile, offsets_2d
+from .precision import dot_precision, low_rank_dot_dtype
+from .tiling import add_bias, grouped_tile, tile_span
 
 # Programs off a GPU (the interpreter, meta tensors): few, so each walks several tiles.
 INTERPRETER_PROGRAMS = 3
@@ -65,22 +68,8 @@ def num_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@triton.jit
-def _low_rank_tile(lhs_ptr, rhs_ptr, rows, cols, row_ok, col_ok, R, scale, stride_rhs_r,
-                   stride_rhs_c, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_BLOCK: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of (scale·L)·Rt by plain loads: L is M x r with row stride r
-    (P or dP), Rt is r x cols through strides (B_effᵀ or A)."""
-    ranks = tl.arange(0, RANK_BLOCK)
-    rank_ok = ranks < R
-    lhs = tl.load(lhs_ptr + offsets_2d(rows, ranks, R, 1),
-                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    rhs = tl.load(rhs_ptr + offsets_2d(ranks, cols, stride_rhs_r, stride_rhs_c),
-                  mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    return mma(narrow(lhs.to(tl.float32) * scale, DOT_DTYPE), narrow(rhs, DOT_DTYPE),
-               tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
-
-
+# y = x·Wᵀ + bias + s·P·B_effᵀ, as forward._fused_linear_kernel, one program per SM walking the
+# output tiles.
 @triton.jit
 def _fused_linear_tma_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, R,
                              scaling, stride_xm, stride_wn, stride_bn, stride_br, stride_bias,
@@ -101,23 +90,20 @@ def _fused_linear_tma_kernel(x_ptr, w_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_B
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         first_row = pid_m * BLOCK_M
         first_col = pid_n * BLOCK_N
-        rows = first_row + tl.arange(0, BLOCK_M)
-        cols = first_col + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
+        rows, row_ok = tile_span(pid_m, BLOCK_M, M)
+        cols, col_ok = tile_span(pid_n, BLOCK_N, N)
         # The low-rank term first: [s·P | x]·[B_eff | W]ᵀ.
-        acc = _low_rank_tile(p_ptr, b_ptr, rows, cols, row_ok, col_ok, R, scaling, stride_br,
-                             stride_bn, DOT_DTYPE, LR_PRECISION, BLOCK_M, BLOCK_N,
-                             RANK_BLOCK)
+        acc = low_rank_tile(p_ptr, b_ptr, rows, cols, row_ok, col_ok, R, scaling, stride_br,
+                            stride_bn, DOT_DTYPE, LR_PRECISION, RANK_BLOCK)
         for k0 in range(0, K, BLOCK_K):  # TMA zero-fills past M, N and K
             acc = mma(x_desc.load([first_row, k0]), w_desc.load([first_col, k0]).T, acc,
                       PRECISION)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, cols, col_ok, stride_bias)
         y_desc.store([first_row, first_col], narrow(acc, y_ptr.dtype.element_ty))
 
 
+# dx = G·W + dP·A (no dropout), as backward._grad_input_kernel, one program per SM.
 @triton.jit
 def _grad_input_tma_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, K, R,
                            stride_gm, stride_wn, stride_ar, stride_ak, programs,
@@ -138,13 +124,10 @@ def _grad_input_tma_kernel(g_ptr, w_ptr, dp_ptr, a_ptr, dx_ptr, M, M_BUCKET, N, 
         pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
         first_row = pid_m * BLOCK_M
         first_col = pid_k * BLOCK_N
-        rows = first_row + tl.arange(0, BLOCK_M)
-        cols = first_col + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < K
-        acc = _low_rank_tile(dp_ptr, a_ptr, rows, cols, row_ok, col_ok, R, 1.0, stride_ar,
-                             stride_ak, DOT_DTYPE, LR_PRECISION, BLOCK_M, BLOCK_N,
-                             RANK_BLOCK)
+        rows, row_ok = tile_span(pid_m, BLOCK_M, M)
+        cols, col_ok = tile_span(pid_k, BLOCK_N, K)
+        acc = low_rank_tile(dp_ptr, a_ptr, rows, cols, row_ok, col_ok, R, 1.0, stride_ar,
+                            stride_ak, DOT_DTYPE, LR_PRECISION, RANK_BLOCK)
         for n0 in range(0, N, BLOCK_K):
             acc = mma(g_desc.load([first_row, n0]), w_desc.load([n0, first_col]), acc, PRECISION)
         dx_desc.store([first_row, first_col], narrow(acc, dx_ptr.dtype.element_ty))

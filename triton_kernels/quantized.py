@@ -20,47 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (dot_precision, for_base, launcher, low_rank_dot_dtype, m_bucket,
-                      rank_block)
-from .dropout import keep_pairs, pair_columns, seed_arg
+from .autotuner import launcher, m_bucket
+from .configs import for_base, rank_block
+from .dropout import seed_arg
+from .low_rank import dropped_low_rank_halves, low_rank_product, low_rank_rows, low_rank_tile
 from .mma import mma, narrow
-from .tiling import grouped_tile, offsets_2d
+from .precision import dot_precision, low_rank_dot_dtype
+from .tiling import add_bias, grouped_tile, store_tile, stream, tile_span
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
        torch.float64: tl.float32}  # an fp64 state dequantizes to the same fp32 value
-
-
-@triton.jit
-def dequant_flat(flat, ok, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                 STATE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """W's elements at the flat (int64) indices ``flat``, in OUT_DTYPE; 0 where not ``ok``."""
-    byte = tl.load(w_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
-    q = (byte >> (((flat & 1) ^ 1) * 4).to(tl.int32)) & 15
-    value = tl.load(code_ptr + q, eviction_policy="evict_last")
-    block = flat // BLOCKSIZE
-    if NESTED:
-        scale_q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale = (tl.load(code2_ptr + scale_q, eviction_policy="evict_last")
-                 * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0,
-                           eviction_policy="evict_last"))
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0, eviction_policy="evict_last")
-    w = tl.where(ok, value * scale, 0.0)
-    # the quant state's dtype first (bitsandbytes' output), then the dot's (the .to(x.dtype))
-    return narrow(narrow(w, STATE_DTYPE).to(tl.float32), OUT_DTYPE)
-
-
-@triton.jit
-def _dequantize_kernel(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
-                       numel, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                       NESTED: tl.constexpr, STATE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = flat < numel
-    w = dequant_flat(flat, ok, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                     BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + flat, w, mask=ok)
 
 
 @triton.jit
@@ -80,79 +49,79 @@ def _scale_of(block, ok, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
 
 @triton.jit
 def _finish(v, ok, STATE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """fp32 values rounded to the quant state's dtype, then to the dot's; 0 where not ``ok``."""
+    """fp32 values rounded to the quant state's dtype (bitsandbytes' output), then to the dot's
+    (the .to(x.dtype)); 0 where not ``ok``."""
     v = tl.where(ok, v, 0.0)
     return narrow(narrow(v, STATE_DTYPE).to(tl.float32), OUT_DTYPE)
 
 
 @triton.jit
-def matmul_tile_4bit_t(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code_ptr,
-                       absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, w_rows, w_rows_ok, K,
-                       ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                       NESTED: tl.constexpr, STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """acc + a[rows, :]·W[w_rows, :]ᵀ over K (the forward), W's (BLOCK_K x BLOCK_N) tile
-    dequantized in registers, in a's dtype, each K step. ALIGNED (K even, a multiple of
-    BLOCKSIZE, which BLOCK_K divides): a tile row of W is BLOCK_K / 2 whole bytes of one block,
-    so one absmax per W row and one byte per two elements; else every element is addressed by
-    its flat index (blocks spanning rows, odd K)."""
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
-    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
-    OUT: tl.constexpr = a_ptr.dtype.element_ty
-    if ALIGNED and BLOCKSIZE % BLOCK_K == 0:
-        HALF: tl.constexpr = BLOCK_K // 2
-        half = tl.arange(0, HALF)
-        byte_ptrs = w_ptr + (w_rows.to(tl.int64) * (K // 2))[None, :] + half[:, None]
-        blocks = w_rows.to(tl.int64) * (K // BLOCKSIZE)
-        byte_ok = w_rows_ok[None, :]
-        ok = w_rows_ok[None, :] & (ks < BLOCK_K)[:, None]
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            byte = tl.load(byte_ptrs, mask=byte_ok, other=0).to(tl.int32)
-            hi = tl.load(code_ptr + (byte >> 4), eviction_policy="evict_last")
-            lo = tl.load(code_ptr + (byte & 15), eviction_policy="evict_last")
-            # rows 2j and 2j + 1 of the tile are the high and low nibbles of byte row j
-            v = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, w_rows.shape[0]))
-            scale = _scale_of(blocks + k0 // BLOCKSIZE, w_rows_ok, absmax_ptr, code2_ptr,
-                              absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
-            b = _finish(v * scale[None, :], ok, STATE_DTYPE, OUT)
-            acc = mma(a, b, acc, PRECISION)
-            a_ptrs += a_step
-            byte_ptrs += BLOCK_K // 2
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            flat = w_rows.to(tl.int64)[None, :] * K + (k0 + ks).to(tl.int64)[:, None]
-            b = dequant_flat(flat, k_ok[:, None] & w_rows_ok[None, :], w_ptr, code_ptr,
-                             absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE,
-                             BLOCKSIZE2, NESTED, STATE_DTYPE, OUT)
-            acc = mma(a, b, acc, PRECISION)
-            a_ptrs += a_step
-    return acc
+def dequant_flat(flat, ok, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                 STATE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W's elements at the flat (int64) indices ``flat``, in OUT_DTYPE; 0 where not ``ok``."""
+    byte = tl.load(w_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
+    q = (byte >> (((flat & 1) ^ 1) * 4).to(tl.int32)) & 15
+    value = tl.load(code_ptr + q, eviction_policy="evict_last")
+    scale = _scale_of(flat // BLOCKSIZE, ok, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                      BLOCKSIZE2, NESTED)
+    return _finish(value * scale, ok, STATE_DTYPE, OUT_DTYPE)
 
 
 @triton.jit
-def matmul_tile_4bit_n(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, code_ptr,
-                       absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, cols_ok, first_col,
-                       pair_bytes, N, K, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                       BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_K: tl.constexpr, WINDOW: tl.constexpr):
-    """acc + a[rows, :]·W[:, cols] over N (dx), W's (BLOCK_K x len(cols)) tile dequantized in
-    registers, in a's dtype, each step. ``cols`` lie in the WINDOW columns from ``first_col``;
-    ALIGNED (K even, a multiple of BLOCKSIZE, which WINDOW divides): they are one block per W
-    row and come in byte pairs: ``pair_bytes`` (len(cols) / 2) are their bytes' offsets in a
-    row, whose nibbles, interleaved, are ``cols``; else every element by its flat index."""
+def _dequantize_kernel(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+                       numel, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                       NESTED: tl.constexpr, STATE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = flat < numel
+    w = dequant_flat(flat, ok, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                     BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + flat, w, mask=ok)
+
+
+@triton.jit
+def matmul_tile_4bit(acc, a_ptr, rows, row_ok, stride_am, stride_ak, depth, others, others_ok,
+                     first_col, pair_bytes, K, w_ptr, code_ptr, absmax_ptr, code2_ptr,
+                     absmax2_ptr, offset_ptr, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                     STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                     WINDOW: tl.constexpr):
+    """acc + a[rows, :]·Wt over ``depth`` in BLOCK_K steps, the W tile dequantized in registers,
+    in a's dtype, each step:
+
+    - TRANSPOSED (the forward): Wt = W[others, :]ᵀ, depth = K. ALIGNED (K even, a multiple of
+      BLOCKSIZE, which BLOCK_K divides): a tile row of W is BLOCK_K / 2 whole bytes of one
+      block, so one absmax per W row and one byte per two elements.
+    - else (dx): Wt = W[:, others], depth = N; ``others`` lie in the WINDOW columns from
+      ``first_col``. ALIGNED (WINDOW divides BLOCKSIZE): they are one block per W row and come
+      in byte pairs: ``pair_bytes`` (len(others) / 2) are their bytes' offsets in a row, whose
+      nibbles, interleaved, are ``others``.
+
+    Otherwise (blocks spanning rows, odd K) every element is addressed by its flat index."""
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offsets_2d(rows, ks, stride_am, stride_ak)
-    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    a_ptrs, a_step = stream(a_ptr, rows, ks, stride_am, stride_ak, stride_ak, BLOCK_K)
     OUT: tl.constexpr = a_ptr.dtype.element_ty
-    if ALIGNED and BLOCKSIZE % WINDOW == 0:
+    if ALIGNED and TRANSPOSED and BLOCKSIZE % BLOCK_K == 0:
+        byte_ptrs = (w_ptr + (others.to(tl.int64) * (K // 2))[None, :]
+                     + tl.arange(0, BLOCK_K // 2)[:, None])
+        blocks = others.to(tl.int64) * (K // BLOCKSIZE)
+        ok = others_ok[None, :] & (ks < BLOCK_K)[:, None]
+        for k0 in range(0, depth, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            byte = tl.load(byte_ptrs, mask=others_ok[None, :], other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (byte >> 4), eviction_policy="evict_last")
+            lo = tl.load(code_ptr + (byte & 15), eviction_policy="evict_last")
+            # rows 2j and 2j + 1 of the tile are the high and low nibbles of byte row j
+            v = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, others.shape[0]))
+            scale = _scale_of(blocks + k0 // BLOCKSIZE, others_ok, absmax_ptr, code2_ptr,
+                              absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
+            acc = mma(a, _finish(v * scale[None, :], ok, STATE_DTYPE, OUT), acc, PRECISION)
+            a_ptrs += a_step
+            byte_ptrs += BLOCK_K // 2
+    elif ALIGNED and not TRANSPOSED and BLOCKSIZE % WINDOW == 0:
         pair_ok = (pair_bytes * 2) < K
-        for n0 in range(0, N, BLOCK_K):
-            n_ok = (n0 + ks) < N
+        for n0 in range(0, depth, BLOCK_K):
+            n_ok = (n0 + ks) < depth
             a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
             w_rows = (n0 + ks).to(tl.int64)
             byte = tl.load(w_ptr + (w_rows * (K // 2))[:, None] + pair_bytes[None, :],
@@ -162,15 +131,18 @@ def matmul_tile_4bit_n(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, co
             v = tl.interleave(hi, lo)  # columns 2j, 2j + 1: byte j's high and low nibbles
             scale = _scale_of(w_rows * (K // BLOCKSIZE) + first_col // BLOCKSIZE, n_ok,
                               absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
-            b = _finish(v * scale[:, None], n_ok[:, None] & cols_ok[None, :], STATE_DTYPE, OUT)
+            b = _finish(v * scale[:, None], n_ok[:, None] & others_ok[None, :], STATE_DTYPE, OUT)
             acc = mma(a, b, acc, PRECISION)
             a_ptrs += a_step
     else:
-        for n0 in range(0, N, BLOCK_K):
-            n_ok = (n0 + ks) < N
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            flat = (n0 + ks).to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
-            b = dequant_flat(flat, n_ok[:, None] & cols_ok[None, :], w_ptr, code_ptr,
+        for d0 in range(0, depth, BLOCK_K):
+            d_ok = (d0 + ks) < depth
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if TRANSPOSED:
+                flat = others.to(tl.int64)[None, :] * K + (d0 + ks).to(tl.int64)[:, None]
+            else:
+                flat = (d0 + ks).to(tl.int64)[:, None] * K + others.to(tl.int64)[None, :]
+            b = dequant_flat(flat, d_ok[:, None] & others_ok[None, :], w_ptr, code_ptr,
                              absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE,
                              BLOCKSIZE2, NESTED, STATE_DTYPE, OUT)
             acc = mma(a, b, acc, PRECISION)
@@ -178,6 +150,9 @@ def matmul_tile_4bit_n(acc, a_ptr, rows, row_ok, stride_am, stride_ak, w_ptr, co
     return acc
 
 
+# y = x·Wᵀ + bias + s·P·B_effᵀ over a 4-bit W, as forward._fused_linear_kernel: the low-rank term
+# first, then the K loop with W's tiles dequantized in registers. Backward: _grad_input_4bit_kernel
+# (W is frozen: no dW).
 @triton.jit
 def _fused_linear_4bit_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
                               offset_ptr, bias_ptr, p_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, R,
@@ -190,30 +165,21 @@ def _fused_linear_4bit_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, abs
                               RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    # [x | s·P]·[W | B_eff]ᵀ: the r low-rank steps first, then the 4-bit K loop
-    ranks = tl.arange(0, RANK_BLOCK)
-    p = tl.load(p_ptr + offsets_2d(rows, ranks, R, 1),
-                mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-    b_t = tl.load(b_ptr + offsets_2d(ranks, cols, stride_br, stride_bn),
-                  mask=col_ok[None, :] & (ranks < R)[:, None], other=0.0)
-    p = narrow(p.to(tl.float32) * scaling, DOT_DTYPE)
-    acc = mma(p, narrow(b_t, DOT_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-              LR_PRECISION)
-    acc = matmul_tile_4bit_t(acc, x_ptr, rows, row_ok, stride_xm, stride_xk, w_ptr, code_ptr,
-                             absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, col_ok, K,
-                             ALIGNED, BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
-                             BLOCK_K)
+    rows, row_ok = tile_span(pid_m, BLOCK_M, M)
+    cols, col_ok = tile_span(pid_n, BLOCK_N, N)
+    acc = low_rank_tile(p_ptr, b_ptr, rows, cols, row_ok, col_ok, R, scaling, stride_br,
+                        stride_bn, DOT_DTYPE, LR_PRECISION, RANK_BLOCK)
+    acc = matmul_tile_4bit(acc, x_ptr, rows, row_ok, stride_xm, stride_xk, K, cols, col_ok, 0, 0,
+                           K, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                           True, ALIGNED, BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
+                           BLOCK_K, BLOCK_K)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + offsets_2d(rows, cols, N, 1), narrow(acc, y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        acc = add_bias(acc, bias_ptr, cols, col_ok, stride_bias)
+    store_tile(y_ptr, acc, rows, cols, row_ok, col_ok, N)
 
 
+# dx = G·W + dropout(dP·A) over a 4-bit W, as backward._grad_input_kernel (the same derivation),
+# W's tiles dequantized in registers inside the loop over N.
 # seed not specialised: a seed that is 1 or a multiple of 16 would compile the kernel again.
 @triton.jit(do_not_specialize=["seed"])
 def _grad_input_4bit_kernel(g_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
@@ -228,58 +194,35 @@ def _grad_input_4bit_kernel(g_ptr, w_ptr, code_ptr, absmax_ptr, code2_ptr, absma
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Output tile (BLOCK_M rows of M) x (BLOCK_N columns of K); the reduction runs over N.
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ranks = tl.arange(0, RANK_BLOCK)
-    rank_ok = ranks < R
-    dp = narrow(tl.load(dp_ptr + offsets_2d(rows, ranks, R, 1),
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0), DOT_DTYPE)
+    rows, row_ok = tile_span(pid_m, BLOCK_M, M)
+    dp = low_rank_rows(dp_ptr, rows, row_ok, R, 1.0, DOT_DTYPE, RANK_BLOCK)
     if HAS_DROPOUT:
-        # the tile as the mask's two column halves (one hash per pair), as grad_input does
-        HALF_N: tl.constexpr = BLOCK_N // 2
-        cols_lo, cols_hi = pair_columns(pid_k * BLOCK_N, HALF_N)
-        lo_ok = cols_lo < K
-        hi_ok = cols_hi < K
-        keep_lo, keep_hi = keep_pairs(seed, rows, cols_lo, p_drop)
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_lo, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & lo_ok[None, :], other=0.0), DOT_DTYPE)
-        acc_lo = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
-        acc_lo = acc_lo * tl.where(keep_lo, keep_scale, 0.0)  # NaN·0 = NaN
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols_hi, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & hi_ok[None, :], other=0.0), DOT_DTYPE)
-        acc_hi = mma(dp, a, tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), LR_PRECISION)
-        acc_hi = acc_hi * tl.where(keep_hi, keep_scale, 0.0)
+        acc_lo, acc_hi, cols_lo, cols_hi, lo_ok, hi_ok = dropped_low_rank_halves(
+            dp, a_ptr, rows, pid_k * BLOCK_N, K, R, stride_ar, stride_ak, seed, p_drop, keep_scale,
+            DOT_DTYPE, LR_PRECISION, RANK_BLOCK, BLOCK_N // 2)
         # byte j of a half: columns 2j, 2j + 1 of it (its 16-column chunks are 8 bytes each)
-        pairs = tl.arange(0, HALF_N // 2)
+        pairs = tl.arange(0, BLOCK_N // 4)
         bytes_lo = (pid_k * BLOCK_N) // 2 + (pairs // 8) * 16 + pairs % 8
-        acc_lo = matmul_tile_4bit_n(acc_lo, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
-                                    code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                                    cols_lo, lo_ok, pid_k * BLOCK_N, bytes_lo, N, K, ALIGNED,
-                                    BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
-                                    BLOCK_K, BLOCK_N)
-        acc_hi = matmul_tile_4bit_n(acc_hi, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr,
-                                    code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                                    cols_hi, hi_ok, pid_k * BLOCK_N, bytes_lo + 8, N, K, ALIGNED,
-                                    BLOCKSIZE, BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION,
-                                    BLOCK_K, BLOCK_N)
-        tl.store(dx_ptr + offsets_2d(rows, cols_lo, K, 1), narrow(acc_lo, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & lo_ok[None, :])
-        tl.store(dx_ptr + offsets_2d(rows, cols_hi, K, 1), narrow(acc_hi, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & hi_ok[None, :])
+        acc_lo = matmul_tile_4bit(acc_lo, g_ptr, rows, row_ok, stride_gm, stride_gn, N, cols_lo,
+                                  lo_ok, pid_k * BLOCK_N, bytes_lo, K, w_ptr, code_ptr, absmax_ptr,
+                                  code2_ptr, absmax2_ptr, offset_ptr, False, ALIGNED, BLOCKSIZE,
+                                  BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K, BLOCK_N)
+        acc_hi = matmul_tile_4bit(acc_hi, g_ptr, rows, row_ok, stride_gm, stride_gn, N, cols_hi,
+                                  hi_ok, pid_k * BLOCK_N, bytes_lo + 8, K, w_ptr, code_ptr, absmax_ptr,
+                                  code2_ptr, absmax2_ptr, offset_ptr, False, ALIGNED, BLOCKSIZE,
+                                  BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K, BLOCK_N)
+        store_tile(dx_ptr, acc_lo, rows, cols_lo, row_ok, lo_ok, K)
+        store_tile(dx_ptr, acc_hi, rows, cols_hi, row_ok, hi_ok, K)
     else:
-        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        a = narrow(tl.load(a_ptr + offsets_2d(ranks, cols, stride_ar, stride_ak),
-                           mask=rank_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE)
-        acc = mma(dp, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LR_PRECISION)
+        cols, col_ok = tile_span(pid_k, BLOCK_N, K)
+        acc = low_rank_product(dp, a_ptr, cols, col_ok, R, stride_ar, stride_ak, DOT_DTYPE,
+                               LR_PRECISION, RANK_BLOCK)
         pair_bytes = (pid_k * BLOCK_N) // 2 + tl.arange(0, BLOCK_N // 2)
-        acc = matmul_tile_4bit_n(acc, g_ptr, rows, row_ok, stride_gm, stride_gn, w_ptr, code_ptr,
-                                 absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, cols, col_ok,
-                                 pid_k * BLOCK_N, pair_bytes, N, K, ALIGNED, BLOCKSIZE,
-                                 BLOCKSIZE2, NESTED, STATE_DTYPE, PRECISION, BLOCK_K,
-                                 BLOCK_N)  # [dP | G]·[A ; W]
-        tl.store(dx_ptr + offsets_2d(rows, cols, K, 1), narrow(acc, dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        acc = matmul_tile_4bit(acc, g_ptr, rows, row_ok, stride_gm, stride_gn, N, cols, col_ok,
+                               pid_k * BLOCK_N, pair_bytes, K, w_ptr, code_ptr, absmax_ptr, code2_ptr,
+                               absmax2_ptr, offset_ptr, False, ALIGNED, BLOCKSIZE, BLOCKSIZE2,
+                               NESTED, STATE_DTYPE, PRECISION, BLOCK_K, BLOCK_N)  # [dP | G]·[A ; W]
+        store_tile(dx_ptr, acc, rows, cols, row_ok, col_ok, K)
 
 
 def _state_args(w):

@@ -8,7 +8,7 @@ backward.py) or the persistent TMA kernel (persistent.py).
   (M bucketed to a power of two) and base dtype, and the faster is kept for that key (a variant
   that fails leaves the other). No timing, the tiled kernel, under LOWRANK_FUSED_AUTOTUNE=quick
   or torch.use_deterministic_algorithms(True); elsewhere, the interpreter included, the tiled
-  kernel. Under CUDA graph capture a key not timed yet raises configs.CaptureError.
+  kernel. Under CUDA graph capture a key not timed yet raises capture.CaptureError.
 - "tiled": the tiled kernel.
 - "tma": the persistent kernel (how the tests run it on the interpreter).
 
@@ -23,8 +23,11 @@ import warnings
 import torch
 import triton.language as tl
 
-from .configs import (autotune_mode, check_not_capturing, dot_precision, interpreting,
-                      shared_memory_limit)
+from .autotune_mode import autotune_mode
+from .capture import check_not_capturing
+from .fit import shared_memory_limit
+from .interpreter import interpreting
+from .precision import dot_precision
 from .persistent import describable
 
 ENV = "LOWRANK_FUSED_TRITON_GEMM"

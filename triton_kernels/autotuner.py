@@ -1,0 +1,84 @@
+"""The launcher every kernel goes through: under the interpreter the raw kernel at one fixed
+config; on a GPU an autotuner over its family's fitting configs (fit.py), per shape key, timed
+or by rule as ``LOWRANK_FUSED_AUTOTUNE`` says (autotune_mode.py), never timed under CUDA graph
+capture (capture.py)."""
+import torch
+import triton
+
+from .autotune_mode import autotune_mode
+from .capture import check_not_capturing
+from .configs import CONFIGS, interpreter_config
+from .fit import fitting_configs, shared_memory_limit
+from .interpreter import interpreting
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two: the autotuners' key, so a new token count (they vary from
+    step to step) reuses the configs tuned for its bucket instead of tuning again."""
+    return triton.next_power_of_2(m)
+
+
+def config_family() -> str:
+    """Which config list suits this GPU: "sm90" (Hopper and later) or "sm80". Not dispatch's
+    "generation", which names the exact architecture."""
+    major, _ = torch.cuda.get_device_capability()
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _pruner(family: str):
+    """early_config_prune for triton.autotune: drops configs over the shared-memory limit before
+    any is compiled (the autotuner would only skip them after a failed compile)."""
+    def prune(configs, named_args, **kwargs):
+        base = named_args.get("x_ptr", named_args.get("g_ptr"))
+        capability = torch.cuda.get_device_capability(base.device)
+        return fitting_configs(configs, family, base.element_size(),
+                               kwargs.get("RANK_BLOCK", 16), shared_memory_limit(capability),
+                               "sm90" if capability[0] >= 9 else "sm80",
+                               bool(kwargs.get("HAS_DROPOUT", False)))
+    return prune
+
+
+class _Autotuner(triton.runtime.Autotuner):
+    """triton's Autotuner with "quick" mode (the first fitting config), no timing where one
+    config is left (Triton 3.6 would still time it), and no timing under graph capture."""
+
+    def __init__(self, kernel, configs, key, reset_to_zero, prune, quick: bool):
+        super().__init__(kernel, kernel.arg_names, configs, key, reset_to_zero, None,
+                         prune_configs_by={"early_config_prune": prune})
+        self.quick = quick
+        self.timed = True
+
+    def prune_configs(self, kwargs):
+        """Only called for a key not tuned yet (and by warmup)."""
+        pruned = super().prune_configs(kwargs)
+        if self.quick:
+            pruned = pruned[:1]
+        self.timed = len(pruned) > 1
+        if self.timed:
+            check_not_capturing(f"the launch config of {self.base_fn.__name__}")
+        return pruned
+
+    def _bench(self, *args, config, **meta):
+        if not self.timed:  # nothing to choose between: timing would only run the kernel
+            return [0.0, 0.0, 0.0]
+        return super()._bench(*args, config=config, **meta)
+
+
+_tuned = {}  # (kernel, family, config list, mode) -> its _Autotuner
+
+
+def launcher(kernel, family: str, key, reset_to_zero=None):
+    """(callable kernel, fixed meta-parameters) for this machine: under the interpreter the raw
+    kernel and one small config; on a GPU an autotuner over the config family's configs that fit
+    (``fitting_configs``), keyed by ``key`` (shape and the constexpr flags that change the
+    compiled kernel), with nothing fixed; ``LOWRANK_FUSED_AUTOTUNE`` picks full or quick tuning.
+    ``family``: a key of configs.CONFIGS."""
+    mode = autotune_mode()  # checked on every machine, so a bad value fails in CPU tests too
+    if interpreting():
+        return kernel, interpreter_config(family)
+    configs_of = config_family()
+    cache_key = (kernel, family, configs_of, mode)  # a mode changed mid-process: its own tuner
+    if cache_key not in _tuned:
+        _tuned[cache_key] = _Autotuner(kernel, CONFIGS[family][configs_of], key, reset_to_zero,
+                                       _pruner(family), quick=mode == "quick")
+    return _tuned[cache_key], {}
