@@ -554,17 +554,17 @@ def test_untimed_by_request_uses_what_is_recorded_else_the_default(make_tuner):
 
 def test_under_graph_capture_a_new_key_raises_capture_error_and_a_decided_one_does_not(
         make_tuner, monkeypatch):
-    from lowrank_fused.triton_kernels import configs
+    from lowrank_fused.triton_kernels import capture
     tuner, calls = make_tuner(), []
     runs = contenders(make_tuner.clock, {"triton": 2.0, "reference": 1.0}, calls)
     tuner.decide(key("forward"), runs)
-    monkeypatch.setattr(configs, "capturing", lambda: True)
+    monkeypatch.setattr(capture, "capturing", lambda: True)
     assert tuner.decide(key("forward"), runs) == "reference"
     calls.clear()
-    with pytest.raises(configs.CaptureError, match="CUDA graph is being captured"):
+    with pytest.raises(capture.CaptureError, match="CUDA graph is being captured"):
         tuner.decide(key("backward"), runs)
     assert calls == []
-    assert tuning.CaptureError is configs.CaptureError
+    assert tuning.CaptureError is capture.CaptureError
 
 
 # -- keys ------------------------------------------------------------------------------------

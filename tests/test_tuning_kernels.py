@@ -94,13 +94,13 @@ def test_a_changed_config_list_is_a_new_entry(tuner):
 
 
 def test_no_timing_under_graph_capture(tuner, monkeypatch):
-    from lowrank_fused.triton_kernels import configs
+    from lowrank_fused.triton_kernels import capture
     tune(tuner())
-    monkeypatch.setattr(configs, "capturing", lambda: True)
+    monkeypatch.setattr(capture, "capturing", lambda: True)
     assert tune(tuner()) == (True, 0, CONFIGS[1])  # restored: nothing to time
     autotuner = Tuned(tuner())
     bench = Bench(autotuner)
-    with pytest.raises(configs.CaptureError):
+    with pytest.raises(capture.CaptureError):
         autotuner.check_disk_cache((8192, "torch.bfloat16"), CONFIGS, bench)
     assert bench.calls == 0
 

@@ -2,7 +2,7 @@
 choice) and under CUDA graph capture (the project's rule: raise CaptureError, whose message says
 to run one eager step first; the kernels' autotuners and GEMM-variant choice follow it too).
 
-The rule and its error are the kernels' (``triton_kernels.configs``), so one
+The rule and its error are the kernels' (``triton_kernels.capture``), so one
 ``except CaptureError`` covers every choice; they are imported when first needed (the kernels
 load Triton), and stated here where Triton is not installed."""
 from __future__ import annotations
@@ -19,10 +19,10 @@ class _CaptureErrorWithoutTriton(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def _rule():
     try:
-        from ..triton_kernels import configs
+        from ..triton_kernels import capture
     except ImportError:
         return _CaptureErrorWithoutTriton, None
-    return configs.CaptureError, configs
+    return capture.CaptureError, capture
 
 
 def capture_error() -> type:
@@ -32,9 +32,9 @@ def capture_error() -> type:
 
 def check_not_capturing(what: str) -> None:
     """Raise CaptureError if a CUDA graph is being captured (``what`` names the choice due)."""
-    error, configs = _rule()
-    if configs is not None:
-        configs.check_not_capturing(what)
+    error, capture = _rule()
+    if capture is not None:
+        capture.check_not_capturing(what)
     elif torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         raise error(f"lowrank_fused: {what} is not chosen yet for this shape and a CUDA graph "
                     f"is being captured; run one step (one forward and backward) before "
