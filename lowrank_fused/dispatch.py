@@ -273,4 +273,4 @@ def backend_module(name: str, device: torch.device, shape: Optional[tuple] = Non
 
 @functools.lru_cache(maxsize=None)
 def _reference_module() -> ModuleType:
-    return importlib.import_module(".backends.reference", __package__)
+    return importlib.import_module(".backends.pytorch", __package__)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import quantized
-from .backends import reference
+from .backends import pytorch as reference
 from .dropout import keep_mask
 from .errors import BackendUnavailableError
 from .tolerance import kernel_mismatch

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 from lowrank_fused.dropout import DropoutSpec, quantised_p
 
 # Which operator inputs train, per case; x's own flag is set separately.

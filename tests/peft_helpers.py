@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import lowrank_fused.functional as functional
 import lowrank_fused.ops as ops
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 
 
 class Small(nn.Module):

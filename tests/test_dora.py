@@ -5,7 +5,7 @@ import torch
 
 import lowrank_fused as lf
 from lowrank_fused import dora
-from lowrank_fused.backends.reference import dropout_keep_mask
+from lowrank_fused.backends.pytorch import dropout_keep_mask
 from lowrank_fused.dropout import DropoutSpec
 from lowrank_fused.saved_activations import SavedActivations
 
@@ -148,7 +148,7 @@ def test_row_chunks_match_float64(monkeypatch, method, dropout, with_bias, dtype
     """The reference path's M x N passes run over row chunks (_CHUNK_ELEMENTS): a budget of a
     row or two per chunk (uneven last chunk) gives the unchunked result to rounding, the float64
     formula, and the same gradients (the fold of c into W's and B's rows included)."""
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
 
     x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
     bias = bias if with_bias else None
@@ -192,7 +192,7 @@ def test_sparse_dropout_matches_dense_path(monkeypatch, method, dropout, with_bi
     """At a small dropout rate the reference path takes x̃·Wᵀ = scale·(x·Wᵀ − D·Wᵀ) with the
     dropped entries D sparse, and dx's dropped term as a sampled product: the same outputs and
     gradients as the dense path (forced either way here) and as the float64 formula."""
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
 
     x, w, bias, a, b, latent, m = _case(method, dropout, dtype=dtype)
     x = torch.randn(64, x.shape[1], dtype=dtype, requires_grad=True)  # some rows drop nothing
@@ -422,7 +422,7 @@ def test_bf16_gemms_upcast_or_native_agree(monkeypatch, dropout):
     """On a CPU without oneDNN bf16 kernels the reference DoRA path runs its bf16 GEMMs as fp32
     GEMMs of the upcast operands; with native bf16 GEMMs (forced here) the results agree to
     bf16 rounding, outputs and gradients."""
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
 
     x, w, bias, a, b, latent, m = _case("lora", dropout, dtype=torch.bfloat16)
     x = torch.randn(64, x.shape[1], dtype=torch.bfloat16, requires_grad=True)

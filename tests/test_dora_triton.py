@@ -202,7 +202,7 @@ def test_qdora_runs_on_the_reference(monkeypatch):
     """A 4-bit weight with a magnitude: the reference backend's DoRA, even with backend="triton"
     and a quantized_choice that would send plain 4-bit calls to Triton."""
     bnb = pytest.importorskip("bitsandbytes")
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
     from lowrank_fused.backends import triton as triton_backend
     import qlora_helpers
     torch.manual_seed(0)

@@ -121,7 +121,7 @@ def test_ops_resolve_the_tag_with_their_own_shapes(use_policy, monkeypatch):
     """The custom ops turn the tag into a backend with the shapes they run on (here on the CPU,
     with both GPU backends standing in as the reference backend)."""
     from lowrank_fused import ops
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
 
     use_policy([_entry(37, 20, 30, 4, "cuda", dtype="float32", mode="forward"),
                 _entry(37, 20, 30, 64, "triton", dtype="float32", mode="forward")])

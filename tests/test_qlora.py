@@ -516,7 +516,7 @@ def test_enable_fused_serves_peft_qdora_with_peft_outputs_and_grads(frozen_a):
 
 
 def test_served_qdora_with_dropout_matches_peft_under_the_same_mask():
-    from lowrank_fused.backends.reference import dropout_keep_mask
+    from lowrank_fused.backends.pytorch import dropout_keep_mask
     from lowrank_fused.dropout import DropoutSpec, seed_tensor
     model = _qdora_peft(dropout=0.3)
     layer = model.base_model.model.q

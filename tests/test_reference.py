@@ -4,7 +4,7 @@ import torch
 
 from helpers import TRAINABLE, grads_of, make_case, naive_forward, reference_keep_mask
 from lowrank_fused import low_rank_linear
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 
 
 def run_operator(case, p=0.0, seed=None, backend="reference"):

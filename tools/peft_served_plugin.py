@@ -224,7 +224,7 @@ def install_counters() -> None:
     """Count the operator's calls (plain runs too: they must read 0)."""
     import lowrank_fused.functional as functional
     import lowrank_fused.ops as ops
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
     from lowrank_fused.peft import serving
 
     for owner in (ops, functional):

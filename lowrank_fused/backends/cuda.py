@@ -1,4 +1,4 @@
-"""CUDA backend: the reference contract (see ``reference``) on the compiled extension
+"""CUDA backend: the backend contract (see ``pytorch``) on the compiled extension
 lowrank_fused._C (csrc/) for the rank-r passes and cuBLAS (through ATen) for the GEMMs.
 
 Forward: P = dropout(x)·Aᵀ (one read of x); y = s·P·B_effᵀ + bias is written first by a small
@@ -19,7 +19,7 @@ import functools
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
-from .reference import latent_gradients, latent_operands
+from .pytorch import latent_gradients, latent_operands
 from ._gpu_common import check_dtypes, seed_and_p
 
 _ops = torch.ops.lowrank_fused_C

@@ -1,4 +1,4 @@
-"""Triton backend: the reference contract (see ``reference``) on the kernels of
+"""Triton backend: the backend contract (see ``pytorch``) on the kernels of
 ``lowrank_fused.triton_kernels``. Every call runs with the tensors' device current
 (``device_guard``): Triton launches on the current device and its stream.
 
@@ -13,7 +13,7 @@ import torch
 from .. import quantized, triton_kernels as kernels
 from ..triton_kernels import quantized as kernels_4bit
 from ._gpu_common import check_dtypes, device_guard, seed_and_p
-from .reference import latent_gradients, latent_operands
+from .pytorch import latent_gradients, latent_operands
 
 
 def dropout_keep_mask(dropout, shape, device):

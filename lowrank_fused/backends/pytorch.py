@@ -1,4 +1,5 @@
-"""Reference backend: plain PyTorch. The CPU path and the ground truth for every kernel.
+"""The PyTorch backend (user-facing name "reference"): the operator composed of PyTorch ops
+(cuBLAS on a GPU, oneDNN / MKL on a CPU); the CPU path.
 
 Contract shared by all backends (x is 2-D, (M, K)):
 
