@@ -383,7 +383,7 @@ def step_cuda(sink, dry: bool, deadline: float, build_log: str) -> None:
         sink(step="cuda", name="extension", skipped="lowrank_fused._C did not load",
              log=build_log)
         return
-    # DoRA's "cuda" calls run on Triton (dispatch.dora_choice), and so do 4-bit calls asked of
+    # DoRA's "cuda" calls run on Triton (dispatch.select), and so do 4-bit calls asked of
     # "cuda" (Triton's 4-bit kernels): the correctness step has both
     cases = [(label, c) for label, c in correctness_cases(dry)
              if c["variant"] == "tiled" and not c["method"].startswith("dora")

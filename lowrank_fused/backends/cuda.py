@@ -22,6 +22,7 @@ from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
 from .pytorch import latent_gradients, latent_operands
 from ._gpu_common import check_dtypes, seed_and_p
 
+NAME = "cuda"
 _ops = torch.ops.lowrank_fused_C
 _GRAD_A_COLUMNS = 64  # columns of dA per block (csrc: kGradACols)
 
@@ -46,6 +47,15 @@ def grad_a_splits(m: int, k: int, r: int, multiprocessors: int) -> int:
     blocks = -(-k // _GRAD_A_COLUMNS) * -(-r // 64)
     wanted = -(-2 * multiprocessors // blocks)
     return max(1, min(wanted, m // 256))
+
+
+def config_key():
+    """Nothing but the call's shapes and dtypes decides which kernel runs."""
+    return None
+
+
+def describe_config(direction, device, shape) -> str:
+    return "n/a (fixed launch configurations)"
 
 
 def dropout_keep_mask(dropout, shape, device):

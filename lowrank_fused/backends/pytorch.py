@@ -16,10 +16,10 @@ need_a, need_b, need_latent=False, need_bias) -> (dx, da, db, dr, dbias)``
     dP = T·Rᵀ and dR = Pᵀ·T (``latent_gradients``). So dR needs no dB_eff (no N x r reduction,
     no atomics when B is frozen) and never rounds P to a 16-bit dot operand.
 
-``weight`` may be a bitsandbytes ``Params4bit`` (``lowrank_fused.quantized``): this backend
+``weight`` may be a 4-bit ``quantized.Packed4bit`` (bitsandbytes' NF4 / FP4 format): this backend
 dequantizes it to x's dtype per call, forward and backward, as ``bnb.matmul_4bit`` does (the
 dense N x K tensor is a transient, dropped after its GEMM). The Triton backend dequantizes
-inside its GEMMs' K loops instead (``dispatch.quantized_choice``); 4-bit DoRA (QDoRA) runs here.
+inside its GEMMs' K loops instead; 4-bit DoRA (QDoRA) runs here (``dispatch.select``).
 
 ``dropout_keep_mask(dropout, shape, device) -> bool tensor``
     The keep-mask the backend derives from ``dropout.seed``: True where x is kept.
@@ -34,6 +34,8 @@ from torch import Tensor
 
 from .. import quantized
 from ..dropout import DropoutSpec, fast_keep_mask, keep_mask_chunks
+
+NAME = "reference"  # the user-facing name: backend="reference"
 
 
 def dropout_keep_mask(dropout: DropoutSpec, shape, device) -> Tensor:
@@ -165,7 +167,7 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 
 # DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
 # the accumulation dtype (fp32, fp64 for fp64 tensors). The Triton backend has the same two
-# functions (its kernels fuse c); dispatch.dora_choice routes "cuda" there.
+# functions (its kernels fuse c); dispatch.select routes "cuda" there.
 #
 # How this path is made cheap on a CPU (each M x N elementwise pass over a 1024 x 1376 fp32
 # activation costs about a tenth of the GEMM beside it):

@@ -22,7 +22,7 @@ bitsandbytes): x is cast to the base's compute dtype as bitsandbytes does, the 4
 to the operator as it is (dequantized per call, never saved), y comes back in x's dtype.
 
 PEFT's DoRA (``use_dora=True``) on a Linear over a plain nn.Linear or a 4-bit base (QDoRA), one
-active adapter, is served by the operator's ``magnitude=`` (dispatch.dora_choice: the Triton
+active adapter, is served by the operator's ``magnitude=`` (dispatch.select: the Triton
 backend on CUDA tensors, the reference path on the CPU and for QDoRA).
 
 What cannot be served (DoRA with several active adapters, other
