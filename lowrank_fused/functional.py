@@ -171,15 +171,17 @@ def _any_requires_grad(*tensors) -> bool:
 
 
 def _signature(t):
-    return None if t is None else (t.shape, t.dtype, t.device)
+    return (t.shape, t.dtype, t.device)
 
 
 def _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude) -> None:
     try:
         key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
                lora_a.shape, lora_a.dtype, lora_a.device, lora_b.shape, lora_b.dtype,
-               lora_b.device, dropout_p, _signature(bias), _signature(latent),
-               _signature(magnitude))
+               lora_b.device, dropout_p,
+               None if bias is None else _signature(bias),
+               None if latent is None else _signature(latent),
+               None if magnitude is None else _signature(magnitude))
         checked = key in _CHECKED
     except (AttributeError, TypeError):  # not tensors: let the checks say what is wrong
         check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)

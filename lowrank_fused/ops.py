@@ -82,9 +82,8 @@ def _dropout(call: Call) -> Optional[DropoutSpec]:
 def _select(call: Call, rows: Tensor, weight, lora_a: Tensor, n: int, dora_call: bool):
     """The backend module for this call (``dispatch.select``, the one place a choice is made)."""
     r, k = lora_a.shape
-    return dispatch.select(call.backend, rows.device, dtype=rows.dtype,
-                           shape=(rows.shape[0], n, k, r), kind=call.kind,
-                           four_bit=not isinstance(weight, Tensor), dora=dora_call)
+    return dispatch.select(call.backend, rows.device, rows.dtype, (rows.shape[0], n, k, r),
+                           call.kind, not isinstance(weight, Tensor), dora_call)
 
 
 def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
@@ -122,7 +121,7 @@ def _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude
     return y, p, z, c, norm
 
 
-def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call: Call, *,
+def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call: Call,
                  need_x, need_a, need_b, need_latent, need_bias, need_m=False,
                  z_is_output=False) -> tuple:
     """(dx, dA, dB, dR, dbias, dm), None for a gradient not asked for: the body of the backward
@@ -362,37 +361,36 @@ class EagerLowRank(torch.autograd.Function):
     # forward takes ctx (no setup_context): apply() then skips binding arguments by signature.
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, latent, magnitude, call):
-        need_x, need_w, _, need_a, need_b, need_latent, need_m = ctx.needs_input_grad[:7]
-        keep_x = need_a or need_w
+        need = ctx.needs_input_grad
+        keep_x, need_m = need[3] or need[1], need[6]
         y, p, z, c, norm = run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call,
-                                       need_m, keep_z_where_c_is_zero=not keep_x)
+                                       need_m, not keep_x)
         dense = isinstance(weight, Tensor)
-        ctx.z_is_output = need_m and z is None
+        z_is_output = need_m and z is None
         # y as a detached alias (same storage and version counter, not the output itself), so
         # the backward can unpack it alone and see whether it was changed in place
-        ctx.save_for_backward(x if keep_x else None, p if (need_b or need_latent) else None,
-                              y.detach() if ctx.z_is_output else z, weight if dense else None,
+        ctx.save_for_backward(x if keep_x else None, p if (need[4] or need[5]) else None,
+                              y.detach() if z_is_output else z, weight if dense else None,
                               lora_a, lora_b, latent)
-        ctx.packed = None if dense else weight  # a Packed4bit: the parameter's own tensors
-        ctx.c, ctx.norm, ctx.call = c, norm, call  # N-vectors, not activations of size M
+        # a Packed4bit holds the parameter's own tensors; c and the norm are N-vectors
+        ctx.state = (call, z_is_output, None if dense else weight, c, norm)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         _refuse_double_backward()
-        if ctx.z_is_output:
+        call, z_is_output, packed, c, norm = ctx.state
+        if z_is_output:
             x, p, z, weight, lora_a, lora_b, latent = _unpack_tolerating_output(ctx)
         else:
             x, p, z, weight, lora_a, lora_b, latent = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = \
             ctx.needs_input_grad[:7]
-        c = ctx.c
-        dw = _weight_grad(grad_y, x, weight, need_w, c is not None)
+        dw = _weight_grad(grad_y, x, weight, need_w, c is not None) if need_w else None
         dx, da, db, dr, dbias, dm = run_backward(
-            grad_y.contiguous(), x, p, z, ctx.packed if weight is None else weight, lora_a,
-            lora_b, latent, c, ctx.norm, ctx.call, need_x=need_x, need_a=need_a, need_b=need_b,
-            need_latent=need_latent, need_bias=need_bias, need_m=need_m,
-            z_is_output=z is not None and ctx.z_is_output)
+            grad_y, x, p, z, packed if weight is None else weight, lora_a, lora_b, latent, c,
+            norm, call, need_x, need_a, need_b, need_latent, need_bias, need_m,
+            z is not None and z_is_output)
         return dx, dw, dbias, da, db, dr, dm, None
 
 

@@ -81,6 +81,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 
 def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
              need_x, need_a, need_b, need_latent=False, need_bias):
+    grad_y = grad_y.contiguous()  # the kernels index G by rows
     seed, p_drop = seed_and_p(dropout)
     deterministic = torch.are_deterministic_algorithms_enabled()
     n, r = lora_b.shape

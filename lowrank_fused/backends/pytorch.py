@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import quantized
 from ..dropout import DropoutSpec, fast_keep_mask, keep_mask_chunks
 
 NAME = "reference"  # the user-facing name: backend="reference"
@@ -82,14 +81,37 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    """A dense W as it is; a ``quantized.Packed4bit`` dequantized to ``dtype`` (a transient)."""
+    return weight if isinstance(weight, Tensor) else weight.dequantize(dtype)
+
+
+_FACTORS: dict = {}  # (scaling, dtype) -> 0-d tensor
+
+
+def _scaled_(t: Tensor, scaling: float) -> Tensor:
+    """t *= scaling, in place. By a cached 0-d tensor in t's opmath dtype: the same bits as a
+    Python float (which costs a wrapped tensor on every call, a microsecond on small shapes)."""
+    if scaling == 1.0:
+        return t
+    key = (scaling, t.dtype)
+    factor = _FACTORS.get(key)
+    if factor is None:
+        if len(_FACTORS) >= 256:
+            _FACTORS.clear()
+        opmath = torch.float64 if t.dtype == torch.float64 else torch.float32
+        factor = _FACTORS[key] = torch.tensor(scaling, dtype=opmath)
+    return t.mul_(factor)
+
+
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     x_low = _as(x, lora_a.dtype) if dropout is None else _dropped(x, dropout, lora_a.dtype)
-    p = x_low @ lora_a.T
-    y = torch.nn.functional.linear(x, quantized.dense_like(weight, x.dtype), bias)
+    p = torch.nn.functional.linear(x_low, lora_a)
+    y = torch.nn.functional.linear(x, _dense(weight, x.dtype), bias)
     if _fused_add(x, lora_a):
-        y.addmm_(p, lora_b_eff.T, alpha=scaling)
+        y.addmm_(p, lora_b_eff.t(), alpha=scaling)
     else:
-        y += _as((p @ lora_b_eff.T).mul_(scaling), x.dtype)
+        y += _as(_scaled_(torch.mm(p, lora_b_eff.t()), scaling), x.dtype)
     return y, p
 
 
@@ -132,15 +154,15 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
     dx = da = db = dr = dbias = None
     dp = None
     if need_x or need_a or need_latent:
-        dp = scaling * (grad_lr @ lora_b)  # (M, r); T = s·G·B with a latent
+        dp = _scaled_(torch.mm(grad_lr, lora_b), scaling)  # (M, r); T = s·G·B with a latent
         if latent is not None:
             dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
         if dropout is None:
             if need_x:
-                dx = _plus_low_rank(grad_y @ quantized.dense_like(weight, grad_y.dtype), dp,
-                                    lora_a, grad_y.dtype)
+                dx = _plus_low_rank(torch.mm(grad_y, _dense(weight, grad_y.dtype)), dp, lora_a,
+                                    grad_y.dtype)
             if need_a:
-                da = dp.T @ _as(x, adapter_dtype)
+                da = torch.mm(dp.t(), _as(x, adapter_dtype))
         else:
             # One mask for both terms: dx's dropout(dP·A) and dA's dropout(x), chunk by chunk.
             low = dp @ lora_a if need_x else None
@@ -155,11 +177,11 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
                 for rows, mask in _dropout_chunks(low, dropout):
                     drop_low(rows, mask)
             if need_x:
-                dx = grad_y @ quantized.dense_like(weight, grad_y.dtype)
+                dx = grad_y @ _dense(weight, grad_y.dtype)
                 dx += _as(low, dx.dtype)
                 dx = _as(dx, grad_y.dtype)
     if need_b:
-        db = scaling * (grad_lr.T @ latent_operands(p, latent, need_b))
+        db = _scaled_(torch.mm(grad_lr.t(), latent_operands(p, latent, need_b)), scaling)
     if need_bias:
         dbias = grad_y.sum(0)
     return dx, da, db, dr, dbias
@@ -285,7 +307,7 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
     accumulation dtype, as PEFT's DoRA branch computes it)."""
     acc = c.dtype
     col = c.unsqueeze(1)
-    w = quantized.dense_like(weight, x.dtype)
+    w = _dense(weight, x.dtype)
     if dropout is None:
         p = _as(x, lora_a.dtype) @ lora_a.T
         if not need_z and x.dtype == acc and lora_a.dtype == acc:
@@ -423,7 +445,7 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
         db = _scaled_rows(g_low.T @ latent_operands(p, latent, need_b), col, lora_b.dtype,
                           scaling)                         # s·(c ⊙ G)ᵀ·(P·R)
     if need_x or need_a:
-        w = quantized.dense_like(weight, grad_y.dtype) if need_x else None
+        w = _dense(weight, grad_y.dtype) if need_x else None
         if dropout is None:
             if need_x:
                 gd = _gemm_dtype(grad_y)

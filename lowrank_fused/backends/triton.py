@@ -38,6 +38,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 
 def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
              need_x, need_a, need_b, need_latent=False, need_bias):
+    grad_y = grad_y.contiguous()  # the kernels index G by rows
     with device_guard(grad_y.device):
         return _backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, latent,
                          need_x, need_a, need_b, need_latent and latent is not None, need_bias)
@@ -88,6 +89,7 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
     """(dx, dA, dB, dR, dbias, dm) as the reference's: one pass over G (c applied on load) for
     dP, dB, dbias and Σ_rows G ⊙ Z; dx by one GEMM over G; dA as the plain operator's.
     ``z_is_output``: ``z`` is the output y, so Z = y / c (dm divides the N-vector by c)."""
+    grad_y = grad_y.contiguous()  # the kernels index G by rows
     with device_guard(grad_y.device):
         seed, p_drop = seed_and_p(dropout)
         scale = _column_scale(c)
