@@ -47,7 +47,7 @@ _env_interpret = _env.reader("TRITON_INTERPRET")
 
 
 def _triton_interpreting() -> bool:
-    return (_env_interpret() or "0") not in ("", "0")
+    return (_env_interpret() or "0") != "0"
 
 
 @functools.lru_cache(maxsize=None)  # a package lookup on disk: once per process
@@ -114,13 +114,14 @@ def _load_triton(device: torch.device) -> ModuleType:
             "backend 'triton' needs the triton package: pip install triton (GPU), "
             "or use backend='reference'"
         )
-    if device.type != "cuda" and not _triton_interpreting():
+    interpreting = _triton_interpreting()
+    if device.type != "cuda" and not interpreting:
         raise BackendUnavailableError(
             f"backend 'triton' runs on CUDA tensors, got tensors on {device}; move them to a GPU, "
             "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
             "interpreter (slow; for tests)"
         )
-    if _triton_interpreting():
+    if interpreting:
         check_numpy_for_triton_interpreter()
     return _backend_module("triton")
 

@@ -52,15 +52,14 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 
 def _dense(weight, acc: torch.dtype) -> Tensor:
-    """W in ``acc``; a 4-bit weight dequantized (bitsandbytes' values, a transient)."""
-    return quantized.dense_like(weight, acc).to(acc)
+    """W in ``acc``; a 4-bit weight (a ``Packed4bit``) dequantized (bitsandbytes' values, a
+    transient)."""
+    return weight.to(acc) if isinstance(weight, Tensor) else weight.dequantize(acc)
 
 
 def _acc_of(weight) -> torch.dtype:
-    """fp32 (fp64 for an fp64 W; fp32 for a 4-bit one: a ``Packed4bit`` or ``Params4bit``)."""
-    if not isinstance(weight, Tensor) or quantized.is_4bit(weight):
-        return torch.float32
-    return _acc_dtype(weight)
+    """fp32 (fp64 for an fp64 W; fp32 for a 4-bit one)."""
+    return _acc_dtype(weight) if isinstance(weight, Tensor) else torch.float32
 
 
 # A 16-bit W is widened to fp32 this many bytes at a time: one slab stays in a GPU's L2 cache.
@@ -85,9 +84,16 @@ def _weight_terms(weight, a: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float) -> Tensor:
+def row_norm(weight, lora_a: Tensor, lora_b_eff: Tensor, scaling: float) -> Tensor:
     """‖W + s·B_eff·A‖ per row (N,), detached, in fp32 (fp64 for fp64 tensors), without the
-    dense N x K product (see the module docstring)."""
+    dense N x K product (see the module docstring). ``weight``: dense, a bitsandbytes
+    ``Params4bit`` or its ``quantized.Packed4bit`` view."""
+    if quantized.is_4bit(weight):
+        weight = quantized.packed(weight)
+    return _row_norm(weight, lora_a, lora_b_eff, scaling)
+
+
+def _row_norm(weight, lora_a: Tensor, lora_b_eff: Tensor, scaling: float) -> Tensor:
     acc = _acc_of(weight)
     s = float(scaling)
     a = lora_a.detach().to(acc)
@@ -120,6 +126,7 @@ def row_norm(weight: Tensor, lora_a: Tensor, lora_b_eff: Tensor, scaling: float)
 def column_scale(weight, lora_a: Tensor, lora_b_eff: Tensor, magnitude: Tensor,
                  scaling: float) -> tuple[Tensor, Tensor]:
     """(c, ‖W + s·B_eff·A‖_row): DoRA's column scale c = m / ‖·‖ (detached, N-vectors in fp32,
-    fp64 for fp64 tensors) and the norm it divides by (dm's denominator)."""
-    norm = row_norm(weight, lora_a, lora_b_eff, scaling)
+    fp64 for fp64 tensors) and the norm it divides by (dm's denominator). ``weight``: dense or
+    a ``quantized.Packed4bit``; called by the operator's forward body, without autograd."""
+    norm = _row_norm(weight, lora_a, lora_b_eff, scaling)
     return magnitude.detach().to(norm.dtype) / norm, norm

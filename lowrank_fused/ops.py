@@ -13,9 +13,9 @@ shape and no N x r product is kept; the backward hands R to the backend, which t
 r-wide s·G·B it computes anyway (pytorch.latent_gradients). Dropout keeps its seed, never its
 mask. DoRA adds c and ‖W + s·B_eff·A‖_row (N-vectors) and, when m trains, Z = x̃·Wᵀ + s·P·B_effᵀ
 (M x N), or, without bias and dropout, the output y standing for it (Z = y / c). Should that y
-be changed in place before backward, Z is recomputed from x, or, with A frozen (x not kept),
-``InplaceOutputError`` says what to change (eager calls; under torch.compile the saved y is the
-value the forward made, whatever happens to the output).
+be changed in place before backward (its version counter says so), Z is recomputed from x, or,
+with A frozen (x not kept), ``InplaceOutputError`` says what to change; eagerly and under
+torch.compile alike.
 
 Each body asks ``dispatch.select`` for the backend module, counts the call (``stats``) and runs
 the backend through ``verification`` (the first call of each kernel key on a GPU backend is
@@ -315,12 +315,13 @@ def _setup_context(ctx, inputs, output):
     dora_call = magnitude is not None
     ctx.z_is_output = dora_call and z_is_output(magnitude_grad, bias, dropout_p)
     keep_z = dora_call and magnitude_grad and not ctx.z_is_output
+    # the op's outputs as detached aliases (EagerLowRank says why), so that each unpacks alone
     ctx.save_for_backward(
         x if (need_a or need_w) else None,
-        p if (need_b or need_latent) else None,
-        y if ctx.z_is_output else (z if keep_z else None),
+        p.detach() if (need_b or need_latent) else None,
+        y.detach() if ctx.z_is_output else (z if keep_z else None),
         weight, lora_a, lora_b, latent,  # parameters: no activation memory
-        c if dora_call else None, norm if dora_call else None,  # N-vectors
+        c.detach() if dora_call else None, norm.detach() if dora_call else None,  # N-vectors
         *quant[:5])  # a 4-bit W's quant state: the parameter's own tensors
     ctx.call = Call(scaling, dropout_p, seed, backend, kind, name)  # the seed: one integer
     ctx.quant_format = dict(zip(("quant_type", "blocksize", "blocksize2", "quant_dtype"),
@@ -330,7 +331,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, *unused):
     _refuse_double_backward()
     (x, p, z, weight, lora_a, lora_b, latent, c, norm, absmax, code, absmax2, code2,
-     offset) = ctx.saved_tensors
+     offset) = _unpack_tolerating_output(ctx) if ctx.z_is_output else ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x, need_w, need_bias, need_a, need_b, need_latent = need[:6]
     need_m = len(need) > 11 and need[11]  # magnitude: an argument only where given
@@ -340,7 +341,7 @@ def _backward(ctx, grad_y, *unused):
         grad_y.contiguous(), x, p, weight, lora_a, lora_b, latent, call.scaling, call.dropout_p,
         call.seed, call.backend, need_x, need_a, need_b, need_latent and latent is not None,
         need_bias, call.name, z=z, c=c, norm=norm, need_m=need_m and c is not None,
-        z_is_output=ctx.z_is_output, kind=call.kind, absmax=absmax, code=code, absmax2=absmax2,
+        z_is_output=ctx.z_is_output and z is not None, kind=call.kind, absmax=absmax, code=code, absmax2=absmax2,
         code2=code2, offset=offset, **ctx.quant_format)
     dx, da, db, dr, dbias, dm = (g if needed else None for g, needed in
                                  zip(outs, (need_x, need_a, need_b, need_latent, need_bias,

@@ -119,7 +119,7 @@ def check_operator_inputs(
             _check_float(name, t)
 
     if four_bit:  # (N, K) from its quant state
-        n, k = weight.shape
+        n, k = weight.n, weight.k
     elif weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features N, in_features K), got shape {tuple(weight.shape)}")
     else:
@@ -156,7 +156,8 @@ def check_operator_inputs(
                 f"adapter tensors must share one dtype: lora_a is {lora_a.dtype}, {name} is {t.dtype}"
             )
 
-    devices = {name: t.device for name, t in named}
+    devices = {name: (t.data if four_bit and name == "weight" else t).device
+               for name, t in named}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")

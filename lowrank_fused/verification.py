@@ -107,10 +107,11 @@ def reset() -> None:
 
 def forward(impl, x, weight, bias, lora_a, lora_b_eff, scaling, dropout, *, has_latent=False):
     """``impl.forward(...)`` (the backend contract), verified on the first call of its key."""
-    if _unchecked(impl):
+    verify = _checked_mode(impl)
+    if verify is None:
         return impl.forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout)
     args = (x, weight, bias, lora_a, lora_b_eff, scaling, dropout)
-    key = _key_if_checked(impl, x, "forward", weight, lora_a,
+    key = _key_if_checked(verify, impl, x, "forward", weight, lora_a, lora_b_eff,
                           (bias is not None, dropout is not None, has_latent))
     if key is None:
         return impl.forward(*args)
@@ -120,14 +121,15 @@ def forward(impl, x, weight, bias, lora_a, lora_b_eff, scaling, dropout, *, has_
 def backward(impl, grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
              need_x, need_a, need_b, need_latent=False, need_bias):
     """``impl.backward(...)`` (the backend contract), verified on the first call of its key."""
-    if _unchecked(impl):
+    verify = _checked_mode(impl)
+    if verify is None:
         return impl.backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout,
                              latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
                              need_latent=need_latent, need_bias=need_bias)
     args = (grad_y, x, p, weight, lora_a, lora_b, scaling, dropout)
     kwargs = dict(latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
                   need_latent=need_latent, need_bias=need_bias)
-    key = _key_if_checked(impl, grad_y, "backward", weight, lora_a,
+    key = _key_if_checked(verify, impl, grad_y, "backward", weight, lora_a, lora_b,
                           (need_bias, dropout is not None, latent is not None, need_x, need_a,
                            need_b, need_latent and latent is not None))
     if key is None:
@@ -141,7 +143,10 @@ def dora_forward(impl, x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c,
     """``impl.dora_forward(...)``, verified on the first call of its key."""
     args = (x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c)
     kwargs = dict(need_z=need_z)
-    key = _key_if_checked(impl, x, "DoRA forward", weight, lora_a,
+    verify = _checked_mode(impl)
+    if verify is None:
+        return impl.dora_forward(*args, **kwargs)
+    key = _key_if_checked(verify, impl, x, "DoRA forward", weight, lora_a, lora_b_eff,
                           (bias is not None, dropout is not None, has_latent, need_z))
     if key is None:
         return impl.dora_forward(*args, **kwargs)
@@ -156,7 +161,10 @@ def dora_backward(impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling
     args = (grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm)
     kwargs = dict(need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
                   need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
-    key = _key_if_checked(impl, grad_y, "DoRA backward", weight, lora_a,
+    verify = _checked_mode(impl)
+    if verify is None:
+        return impl.dora_backward(*args, **kwargs)
+    key = _key_if_checked(verify, impl, grad_y, "DoRA backward", weight, lora_a, lora_b,
                           (need_bias, dropout is not None, latent is not None, need_x, need_a,
                            need_b, need_latent and latent is not None, need_m, z_is_output))
     if key is None:
@@ -167,23 +175,22 @@ def dora_backward(impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling
 
 # ---- keys and the first call ----
 
-def _unchecked(impl) -> bool:
-    """The quick answer for a backend the check never covers (the PyTorch backend itself); the
-    mode is read first all the same: a bad value is an error on every backend."""
-    return mode() == "off" or impl.NAME not in CHECKED_BACKENDS
+def _checked_mode(impl) -> Optional[str]:
+    """The mode, or None for a backend the check does not cover (the PyTorch backend itself) or
+    with the check off. The mode is read first: a bad value is an error on every backend."""
+    verify = mode()
+    return None if verify == "off" or impl.NAME not in CHECKED_BACKENDS else verify
 
 
-def _key_if_checked(impl, rows: Tensor, direction, weight, lora_a, flags) -> Optional[tuple]:
+def _key_if_checked(verify, impl, rows: Tensor, direction, weight, lora_a, lora_b,
+                    flags) -> Optional[tuple]:
     """The call's key, or None when this call is not subject to the check at all."""
-    verify = mode()  # first: a bad value is an error on every backend
-    backend = impl.NAME
-    if (verify == "off" or backend not in CHECKED_BACKENDS
-            or (verify == "auto" and rows.device.type != "cuda")):
+    if verify == "auto" and rows.device.type != "cuda":
         return None
     if torch.compiler.is_compiling() or _is_fake(rows) or rows.device.type == "meta":
         return None
-    n, k = weight.shape  # a Packed4bit's (N, K), not its packed bytes' shape
-    return (backend, direction, rows.device, rows.dtype, _weight_format(weight), lora_a.dtype,
+    n, k = lora_b.shape[0], lora_a.shape[1]
+    return (impl.NAME, direction, rows.device, rows.dtype, _weight_format(weight), lora_a.dtype,
             _bucket(rows.shape[0]), n, k, lora_a.shape[0], flags, impl.config_key())
 
 
@@ -192,7 +199,7 @@ def _weight_format(weight):
     a kernel of its own: NESTED and the blocksize are compile-time constants)."""
     if isinstance(weight, quantized.Packed4bit):
         return ("4-bit", weight.quant_type, weight.blocksize,
-                weight.blocksize2 if weight.nested else 0, weight.dtype)
+                weight.blocksize2 if weight.code2 is not None else 0, weight.dtype)
     return weight.dtype
 
 
