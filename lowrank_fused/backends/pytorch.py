@@ -361,11 +361,17 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
         yc.addcmul_(low, c)
         if yc.dtype != y.dtype:
             y[rows].copy_(yc)
-        if z_keep is not None:
-            zc += low
-            if z_keep is not z:
-                z_keep[rows].copy_(zc)
+        _keep_z_rows(z_keep, z, rows, zc, low)
     return y, p, z_keep
+
+
+def _keep_z_rows(z_keep, z, rows, zc, low) -> None:
+    """Z's rows when Z is kept: zc (x̃·Wᵀ, a view of ``z``) += s·P·B_effᵀ, copied into
+    ``z_keep`` unless that is ``z`` itself."""
+    if z_keep is not None:
+        zc += low
+        if z_keep is not z:
+            z_keep[rows].copy_(zc)
 
 
 def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z):
@@ -396,10 +402,7 @@ def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, ne
         vc.addcmul_(uc, c_minus_1).addcmul_(low, c)
         if y is not v:
             y[rows].copy_(vc)
-        if z_keep is not None:
-            uc += low
-            if z_keep is not u:
-                z_keep[rows].copy_(uc)
+        _keep_z_rows(z_keep, u, rows, uc, low)
     return y, p, z_keep
 
 
