@@ -4,7 +4,8 @@ made.
 ``select`` takes the call's properties (the backend asked for, the device, the dtype, the shape,
 a 4-bit weight or not, DoRA or not, the method and mode) and returns the backend module that runs
 it (``backends/``). The ops call it at run time, inside their bodies, so under torch.compile the
-choice is made per call on the real shapes without a guard or a recompile.
+choice is made per call on the real shapes without a guard or a recompile; a choice that needs
+more of the call (a timed one) belongs here too.
 
 An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". What each name means:
