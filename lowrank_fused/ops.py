@@ -72,7 +72,7 @@ def _autocast_type(t: Tensor) -> Optional[str]:
 
 
 def _dropout(call: Call) -> Optional[DropoutSpec]:
-    """None without dropout, so no seed exists then."""
+    """None without dropout (no seed exists then)."""
     if call.dropout_p <= 0.0:
         return None
     seed = call.seed
@@ -105,8 +105,8 @@ def _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude
              keep_z_where_c_is_zero):
     impl = _select(call, x, weight, lora_a, lora_b.shape[0], magnitude is not None)
     stats.record(call.name, impl.NAME, "forward")
-    b_eff = lora_b if latent is None else lora_b @ latent.T
-    dropout = None if call.dropout_p <= 0.0 else _dropout(call)
+    b_eff = effective_lora_b(lora_b, latent)
+    dropout = _dropout(call)
     if magnitude is None:
         y, p = verification.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
                                     has_latent=latent is not None)
@@ -140,7 +140,7 @@ def _backward_body(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, cal
                    need_a, need_b, need_latent, need_bias, need_m, z_is_output):
     impl = _select(call, grad_y, weight, lora_a, lora_b.shape[0], c is not None)
     stats.record(call.name, impl.NAME, "backward")
-    dropout = None if call.dropout_p <= 0.0 else _dropout(call)
+    dropout = _dropout(call)
     need_latent = need_latent and latent is not None
     if c is None:
         dx, da, db, dr, dbias = verification.backward(

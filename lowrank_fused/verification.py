@@ -108,14 +108,12 @@ def reset() -> None:
 def forward(impl, x, weight, bias, lora_a, lora_b_eff, scaling, dropout, *, has_latent=False):
     """``impl.forward(...)`` (the backend contract), verified on the first call of its key."""
     verify = _checked_mode(impl)
-    if verify is None:
+    if verify is None:  # the common case, without building a key
         return impl.forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout)
-    args = (x, weight, bias, lora_a, lora_b_eff, scaling, dropout)
-    key = _key_if_checked(verify, impl, x, "forward", weight, lora_a, lora_b_eff,
-                          (bias is not None, dropout is not None, has_latent))
-    if key is None:
-        return impl.forward(*args)
-    return _run(key, impl, impl.forward, reference.forward, args, {}, _forward_mismatch, x)
+    return _verified(verify, impl, "forward", x, weight, lora_a, lora_b_eff,
+                     (bias is not None, dropout is not None, has_latent),
+                     (x, weight, bias, lora_a, lora_b_eff, scaling, dropout), {},
+                     _forward_mismatch)
 
 
 def backward(impl, grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
@@ -126,54 +124,56 @@ def backward(impl, grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, la
         return impl.backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout,
                              latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
                              need_latent=need_latent, need_bias=need_bias)
-    args = (grad_y, x, p, weight, lora_a, lora_b, scaling, dropout)
-    kwargs = dict(latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-                  need_latent=need_latent, need_bias=need_bias)
-    key = _key_if_checked(verify, impl, grad_y, "backward", weight, lora_a, lora_b,
-                          (need_bias, dropout is not None, latent is not None, need_x, need_a,
-                           need_b, need_latent and latent is not None))
-    if key is None:
-        return impl.backward(*args, **kwargs)
-    return _run(key, impl, impl.backward, reference.backward, args, kwargs, _backward_mismatch,
-                grad_y)
+    return _verified(verify, impl, "backward", grad_y, weight, lora_a, lora_b,
+                     (need_bias, dropout is not None, latent is not None, need_x, need_a,
+                      need_b, need_latent and latent is not None),
+                     (grad_y, x, p, weight, lora_a, lora_b, scaling, dropout),
+                     dict(latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
+                          need_latent=need_latent, need_bias=need_bias),
+                     _backward_mismatch)
 
 
 def dora_forward(impl, x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, need_z,
                  has_latent=False):
     """``impl.dora_forward(...)``, verified on the first call of its key."""
-    args = (x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c)
-    kwargs = dict(need_z=need_z)
-    verify = _checked_mode(impl)
-    if verify is None:
-        return impl.dora_forward(*args, **kwargs)
-    key = _key_if_checked(verify, impl, x, "DoRA forward", weight, lora_a, lora_b_eff,
-                          (bias is not None, dropout is not None, has_latent, need_z))
-    if key is None:
-        return impl.dora_forward(*args, **kwargs)
-    return _run(key, impl, impl.dora_forward, reference.dora_forward, args, kwargs,
-                _dora_forward_mismatch, x)
+    return _verified(_checked_mode(impl), impl, "dora_forward", x, weight, lora_a, lora_b_eff,
+                     (bias is not None, dropout is not None, has_latent, need_z),
+                     (x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c),
+                     dict(need_z=need_z), _dora_forward_mismatch)
 
 
 def dora_backward(impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c,
                   norm, *, need_x, need_a, need_b, need_latent, need_bias, need_m,
                   z_is_output=False):
     """``impl.dora_backward(...)``, verified on the first call of its key."""
-    args = (grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c, norm)
-    kwargs = dict(need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
-                  need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
-    verify = _checked_mode(impl)
-    if verify is None:
-        return impl.dora_backward(*args, **kwargs)
-    key = _key_if_checked(verify, impl, grad_y, "DoRA backward", weight, lora_a, lora_b,
-                          (need_bias, dropout is not None, latent is not None, need_x, need_a,
-                           need_b, need_latent and latent is not None, need_m, z_is_output))
-    if key is None:
-        return impl.dora_backward(*args, **kwargs)
-    return _run(key, impl, impl.dora_backward, reference.dora_backward, args, kwargs,
-                _dora_backward_mismatch, grad_y)
+    return _verified(_checked_mode(impl), impl, "dora_backward", grad_y, weight, lora_a, lora_b,
+                     (need_bias, dropout is not None, latent is not None, need_x, need_a,
+                      need_b, need_latent and latent is not None, need_m, z_is_output),
+                     (grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, dropout, c,
+                      norm),
+                     dict(need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
+                          need_bias=need_bias, need_m=need_m, z_is_output=z_is_output),
+                     _dora_backward_mismatch)
 
 
 # ---- keys and the first call ----
+
+_DIRECTIONS = {"forward": "forward", "backward": "backward", "dora_forward": "DoRA forward",
+               "dora_backward": "DoRA backward"}  # a backend function -> the warning's words
+
+
+def _verified(verify, impl, function, rows, weight, lora_a, lora_b, flags, args, kwargs,
+              find_mismatch):
+    """The backend's ``function`` on (args, kwargs), checked on its key's first call (the
+    PyTorch backend's for a key that failed): ``verify`` is the mode, None when unchecked."""
+    run_kernel = getattr(impl, function)
+    key = None if verify is None else _key_if_checked(
+        verify, impl, rows, _DIRECTIONS[function], weight, lora_a, lora_b, flags)
+    if key is None:
+        return run_kernel(*args, **kwargs)
+    return _run(key, impl, run_kernel, getattr(reference, function), args, kwargs,
+                find_mismatch, rows)
+
 
 def _checked_mode(impl) -> Optional[str]:
     """The mode, or None for a backend the check does not cover (the PyTorch backend itself) or
@@ -262,7 +262,7 @@ def _first_use(key, run_kernel, run_reference, args, kwargs, find_mismatch, desc
             f"lowrank_fused: kernel {backend} {direction} failed its first-use check on {shape} "
             f"(config: {config}): {error}. This key now runs on the reference backend (cuBLAS: "
             f"correct on any GPU, same saved tensors); set {ENV}=off to skip the check.",
-            KernelVerificationWarning, stacklevel=5)
+            KernelVerificationWarning, stacklevel=6)
     return run_reference(*args, **kwargs)
 
 
