@@ -139,10 +139,20 @@ def describe_config(direction: str, device, shape) -> str:
         if name == gemm and where == device.index and tuple(shape_key[:4]) == tuple(shape):
             parts.append(f"{name} timed winner {chosen}")
     tuned = []
-    for tuner in list(kernels.configs._tuned.values()):
+    for tuner in _autotuners():
         kernel = getattr(getattr(tuner, "base_fn", None), "__name__", "?")
         best = getattr(tuner, "best_config", None)
         if best is not None and kernel.startswith("_grad") == backward:
             tuned.append(f"{kernel}: {best}")
     parts.extend(tuned or ["n/a (no autotuned config: interpreter's fixed configs)"])
     return "; ".join(parts)
+
+
+def _autotuners() -> list:
+    """The kernels' autotuners (their table lives in triton_kernels/autotuner.py, or in
+    configs.py before the kernels were split by job)."""
+    try:
+        from ..triton_kernels import autotuner as table
+    except ImportError:
+        table = kernels.configs
+    return list(table._tuned.values())
