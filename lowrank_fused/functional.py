@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, dora, quantized
+from . import quantized
 from .dropout import seed_tensor
-from .ops import EagerLowRank, _without_autocast, forward_op, run_forward
+from .ops import DEFAULT_KIND, Call, EagerLowRank, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
 
 
@@ -50,12 +50,14 @@ def low_rank_linear(
             ``LOWRANK_FUSED_BACKEND`` replaces "auto".
         dropout_seed: seed of the dropout mask; drawn from torch's RNG when None.
         magnitude: DoRA's magnitude m, shape (N,), the adapters' dtype: then
-            y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached),
-            and with dropout PEFT's rule y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ
-            (``lowrank_fused.dora``). Runs on the Triton backend for "triton", "cuda" (the
-            CUDA extension has no DoRA kernels) and "auto" on CUDA tensors
-            (``dispatch.dora_choice``); over a 4-bit weight (QDoRA: the norm's terms of W from
-            W dequantized once and cached while it is unchanged) on the reference backend.
+            y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached,
+            recomputed each call), and with dropout PEFT's rule
+            y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ (``lowrank_fused.dora``). Runs
+            on the Triton backend for "triton", "cuda" (the CUDA extension has no DoRA kernels)
+            and "auto" on CUDA tensors; over a 4-bit weight (QDoRA) on the reference backend
+            (``dispatch.select``). Without bias and dropout the output stands for what m's
+            gradient needs: changed in place before backward, that is recomputed from x, or,
+            with lora_a frozen, ``InplaceOutputError`` says what to change.
         name: a label for the call counts of ``lowrank_fused.stats`` (a layer's module name);
             None counts the call as unnamed.
 
@@ -77,78 +79,70 @@ def low_rank_linear(
             adapters of mixed dtypes, scaling not a number, dropout_p not a number, dropout_seed
             not an int.
         lowrank_fused.BackendUnavailableError: the backend asked for cannot run here.
+        lowrank_fused.DoubleBackwardError: a backward with create_graph=True through it.
         With ``magnitude``: ValueError for a shape other than (N,) or another device than x's;
         TypeError for a non-tensor, a non-floating dtype or another dtype than
         the adapters'.
     """
     check_call_arguments(x, scaling, dropout_seed)
-    if magnitude is not None:
-        return _dora_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent, scaling=scaling,
-                            dropout_p=dropout_p, training=training, backend=backend,
-                            dropout_seed=dropout_seed, magnitude=magnitude, name=name)
-    four_bit = quantized.is_4bit(weight)
-    compiling = torch.compiler.is_compiling()
-    if four_bit and compiling:
-        # The custom ops would see the Params4bit as a plain uint8 tensor (its quant state
-        # lost): a 4-bit call runs eagerly, a graph break (fullgraph=True refuses it).
-        return _eager_low_rank_linear(x, weight, lora_a, lora_b, bias=bias, latent=latent,
-                                      scaling=scaling, dropout_p=dropout_p, training=training,
-                                      backend=backend, dropout_seed=dropout_seed, name=name)
-    if compiling or _any_autocast_enabled():
-        x, weight, bias = _autocast_base(x, weight, bias)
-    if compiling or four_bit:  # a quant state can change between calls: checked each call
-        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    else:
-        _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    # The call's kind only steers the measured policy, which exists for CUDA tensors only.
-    device = x.device
-    kind = (dispatch.call_kind(x, weight, lora_a, lora_b, latent) if device.type == "cuda"
-            else dispatch.DEFAULT_KIND)
-    choice = (dispatch.quantized_choice(backend, device) if four_bit
-              else dispatch.call_choice(backend, device, kind))
-
-    dropout_p = float(dropout_p) if training else 0.0
-    n, k = quantized.shape(weight)
-    rows = x if x.dim() == 2 else x.reshape(-1, k)
-    args = (weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p)
-    if compiling:
-        # The custom ops: torch.compile traces them without graph breaks.
-        seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
-        y2d, _ = forward_op(rows, *args, seed, choice, name)
-    else:
-        # Eager: the same code through an autograd.Function, without the dispatcher's cost;
-        # with nothing to differentiate, the forward alone.
-        seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
-        if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, latent):
-            y2d, _ = EagerLowRank.apply(rows, *args, seed, choice, name)
-        else:
-            y2d, _ = run_forward(rows, *args, seed, choice, name=name)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
-
-
-_eager_low_rank_linear = torch.compiler.disable(low_rank_linear)
-
-
-@torch.compiler.disable  # eager under torch.compile (a graph break): no custom op for DoRA yet
-def _dora_linear(x, weight, lora_a, lora_b, *, bias, latent, scaling, dropout_p, training,
-                 backend, dropout_seed, magnitude, name=None):
-    four_bit = quantized.is_4bit(weight)
+    if torch.compiler.is_compiling():
+        return _traced_call(x, weight, lora_a, lora_b, bias, latent, scaling, dropout_p,
+                            training, backend, dropout_seed, magnitude, name)
     if _any_autocast_enabled():
         x, weight, bias = _autocast_base(x, weight, bias)
-    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
-    n, k = quantized.shape(weight)
-    dora.check_magnitude(magnitude, n, lora_a, x)
-    # QDoRA (a 4-bit base) runs on the reference path (dora_choice says so explicitly)
-    choice = dispatch.dora_choice(backend, x.device, four_bit=four_bit)
+    if quantized.is_4bit(weight):  # a quant state can change between calls: checked each call
+        weight = quantized.packed(weight)
+        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
+    else:
+        _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
-    rows = x if x.dim() == 2 else x.reshape(-1, k)
-    # autocast already applied to the base (above); the adapters keep their dtype, as in the
-    # plain operator (under autocast P came out in the autocast dtype and the backward's
-    # products then mixed dtypes)
-    y2d = _without_autocast(x, dora.DoraLowRank.apply, rows, weight, bias, lora_a, lora_b,
-                            latent, magnitude, float(scaling), dropout_p, seed, choice, name)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)
+    # The call's kind only steers the measured policy, which exists for CUDA tensors only.
+    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
+    call = Call(float(scaling), dropout_p, seed, backend, kind, name)
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # Eager: the custom ops' bodies through an autograd.Function, without the dispatcher's
+    # cost; with nothing to differentiate, the forward body alone.
+    if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, latent,
+                                                      magnitude):
+        y2d = EagerLowRank.apply(rows, weight, bias, lora_a, lora_b, latent, magnitude, call)
+    else:
+        y2d = run_forward(rows, weight, bias, lora_a, lora_b, latent, magnitude, call)[0]
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], y2d.shape[1])
+
+
+def _traced_call(x, weight, lora_a, lora_b, bias, latent, scaling, dropout_p, training, backend,
+                 dropout_seed, magnitude, name):
+    """low_rank_linear under torch.compile: the custom ops, which it traces without a graph
+    break (a 4-bit weight as its packed bytes and quant state tensors)."""
+    x, weight, bias = _autocast_base(x, weight, bias)
+    quant = (None,) * 5 + (None, 0, 0, None)  # a dense W: no quant state
+    if quantized.is_4bit(weight):
+        packed = quantized.packed(weight)
+        check_operator_inputs(x, packed, lora_a, lora_b, bias, latent, dropout_p, magnitude)
+        weight, *quant = packed.op_arguments()
+    else:
+        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
+    magnitude_grad = (magnitude is not None and magnitude.requires_grad
+                      and torch.is_grad_enabled())
+    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y2d = forward_op(rows, weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p,
+                     seed, backend, name, magnitude, magnitude_grad, kind, *quant)[0]
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], y2d.shape[1])
+
+
+def call_kind(x, weight, lora_a, lora_b, latent) -> str:
+    """"<method>:<mode>" of one call, for the measured policy: the method by which adapters
+    train (lora, lora_fa, lora_xs), the mode "forward+backward" when autograd will run."""
+    trains = [t is not None and t.requires_grad for t in (lora_a, lora_b, latent)]
+    method = "lora" if trains[0] else ("lora_fa" if trains[1] else
+                                       ("lora_xs" if trains[2] else "lora"))
+    grads = torch.is_grad_enabled() and (x.requires_grad or any(trains)
+                                         or _any_requires_grad(weight))
+    return f"{method}:{'forward+backward' if grads else 'forward'}"
 
 
 # One C call that says whether any autocast is on (eager only: compile keeps the public checks);
@@ -171,25 +165,30 @@ _CHECKED_LIMIT = 4096
 
 def _any_requires_grad(*tensors) -> bool:
     for t in tensors:
-        if t is not None and t.requires_grad:
+        if isinstance(t, Tensor) and t.requires_grad:
             return True
     return False
 
 
-def _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p) -> None:
+def _signature(t):
+    return (t.shape, t.dtype, t.device)
+
+
+def _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude) -> None:
     try:
         key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
                lora_a.shape, lora_a.dtype, lora_a.device, lora_b.shape, lora_b.dtype,
                lora_b.device, dropout_p,
-               None if bias is None else (bias.shape, bias.dtype, bias.device),
-               None if latent is None else (latent.shape, latent.dtype, latent.device))
-        hash(key)
+               None if bias is None else _signature(bias),
+               None if latent is None else _signature(latent),
+               None if magnitude is None else _signature(magnitude))
+        checked = key in _CHECKED
     except (AttributeError, TypeError):  # not tensors: let the checks say what is wrong
-        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+        check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
         return
-    if key in _CHECKED:
+    if checked:
         return
-    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p)
+    check_operator_inputs(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
     if len(_CHECKED) >= _CHECKED_LIMIT:
         _CHECKED.clear()
     _CHECKED[key] = True

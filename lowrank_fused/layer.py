@@ -50,6 +50,10 @@ class LowRankLinear(nn.Module):
             PEFT does to ‖W + s·B·A‖ per row, and y = c ⊙ (x·Wᵀ + s·P·Bᵀ) + bias with
             c = m / ‖W + s·B·A‖ (``low_rank_linear(..., magnitude=)``); over a 4-bit base too
             (QDoRA; merge() refuses there, as for every 4-bit layer).
+
+    Attributes:
+        name: the label of this layer's calls in ``lowrank_fused.stats`` (``apply_low_rank``
+            sets it to the module's qualified name); None counts them as unnamed.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
@@ -119,6 +123,7 @@ class LowRankLinear(nn.Module):
         self.scaling = scaling_for(rank, alpha, use_rslora)
         self.merged = False
         self.dora = dora
+        self.name: Optional[str] = None
         self._warned_merged = False
         # While merged: W as it was before merge(), so unmerge() restores it bit-for-bit. A
         # non-persistent buffer: it follows .to() but never enters the state_dict.
@@ -223,12 +228,12 @@ class LowRankLinear(nn.Module):
             y = low_rank_linear(x_c, self.weight, self.lora_a, self.lora_b, bias=bias,
                                 latent=self.latent, scaling=self.scaling,
                                 dropout_p=self.dropout, training=self.training,
-                                backend=self.backend, magnitude=self.magnitude)
+                                backend=self.backend, magnitude=self.magnitude, name=self.name)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         return low_rank_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias,
                                latent=self.latent, scaling=self.scaling,
                                dropout_p=self.dropout, training=self.training,
-                               backend=self.backend, magnitude=self.magnitude)
+                               backend=self.backend, magnitude=self.magnitude, name=self.name)
 
     def _refuse_if_4bit(self, what: str) -> None:
         if quantized.is_4bit(self.weight):

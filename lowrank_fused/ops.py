@@ -1,30 +1,59 @@
-"""The operator as two torch.library custom ops, with its autograd formula and fake (meta)
-implementations, so torch.compile traces it without graph breaks.
+"""The operator: two torch.library custom ops, ``lowrank_fused::forward`` and
+``lowrank_fused::backward`` (what torch.compile traces, without graph breaks), and
+``EagerLowRank``, an autograd.Function for eager calls (no dispatcher round trip: several times
+cheaper on small shapes). Both run the same bodies, ``run_forward`` and ``run_backward``, and keep
+the same tensors. DoRA (a magnitude m) and a 4-bit base are operands of the same ops: a
+``quantized.Packed4bit`` crosses the custom ops as its packed bytes plus its quant state as
+tensors, ints and a string (``Packed4bit.op_arguments``), and is rebuilt inside them.
 
 What is saved follows what needs a gradient: x only for lora_a's (or an unfrozen weight's)
 gradient; with lora_a frozen (LoRA-FA, LoRA-XS) only P = dropout(x)·Aᵀ (M x r). LoRA-XS's latent
 R is folded into B_eff = B·Rᵀ for the forward, so every backend's forward sees one low-rank
 shape and no N x r product is kept; the backward hands R to the backend, which takes dR from the
-r-wide s·G·B it computes anyway (reference.latent_gradients). Dropout keeps its seed, never its mask.
-Each backend call goes through ``verification``, which checks the first call of each kernel key
-on a GPU backend against the reference backend (``LOWRANK_FUSED_VERIFY``).
+r-wide s·G·B it computes anyway (pytorch.latent_gradients). Dropout keeps its seed, never its
+mask. DoRA adds c and ‖W + s·B_eff·A‖_row (N-vectors) and, when m trains, Z = x̃·Wᵀ + s·P·B_effᵀ
+(M x N), or, without bias and dropout, the output y standing for it (Z = y / c). Should that y
+be changed in place before backward (its version counter says so), Z is recomputed from x, or,
+with A frozen (x not kept), ``InplaceOutputError`` says what to change; eagerly and under
+torch.compile alike.
+
+Each body asks ``dispatch.select`` for the backend module, counts the call (``stats``) and runs
+the backend through ``verification`` (the first call of each kernel key on a GPU backend is
+checked against the PyTorch backend).
 """
 from __future__ import annotations
 
-
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import dispatch, quantized, stats, verification
+from . import dispatch, dora, quantized, stats, verification
+from .dispatch import DEFAULT_KIND
 from .dropout import DropoutSpec
-from .errors import DoubleBackwardError
+from .errors import DoubleBackwardError, InplaceOutputError
+
+
+class Call(NamedTuple):
+    """The non-tensor arguments of one call, as the bodies take them."""
+
+    scaling: float
+    dropout_p: float  # 0.0 without dropout (or out of training)
+    seed: Union[int, Tensor, None]  # an int (eager) or a 1-element int64 tensor (custom op)
+    backend: str  # as asked: "auto", "reference", "triton" or "cuda"
+    kind: str = DEFAULT_KIND  # "<method>:<mode>", for the measured policy (dispatch.select)
+    name: Optional[str] = None  # the call's label in ``stats``
 
 
 def effective_lora_b(lora_b: Tensor, latent: Optional[Tensor]) -> Tensor:
     """B_eff = B·Rᵀ (N x r) when a latent R is present, else B."""
     return lora_b if latent is None else lora_b @ latent.T
+
+
+def z_is_output(magnitude_grad: bool, bias: Optional[Tensor], dropout_p: float) -> bool:
+    """Whether a DoRA call keeps its output y for dm instead of Z: m trains, no bias and no
+    dropout, so Z = y / c."""
+    return magnitude_grad and bias is None and dropout_p <= 0.0
 
 
 # One C call that says whether any autocast is on; absent from a torch, it answers "maybe".
@@ -42,112 +71,112 @@ def _autocast_type(t: Tensor) -> Optional[str]:
     return device_type if torch.is_autocast_enabled(device_type) else None
 
 
-def _without_autocast(t: Tensor, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with every tensor keeping its dtype: the caller already applied
-    autocast."""
-    device_type = _autocast_type(t)
-    if device_type is None:
-        return fn(*args, **kwargs)
-    with torch.autocast(device_type, enabled=False):
-        return fn(*args, **kwargs)
-
-
-def _dropout(dropout_p: float, seed) -> Optional[DropoutSpec]:
-    """``seed`` is an int (eager path) or a 1-element int64 tensor (custom op); None without
-    dropout, so no seed tensor exists then."""
-    if dropout_p <= 0.0:
+def _dropout(call: Call) -> Optional[DropoutSpec]:
+    """None without dropout (no seed exists then)."""
+    if call.dropout_p <= 0.0:
         return None
-    return DropoutSpec(dropout_p, int(seed.item()) if isinstance(seed, Tensor) else int(seed))
+    seed = call.seed
+    return DropoutSpec(call.dropout_p, int(seed.item()) if isinstance(seed, Tensor) else int(seed))
 
 
-def _shape(rows: Tensor, weight: Tensor, lora_a: Tensor) -> tuple:
-    """(dtype, M, N, K, r) of a call, for a policy tag made concrete per shape (dispatch.shape_choice)."""
-    n, k = quantized.shape(weight)
-    return (weight.dtype, rows.shape[0], n, k, lora_a.shape[0])
+def _select(call: Call, rows: Tensor, weight, lora_a: Tensor, n: int, dora_call: bool):
+    """The backend module for this call (``dispatch.select``, the one place a choice is made)."""
+    r, k = lora_a.shape
+    return dispatch.select(call.backend, rows.device, rows.dtype, (rows.shape[0], n, k, r),
+                           call.kind, not isinstance(weight, Tensor), dora_call)
 
 
-def backend_name(impl) -> str:
-    """"reference", "triton" or "cuda": the name of a backend module."""
-    return impl.__name__.rpartition(".")[2]
+def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
+                magnitude_grad: bool = False, keep_z_where_c_is_zero: bool = False) -> tuple:
+    """(y, P, Z, c, norm) for 2-D x: the body of the forward op, shared with the eager path.
+    ``weight``: a dense tensor or a ``quantized.Packed4bit``. Z, c and norm are None without a
+    magnitude; Z is None too when m does not train (``magnitude_grad``) or y stands for it
+    (``z_is_output``), unless ``keep_z_where_c_is_zero`` and some c is 0 (Z = y / c fails there)."""
+    device_type = _autocast_type(x)
+    if device_type is None:
+        return _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude_grad,
+                        keep_z_where_c_is_zero)
+    with torch.autocast(device_type, enabled=False):  # applied by the caller: dtypes stay here
+        return _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude_grad,
+                        keep_z_where_c_is_zero)
 
 
-def run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                name=None):
-    """(y, P) for 2-D x: the body of the forward op, shared with the eager path."""
-    tagged = dispatch.is_policy_tag(backend)  # only a policy tag needs the shape
-    impl = dispatch.backend_module(backend, x.device, _shape(x, weight, lora_a) if tagged else None)
-    stats.record(name, backend_name(impl), "forward")
-    return _without_autocast(x, verification.forward, impl, x, weight, bias, lora_a,
-                             effective_lora_b(lora_b, latent), scaling, _dropout(dropout_p, seed),
-                             has_latent=latent is not None)
+def _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude_grad,
+             keep_z_where_c_is_zero):
+    impl = _select(call, x, weight, lora_a, lora_b.shape[0], magnitude is not None)
+    stats.record(call.name, impl.NAME, "forward")
+    b_eff = effective_lora_b(lora_b, latent)
+    dropout = _dropout(call)
+    if magnitude is None:
+        y, p = verification.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
+                                    has_latent=latent is not None)
+        return y, p, None, None, None
+    c, norm = dora.column_scale(weight, lora_a, b_eff, magnitude, call.scaling)
+    need_z = magnitude_grad and (
+        not z_is_output(True, bias, call.dropout_p)
+        or (keep_z_where_c_is_zero and not c.is_meta and bool((c == 0).any())))
+    y, p, z = verification.dora_forward(impl, x, weight, bias, lora_a, b_eff.detach(),
+                                        call.scaling, dropout, c, need_z=need_z,
+                                        has_latent=latent is not None)
+    return y, p, z, c, norm
 
 
-@torch.library.custom_op("lowrank_fused::forward", mutates_args=())
-def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-               lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
-               seed: Optional[Tensor], backend: str, name: Optional[str] = None
-               ) -> tuple[Tensor, Tensor]:
-    """(y, P) for 2-D x; ``backend`` comes from dispatch.call_choice, ``seed`` is a 1-element
-    int64 tensor, or None without dropout; ``name`` labels the call in ``stats``."""
-    return run_forward(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                       name)
+def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call: Call,
+                 need_x, need_a, need_b, need_latent, need_bias, need_m=False,
+                 z_is_output=False) -> tuple:
+    """(dx, dA, dB, dR, dbias, dm), None for a gradient not asked for: the body of the backward
+    op, shared with the eager path. A DoRA call has ``c`` and ``norm``; dm needs Z: ``z`` (the
+    output y when ``z_is_output``), or, when None, Z recomputed from x."""
+    args = (grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, need_x, need_a,
+            need_b, need_latent, need_bias, need_m, z_is_output)
+    device_type = _autocast_type(grad_y)
+    if device_type is None:
+        return _backward_body(*args)
+    with torch.autocast(device_type, enabled=False):  # the products keep the saved dtypes
+        return _backward_body(*args)
 
 
-@forward_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name=None):
-    return (x.new_empty((x.shape[0], quantized.shape(weight)[0])),
-            lora_a.new_empty((x.shape[0], lora_a.shape[0])))
+def _backward_body(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, need_x,
+                   need_a, need_b, need_latent, need_bias, need_m, z_is_output):
+    impl = _select(call, grad_y, weight, lora_a, lora_b.shape[0], c is not None)
+    stats.record(call.name, impl.NAME, "backward")
+    dropout = _dropout(call)
+    need_latent = need_latent and latent is not None
+    if c is None:
+        dx, da, db, dr, dbias = verification.backward(
+            impl, grad_y, x, p, weight, lora_a, lora_b, call.scaling, dropout, latent=latent,
+            need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
+            need_bias=need_bias)
+        return dx, da, db, dr, dbias, None
+    if need_m and z is not None and z_is_output and not c.is_meta and bool((c == 0).any()):
+        z = None  # Z = y / c is lost where c = 0
+    if need_m and z is None:
+        z, z_is_output = _recompute_z(impl, x, weight, lora_a, lora_b, latent, call, c), False
+    dx, da, db, dr, dbias, dm = verification.dora_backward(
+        impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, call.scaling, dropout, c, norm,
+        need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
+        need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
+    return dx, da, db, dr, dbias, None if dm is None else dm.to(lora_a.dtype)
 
 
-def run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                 need_x, need_a, need_b, need_latent, need_bias, name=None) -> tuple:
-    """(dx, dA, dB, dR, dbias), None for a gradient not asked for: the body of the backward
-    op, shared with the eager path."""
-    impl = dispatch.backend_module(backend, grad_y.device, _shape(grad_y, weight, lora_a))
-    stats.record(name, backend_name(impl), "backward")
-    dx, da, db, dr, dbias = _without_autocast(
-        grad_y, verification.backward, impl, grad_y, x, p, weight, lora_a, lora_b, scaling,
-        _dropout(dropout_p, seed), latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-        need_latent=need_latent, need_bias=need_bias)
-    return dx, da, db, dr, dbias
-
-
-@torch.library.custom_op("lowrank_fused::backward", mutates_args=())
-def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
-                lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
-                dropout_p: float, seed: Optional[Tensor], backend: str, need_x: bool,
-                need_a: bool, need_b: bool, need_latent: bool, need_bias: bool,
-                name: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dR, dbias); an empty tensor stands for a gradient not asked for."""
-    grads = run_backward(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed,
-                         backend, need_x, need_a, need_b, need_latent, need_bias, name)
-    return tuple(t if t is not None else grad_y.new_empty(0) for t in grads)
-
-
-@backward_op.register_fake
-def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-      need_x, need_a, need_b, need_latent, need_bias, name=None):
-    def maybe(needed, like, shape):
-        return like.new_empty(shape if needed else (0,))
-    return (maybe(need_x, grad_y, (grad_y.shape[0], quantized.shape(weight)[1])),
-            maybe(need_a, lora_a, lora_a.shape),
-            maybe(need_b, lora_b, lora_b.shape),
-            maybe(need_latent and latent is not None, lora_a,
-                  latent.shape if latent is not None else (0,)),
-            maybe(need_bias, weight, (weight.shape[0],)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name = inputs
-    _, p = output
-    need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
-    ctx.save_for_backward(
-        x if (need_a or need_w) else None,
-        p if (need_b or need_latent) else None,
-        weight, lora_a, lora_b, latent,  # parameters: no activation memory
-    )
-    ctx.scaling, ctx.dropout_p, ctx.backend, ctx.name = scaling, dropout_p, backend, name
-    ctx.seed = seed  # kept off save_for_backward: one integer, not an activation
+def _recompute_z(impl, x, weight, lora_a, lora_b, latent, call: Call, c: Tensor) -> Tensor:
+    """Z = x·Wᵀ + s·(x·Aᵀ)·B_effᵀ again (a call without bias and dropout, whose y stood for Z),
+    from x; ``InplaceOutputError`` when x was not kept (lora_a frozen)."""
+    if x is None:
+        zero = not c.is_meta and bool((c == 0).any())
+        raise InplaceOutputError(
+            "lowrank_fused: the magnitude's gradient of a DoRA call without bias and dropout "
+            "needs the call's output y (Z = y / c), and "
+            + ("c = m / ‖W + s·B·A‖ has an exact zero (a zero in the magnitude), where y says "
+               "nothing of Z" if zero else
+               "y was changed in place before backward (e.g. nn.ReLU(inplace=True) after the "
+               "layer)")
+            + "; with lora_a frozen (DoRA-FA) x is not kept, so Z cannot be recomputed. Use an "
+            "out-of-place op after the layer (nn.ReLU(inplace=False)), let lora_a train, or "
+            "run the call eagerly (outside torch.compile an exact zero keeps Z)")
+    b_eff = effective_lora_b(lora_b, latent).detach()
+    return verification.forward(impl, x, weight, None, lora_a, b_eff, call.scaling, None,
+                                has_latent=latent is not None)[0]
 
 
 def _refuse_double_backward() -> None:
@@ -164,40 +193,217 @@ def _refuse_double_backward() -> None:
             "layers that need second-order gradients")
 
 
-def _backward(ctx, grad_y, grad_p, backward_fn=None):
+def _weight_grad(grad_y, x, weight, need_w: bool, dora_call: bool):
+    """W is frozen by design; if a caller unfroze a dense W, its gradient is one plain GEMM."""
+    if not need_w:
+        return None
+    if dora_call:
+        raise RuntimeError("the DoRA operator keeps W frozen: weight must not require grad")
+    return (grad_y.T @ x).to(weight.dtype)
+
+
+# ---- the custom ops (torch.compile) ----
+
+def _weight_operand(weight, quant: tuple, n: int, k: int):
+    """The dense weight, or the ``Packed4bit`` the op's 4-bit arguments (``quant``: absmax, code,
+    absmax2, code2, offset, quant_type, blocksize, blocksize2, quant_dtype) describe."""
+    if quant[0] is None:
+        return weight
+    return quantized.from_op_arguments(weight, *quant, n, k)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("lowrank_fused::forward", mutates_args=())
+def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+               lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
+               seed: Optional[Tensor], backend: str, name: Optional[str] = None,
+               magnitude: Optional[Tensor] = None, magnitude_grad: bool = False,
+               kind: str = DEFAULT_KIND, absmax: Optional[Tensor] = None,
+               code: Optional[Tensor] = None, absmax2: Optional[Tensor] = None,
+               code2: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+               quant_type: Optional[str] = None, blocksize: int = 0, blocksize2: int = 0,
+               quant_dtype: Optional[torch.dtype] = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, P, Z, c, norm) for 2-D x (``run_forward``); an empty tensor stands for an absent
+    one. ``backend`` as asked ("auto", ...); ``seed``: a 1-element int64 tensor, or None without
+    dropout; ``name`` labels the call in ``stats``; ``magnitude`` (DoRA) with
+    ``magnitude_grad`` (m trains: Z is made); a 4-bit W (``quantized.Packed4bit``): ``weight``
+    its packed bytes (uint8), ``absmax`` (uint8 indices when nested), ``code`` (16 values) and,
+    nested, ``absmax2``, ``code2`` and ``offset``; ``quant_type`` "nf4" / "fp4", ``blocksize``
+    (``blocksize2`` nested) and ``quant_dtype`` (what bitsandbytes dequantizes to)."""
+    n, k = lora_b.shape[0], x.shape[1]
+    w = _weight_operand(weight, (absmax, code, absmax2, code2, offset, quant_type, blocksize,
+                                 blocksize2, quant_dtype), n, k)
+    call = Call(scaling, dropout_p, seed, backend, kind, name)
+    y, p, z, c, norm = run_forward(x, w, bias, lora_a, lora_b, latent, magnitude, call,
+                                   magnitude_grad)
+    return y, p, _or_empty(z, x), _or_empty(c, x), _or_empty(norm, x)
+
+
+def _norm_dtype(weight: Tensor, quant_type: Optional[str]) -> torch.dtype:
+    """c's and the norm's dtype: fp64 over an fp64 W, else fp32 (4-bit included)."""
+    return torch.float64 if quant_type is None and weight.dtype == torch.float64 else \
+        torch.float32
+
+
+@forward_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name=None,
+      magnitude=None, magnitude_grad=False, kind=DEFAULT_KIND, absmax=None, code=None,
+      absmax2=None, code2=None, offset=None, quant_type=None, blocksize=0, blocksize2=0,
+      quant_dtype=None):
+    m, n = x.shape[0], lora_b.shape[0]
+    y, p = x.new_empty((m, n)), lora_a.new_empty((m, lora_a.shape[0]))
+    if magnitude is None:
+        return y, p, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    keeps_z = magnitude_grad and not z_is_output(True, bias, dropout_p)
+    acc = _norm_dtype(weight, quant_type)
+    return (y, p, x.new_empty((m, n) if keeps_z else (0,)), x.new_empty((n,), dtype=acc),
+            x.new_empty((n,), dtype=acc))
+
+
+@torch.library.custom_op("lowrank_fused::backward", mutates_args=())
+def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight: Tensor,
+                lora_a: Tensor, lora_b: Tensor, latent: Optional[Tensor], scaling: float,
+                dropout_p: float, seed: Optional[Tensor], backend: str, need_x: bool,
+                need_a: bool, need_b: bool, need_latent: bool, need_bias: bool,
+                name: Optional[str] = None, z: Optional[Tensor] = None,
+                c: Optional[Tensor] = None, norm: Optional[Tensor] = None, need_m: bool = False,
+                z_is_output: bool = False, kind: str = DEFAULT_KIND,
+                absmax: Optional[Tensor] = None, code: Optional[Tensor] = None,
+                absmax2: Optional[Tensor] = None, code2: Optional[Tensor] = None,
+                offset: Optional[Tensor] = None, quant_type: Optional[str] = None,
+                blocksize: int = 0, blocksize2: int = 0,
+                quant_dtype: Optional[torch.dtype] = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dR, dbias, dm) (``run_backward``); an empty tensor stands for a gradient
+    not asked for. The arguments as ``forward_op``'s, plus what the forward kept: x, P, and for
+    DoRA Z (or y when ``z_is_output``), c and the norm."""
+    n, k = lora_b.shape[0], lora_a.shape[1]
+    w = _weight_operand(weight, (absmax, code, absmax2, code2, offset, quant_type, blocksize,
+                                 blocksize2, quant_dtype), n, k)
+    grads = run_backward(grad_y, x, p, z, w, lora_a, lora_b, latent, c, norm,
+                         Call(scaling, dropout_p, seed, backend, kind, name), need_x=need_x,
+                         need_a=need_a, need_b=need_b, need_latent=need_latent,
+                         need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
+    return tuple(_or_empty(t, grad_y) for t in grads)
+
+
+@backward_op.register_fake
+def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
+      need_x, need_a, need_b, need_latent, need_bias, name=None, z=None, c=None, norm=None,
+      need_m=False, z_is_output=False, kind=DEFAULT_KIND, absmax=None, code=None, absmax2=None,
+      code2=None, offset=None, quant_type=None, blocksize=0, blocksize2=0, quant_dtype=None):
+    def maybe(needed, like, shape):
+        return like.new_empty(shape if needed else (0,))
+    return (maybe(need_x, grad_y, (grad_y.shape[0], lora_a.shape[1])),
+            maybe(need_a, lora_a, lora_a.shape),
+            maybe(need_b, lora_b, lora_b.shape),
+            maybe(need_latent and latent is not None, lora_a,
+                  latent.shape if latent is not None else (0,)),
+            maybe(need_bias, grad_y, (lora_b.shape[0],)),
+            maybe(need_m and c is not None, lora_a, (lora_b.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name, magnitude,
+     magnitude_grad, kind, *quant) = inputs
+    y, p, z, c, norm = output
+    need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
+    dora_call = magnitude is not None
+    ctx.z_is_output = dora_call and z_is_output(magnitude_grad, bias, dropout_p)
+    keep_z = dora_call and magnitude_grad and not ctx.z_is_output
+    # the op's outputs as detached aliases (EagerLowRank says why), so that each unpacks alone
+    ctx.save_for_backward(
+        x if (need_a or need_w) else None,
+        p.detach() if (need_b or need_latent) else None,
+        y.detach() if ctx.z_is_output else (z if keep_z else None),
+        weight, lora_a, lora_b, latent,  # parameters: no activation memory
+        c.detach() if dora_call else None, norm.detach() if dora_call else None,  # N-vectors
+        *quant[:5])  # a 4-bit W's quant state: the parameter's own tensors
+    ctx.call = Call(scaling, dropout_p, seed, backend, kind, name)  # the seed: one integer
+    ctx.quant_format = dict(zip(("quant_type", "blocksize", "blocksize2", "quant_dtype"),
+                                quant[5:]))
+
+
+def _backward(ctx, grad_y, *unused):
     _refuse_double_backward()
-    x, p, weight, lora_a, lora_b, latent = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
-    grad_y = grad_y.contiguous()
-    outs = (backward_fn or backward_op)(
-        grad_y, x, p, weight, lora_a, lora_b, latent, ctx.scaling, ctx.dropout_p, ctx.seed,
-        ctx.backend, need_x, need_a, need_b, need_latent and latent is not None, need_bias,
-        ctx.name)
-    dx, da, db, dr, dbias = (g if needed else None for g, needed in
-                             zip(outs, (need_x, need_a, need_b, need_latent, need_bias)))
-    # W is frozen by design; if a caller unfroze it, its gradient is one plain GEMM.
-    dw = (grad_y.T @ x).to(weight.dtype) if need_w else None
-    return dx, dw, dbias, da, db, dr, None, None, None, None, None
+    (x, p, z, weight, lora_a, lora_b, latent, c, norm, absmax, code, absmax2, code2,
+     offset) = _unpack_tolerating_output(ctx) if ctx.z_is_output else ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_w, need_bias, need_a, need_b, need_latent = need[:6]
+    need_m = len(need) > 11 and need[11]  # magnitude: an argument only where given
+    dw = _weight_grad(grad_y, x, weight, need_w, c is not None)
+    call = ctx.call
+    outs = backward_op(
+        grad_y.contiguous(), x, p, weight, lora_a, lora_b, latent, call.scaling, call.dropout_p,
+        call.seed, call.backend, need_x, need_a, need_b, need_latent and latent is not None,
+        need_bias, call.name, z=z, c=c, norm=norm, need_m=need_m and c is not None,
+        z_is_output=ctx.z_is_output and z is not None, kind=call.kind, absmax=absmax, code=code, absmax2=absmax2,
+        code2=code2, offset=offset, **ctx.quant_format)
+    dx, da, db, dr, dbias, dm = (g if needed else None for g, needed in
+                                 zip(outs, (need_x, need_a, need_b, need_latent, need_bias,
+                                            need_m)))
+    return (dx, dw, dbias, da, db, dr) + (None,) * 5 + (dm,) + (None,) * 11
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- eager calls ----
+
 class EagerLowRank(torch.autograd.Function):
-    """The same forward, saved tensors and backward as the custom ops, without the custom ops'
-    dispatcher round trip: what eager calls take (several times cheaper on small shapes).
-    torch.compile traces the custom ops instead (see functional.low_rank_linear)."""
+    """The custom ops' bodies and saved tensors without their dispatcher round trip: what eager
+    calls take (several times cheaper on small shapes). ``weight`` is a dense tensor or a
+    ``quantized.Packed4bit``; ``call`` the non-tensor arguments. Returns y."""
 
     # forward takes ctx (no setup_context): apply() then skips binding arguments by signature.
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                name):
-        inputs = (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name)
-        output = run_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-        return output
+    def forward(ctx, x, weight, bias, lora_a, lora_b, latent, magnitude, call):
+        need = ctx.needs_input_grad
+        keep_x, need_m = need[3] or need[1], need[6]
+        y, p, z, c, norm = run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call,
+                                       need_m, not keep_x)
+        dense = isinstance(weight, Tensor)
+        z_is_output = need_m and z is None
+        # y as a detached alias (same storage and version counter, not the output itself), so
+        # the backward can unpack it alone and see whether it was changed in place
+        ctx.save_for_backward(x if keep_x else None, p if (need[4] or need[5]) else None,
+                              y.detach() if z_is_output else z, weight if dense else None,
+                              lora_a, lora_b, latent)
+        # a Packed4bit holds the parameter's own tensors; c and the norm are N-vectors
+        ctx.state = (call, z_is_output, None if dense else weight, c, norm)
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y, grad_p):
-        return _backward(ctx, grad_y, grad_p, backward_fn=run_backward)
+    def backward(ctx, grad_y):
+        _refuse_double_backward()
+        call, z_is_output, packed, c, norm = ctx.state
+        if z_is_output:
+            x, p, z, weight, lora_a, lora_b, latent = _unpack_tolerating_output(ctx)
+        else:
+            x, p, z, weight, lora_a, lora_b, latent = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_latent, need_m = \
+            ctx.needs_input_grad[:7]
+        dw = _weight_grad(grad_y, x, weight, need_w, c is not None) if need_w else None
+        dx, da, db, dr, dbias, dm = run_backward(
+            grad_y, x, p, z, packed if weight is None else weight, lora_a, lora_b, latent, c,
+            norm, call, need_x, need_a, need_b, need_latent, need_bias, need_m,
+            z is not None and z_is_output)
+        return dx, dw, dbias, da, db, dr, dm, None
+
+
+def _unpack_tolerating_output(ctx) -> list:
+    """The saved tensors, with None for the output y (index 2) if it was changed in place since
+    the forward (autograd refuses to unpack it then): the backward recomputes Z instead."""
+    out = []
+    for i, saved in enumerate(ctx._raw_saved_tensors):
+        try:
+            out.append(saved.unpack())
+        except RuntimeError:  # "modified by an inplace operation"
+            if i != 2:
+                raise
+            out.append(None)
+    return out

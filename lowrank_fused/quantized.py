@@ -5,9 +5,11 @@ validate its quant state, give its logical (N, K) shape, dequantize it.
 bitsandbytes is optional: nothing here imports it unless a weight already is a ``Params4bit``
 (which needs bitsandbytes imported), so ``import lowrank_fused`` never needs it.
 
-``Packed4bit`` is the typed view of a ``Params4bit`` that the Triton kernels read (packed bytes,
+``Packed4bit`` is the typed view of a ``Params4bit`` that the backends receive (packed bytes,
 code table, absmax and, nested, the second-level state), built once per call by ``packed``: the
-kernels dequantize inside their K loops from it, so the dense W never exists there.
+Triton kernels dequantize inside their K loops from it, so the dense W never exists there. It
+crosses the custom ops as tensors, ints and strings (``op_arguments`` / ``from_op_arguments``), so
+a 4-bit call survives torch.compile's tracing.
 
 The math is bitsandbytes' own matmul (``bnb.matmul_4bit``): W = dequantize_4bit(data,
 quant_state) in the quant state's dtype, cast to x's dtype; the dense N x K tensor is made per
@@ -91,8 +93,10 @@ def dequantize(weight, dtype: torch.dtype) -> Tensor:
 
 
 def dense_like(weight, dtype: torch.dtype) -> Tensor:
-    """W as a dense tensor in ``dtype`` for the operator's math: dequantized for a 4-bit weight,
-    else ``weight`` itself."""
+    """W as a dense tensor in ``dtype`` for the operator's math: dequantized for a 4-bit weight
+    (a ``Packed4bit`` or a ``Params4bit``), else ``weight`` itself."""
+    if isinstance(weight, Packed4bit):
+        return weight.dequantize(dtype)
     return dequantize(weight, dtype) if is_4bit(weight) else weight
 
 
@@ -130,6 +134,42 @@ class Packed4bit:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The dense W (N, K) in ``dtype``: bitsandbytes' ``dequantize_4bit`` (its values, in the
+        quant state's dtype, then cast), as ``dequantize`` gives them for the ``Params4bit``."""
+        try:
+            import bitsandbytes.functional as bnb_f
+        except ImportError as err:
+            raise ImportError("dequantizing a 4-bit weight off the Triton backend uses "
+                              "bitsandbytes' dequantize_4bit: pip install bitsandbytes") from err
+        state2 = None
+        if self.nested:
+            state2 = bnb_f.QuantState(absmax=self.absmax2, code=self.code2,
+                                      blocksize=self.blocksize2, dtype=torch.float32)
+        state = bnb_f.QuantState(absmax=self.absmax, shape=torch.Size((self.n, self.k)),
+                                 code=self.code, blocksize=self.blocksize,
+                                 quant_type=self.quant_type, dtype=self.dtype,
+                                 offset=self.offset, state2=state2)
+        dense = bnb_f.dequantize_4bit(self.data.reshape(-1, 1), state)
+        return dense if dense.dtype == dtype else dense.to(dtype)
+
+    def op_arguments(self) -> tuple:
+        """(data, absmax, code, absmax2, code2, offset, quant_type, blocksize, blocksize2, dtype):
+        this view as the custom ops take it (``ops.forward_op``): tensors (the nested ones None
+        when not nested), ints, a string and a dtype. ``from_op_arguments`` is the inverse."""
+        return (self.data, self.absmax, self.code, self.absmax2, self.code2, self.offset,
+                self.quant_type, self.blocksize, self.blocksize2, self.dtype)
+
+
+def from_op_arguments(data: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor],
+                      code2: Optional[Tensor], offset: Optional[Tensor], quant_type: str,
+                      blocksize: int, blocksize2: int, dtype: torch.dtype, n: int,
+                      k: int) -> Packed4bit:
+    """The ``Packed4bit`` that ``Packed4bit.op_arguments`` described, for W of shape (n, k)."""
+    return Packed4bit(data=data, code=code, absmax=absmax, blocksize=blocksize, n=n, k=k,
+                      quant_type=quant_type, dtype=dtype, code2=code2, absmax2=absmax2,
+                      offset=offset, blocksize2=blocksize2)
 
 
 def packed(weight, name: str = "weight") -> Packed4bit:

@@ -44,6 +44,7 @@ def apply_low_rank(model: nn.Module, target_modules: Union[str, Iterable[str]], 
     ``LowRankLinear.from_linear(linear, rank, method, alpha=alpha, dropout=dropout,
     **layer_kwargs)``, and freeze every other parameter.
 
+    Each new layer's ``name`` is its qualified name (its calls' label in ``lowrank_fused.stats``).
     Returns a ``LowRankSummary`` with the trainable-parameter count: L·q·r·(K+N) for LoRA,
     L·q·r·N for LoRA-FA, L·q·r² for LoRA-XS. Raises ValueError when nothing matches.
     """
@@ -64,8 +65,10 @@ def apply_low_rank(model: nn.Module, target_modules: Union[str, Iterable[str]], 
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankLinear.from_linear(
-            linear, rank, method, alpha=alpha, dropout=dropout, **layer_kwargs))
+        layer = LowRankLinear.from_linear(linear, rank, method, alpha=alpha, dropout=dropout,
+                                          **layer_kwargs)
+        layer.name = name  # its calls' label in lowrank_fused.stats
+        setattr(parent, child, layer)
         summary.replaced.append(name)
     summary.trainable_parameters, summary.total_parameters = count_parameters(model)
     return summary

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import quantized
+from .quantized import Packed4bit
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,8 +36,10 @@ SEED_LIMIT = 2**63  # seeds travel as int64
 def check_call_arguments(x, scaling, dropout_seed) -> None:
     """The operator's non-tensor arguments and x's type, before anything touches them. Plain
     Python checks: a tensor ``scaling`` costs one sync, as converting it to float does anyway."""
+    # scaling - scaling == 0 says finite (NaN and inf give NaN) in comparisons, which dynamo
+    # traces on a symbolic float too (dynamic=True), where math.isfinite breaks the graph
     if type(scaling) is float and dropout_seed is None and isinstance(x, Tensor) \
-            and math.isfinite(scaling):
+            and scaling - scaling == 0.0:
         return  # the common call, without the numbers-ABC checks below (per-call overhead)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}"
@@ -96,14 +98,17 @@ def _check_shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
 
 def check_operator_inputs(
     x: Tensor,
-    weight: Tensor,
+    weight,
     lora_a: Tensor,
     lora_b: Tensor,
     bias: Optional[Tensor],
     latent: Optional[Tensor],
     dropout_p: float,
+    magnitude: Optional[Tensor] = None,
 ) -> None:
-    four_bit = quantized.is_4bit(weight)
+    """The operator's tensors. ``weight``: a dense (N, K) tensor, or a 4-bit weight's
+    ``quantized.Packed4bit`` view (``quantized.packed`` validated its quant state)."""
+    four_bit = isinstance(weight, Packed4bit)
     named = [("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     if bias is not None:
         named.append(("bias", bias))
@@ -113,8 +118,8 @@ def check_operator_inputs(
         if not (four_bit and name == "weight"):
             _check_float(name, t)
 
-    if four_bit:  # a bitsandbytes Params4bit: (N, K) from its quant state
-        n, k = quantized.check_4bit(weight)
+    if four_bit:  # (N, K) from its quant state
+        n, k = weight.n, weight.k
     elif weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features N, in_features K), got shape {tuple(weight.shape)}")
     else:
@@ -151,8 +156,27 @@ def check_operator_inputs(
                 f"adapter tensors must share one dtype: lora_a is {lora_a.dtype}, {name} is {t.dtype}"
             )
 
-    devices = {name: t.device for name, t in named}
+    devices = {name: (t.data if four_bit and name == "weight" else t).device
+               for name, t in named}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     check_dropout_p(dropout_p)
+    if magnitude is not None:
+        check_magnitude(magnitude, n, lora_a, x)
+
+
+def check_magnitude(magnitude, weight_rows: int, lora_a: Tensor, x: Tensor) -> None:
+    """DoRA's magnitude: a floating tensor of shape (N,), the adapters' dtype, x's device."""
+    if not isinstance(magnitude, Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor of shape (N,), got {type(magnitude).__name__}")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must have a floating-point dtype, got {magnitude.dtype}")
+    if tuple(magnitude.shape) != (weight_rows,):
+        raise ValueError(f"magnitude must have shape ({weight_rows},) (N from weight), "
+                         f"got {tuple(magnitude.shape)}")
+    if magnitude.dtype != lora_a.dtype:
+        raise TypeError(f"magnitude must have the adapters' dtype {lora_a.dtype} (lora_a's), "
+                        f"got {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")

@@ -8,7 +8,6 @@ from peft import LoraConfig, get_peft_model
 
 import lowrank_fused.functional as functional
 import lowrank_fused.ops as ops
-from lowrank_fused.backends import reference
 
 
 class Small(nn.Module):
@@ -41,33 +40,22 @@ def nonzero_b(model):
 def counting_ops():
     """Record (scaling, dropout_p, rank) of every forward call that reaches the fused operator:
     the one body every path runs (ops.run_forward: eager autograd.Function, no-grad call and the
-    custom op under torch.compile alike)."""
+    custom op under torch.compile alike; plain, DoRA and 4-bit calls alike)."""
     calls = []
     real = ops.run_forward
 
-    def counted(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                name=None):
-        calls.append((scaling, dropout_p, lora_a.shape[0]))
-        return real(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
-                    name)
-
-    real_dora = reference.dora_forward
-
-    def counted_dora(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, **kwargs):
-        # a DoRA call (magnitude=) reaches the reference backend's dora_forward instead
-        calls.append((scaling, dropout.p if dropout is not None else 0.0, lora_a.shape[0]))
-        return real_dora(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, **kwargs)
+    def counted(x, weight, bias, lora_a, lora_b, latent, magnitude, call, *args, **kwargs):
+        calls.append((call.scaling, call.dropout_p, lora_a.shape[0]))
+        return real(x, weight, bias, lora_a, lora_b, latent, magnitude, call, *args, **kwargs)
 
     patched = [(module, "run_forward") for module in (ops, functional)]
     for module, name in patched:
         setattr(module, name, counted)
-    reference.dora_forward = counted_dora
     try:
         yield calls
     finally:
         for module, name in patched:
             setattr(module, name, real)
-        reference.dora_forward = real_dora
 
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -362,7 +362,7 @@ def check_glue(cuda_backend, m, r, dtype, adapter_dtype, p, deterministic, with_
     low-precision run of the same math is the reference with the adapters in the base dtype (as
     in test_triton.py)."""
     from lowrank_fused import spec
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
     from lowrank_fused.dropout import DropoutSpec
 
     k, n, scaling = 100, 80, 0.5
@@ -518,7 +518,7 @@ def test_a_failed_launch_raises_through_the_backend(cuda_backend):
 def test_cuda_backend_forward_without_bias(cuda_backend, monkeypatch, dtype, p):
     """No bias: y is allocated uninitialised and the low-rank GEMM must not read it (beta = 0)."""
     from lowrank_fused import spec
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
     from lowrank_fused.dropout import DropoutSpec
 
     m, k, n, r, scaling = 37, 100, 80, 12, 0.5

@@ -1,6 +1,7 @@
 """Backend choice: auto, explicit names, the environment override."""
 import sys
 import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,25 +9,30 @@ import torch
 from lowrank_fused import available_backends, dispatch
 
 
+def chosen(backend, device):
+    """The name of the backend ``dispatch.select`` picks for a plain dense call."""
+    return dispatch.select(backend, torch.device(device)).NAME
+
+
 def test_auto_on_cpu_is_reference():
-    assert dispatch.call_choice("auto", torch.device("cpu")) == "reference"
+    assert chosen("auto", "cpu") == "reference"
 
 
 def test_auto_on_cuda_prefers_gpu_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch.call_choice("auto", torch.device("cuda")) == "triton"
+    assert chosen("auto", "cuda") == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch.call_choice("auto", torch.device("cuda")) == "reference"
+    assert chosen("auto", "cuda") == "reference"
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: None)
-    assert dispatch.call_choice("auto", torch.device("cuda")) == "cuda"
+    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: SimpleNamespace(NAME="cuda"))
+    assert chosen("auto", "cuda") == "cuda"
 
 
 def test_env_replaces_auto_only(monkeypatch):
     monkeypatch.setenv("LOWRANK_FUSED_BACKEND", "triton")
-    assert dispatch.call_choice("auto", torch.device("cpu")) == "triton"  # interpreter is on
-    assert dispatch.call_choice("reference", torch.device("cpu")) == "reference"
+    assert chosen("auto", "cpu") == "triton"  # interpreter is on
+    assert chosen("reference", "cpu") == "reference"
 
 
 def test_available_backends_follow_what_is_installed(monkeypatch):
@@ -45,7 +51,7 @@ def test_available_backends_follow_what_is_installed(monkeypatch):
         hide("lowrank_fused._C", None)  # not built
         assert available_backends() == ["reference", "triton"]
         for name in available_backends():
-            dispatch.backend_module(name, device)
+            dispatch.select(name, device)
         hide("triton", None)  # not installed
         assert available_backends() == ["reference"]
         hide("lowrank_fused._C", types.ModuleType("lowrank_fused._C"))
@@ -59,7 +65,7 @@ def test_available_backends_follow_what_is_installed(monkeypatch):
 def test_missing_triton_package(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(dispatch.BackendUnavailableError, match="pip install triton"):
-        dispatch.call_choice("triton", torch.device("cpu"))
+        dispatch.select("triton", torch.device("cpu"))
 
 
 def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypatch):
@@ -78,7 +84,7 @@ def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypa
                         types.SimpleNamespace(TORCH_VERSION="2.9.0+cu128"))
     assert not dispatch.cuda_extension_available()
     with pytest.raises(dispatch.BackendUnavailableError) as info:
-        dispatch.call_choice("cuda", torch.device("cuda"))
+        dispatch.select("cuda", torch.device("cuda"))
     message = str(info.value)
     assert cause in message and "2.9.0+cu128" in message and torch.__version__ in message
     assert "not built" not in message
@@ -87,4 +93,4 @@ def test_extension_load_failure_keeps_its_cause_and_both_torch_versions(monkeypa
 def test_missing_extension_says_not_built(monkeypatch):
     monkeypatch.setattr(dispatch, "_extension_load_error", lambda: "ModuleNotFoundError: _C")
     with pytest.raises(dispatch.BackendUnavailableError, match="not built"):
-        dispatch.call_choice("cuda", torch.device("cuda"))
+        dispatch.select("cuda", torch.device("cuda"))

@@ -1,6 +1,8 @@
 """DoRA on the Triton backend (triton_kernels/dora.py) against the spec in float64, under the one
 tolerance rule (tests/tolerance.py), on CPU under TRITON_INTERPRET=1 or on CUDA; and the
-routing of DoRA calls (dispatch.dora_choice)."""
+routing of DoRA calls (dispatch.select)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -176,43 +178,46 @@ def test_dora_routing(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: None)
+    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: SimpleNamespace(NAME="cuda"))
+
+    def dora_choice(name, device, four_bit=False):
+        return dispatch.select(name, device, dora=True, four_bit=four_bit).NAME
+
     # auto: Triton on CUDA tensors (whatever the plain operator's measured policy says), the
     # reference elsewhere; "cuda" runs DoRA on Triton (the extension has no DoRA kernels)
-    assert dispatch.dora_choice("auto", cuda) == "triton"
-    assert dispatch.dora_choice("auto", cpu) == "reference"
-    assert dispatch.dora_choice("triton", cuda) == "triton"
-    assert dispatch.dora_choice("cuda", cuda) == "triton"
-    assert dispatch.dora_choice("reference", cuda) == "reference"
-    assert dispatch.dora_choice("triton", torch.device("meta")) == "reference"
+    assert dora_choice("auto", cuda) == "triton"
+    assert dora_choice("auto", cpu) == "reference"
+    assert dora_choice("triton", cuda) == "triton"
+    assert dora_choice("cuda", cuda) == "triton"
+    assert dora_choice("reference", cuda) == "reference"
+    assert dora_choice("triton", torch.device("meta")) == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.dora_choice("auto", cuda) == "triton"
+    assert dora_choice("auto", cuda) == "triton"
     monkeypatch.delenv(dispatch.ENV_VAR)
     # QDoRA stays on the reference whatever was asked, and whatever 4-bit plain calls take
-    monkeypatch.setattr(dispatch, "quantized_choice", lambda backend, device: "triton")
+    assert dispatch.select("triton", cuda, four_bit=True).NAME == "triton"
     for name in ("auto", "triton", "cuda", "reference"):
-        assert dispatch.dora_choice(name, cuda, four_bit=True) == "reference"
+        assert dora_choice(name, cuda, four_bit=True) == "reference"
     # without triton, auto falls back to the reference; "cuda" says what is missing
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch.dora_choice("auto", cuda) == "reference"
+    assert dora_choice("auto", cuda) == "reference"
     with pytest.raises(dispatch.BackendUnavailableError, match="triton"):
-        dispatch.dora_choice("cuda", cuda)
+        dora_choice("cuda", cuda)
     monkeypatch.undo()
     with pytest.raises(dispatch.BackendUnavailableError, match="backend 'cuda'"):
-        dispatch.dora_choice("cuda", cpu)
+        dora_choice("cuda", cpu)
 
 
 def test_qdora_runs_on_the_reference(monkeypatch):
-    """A 4-bit weight with a magnitude: the reference backend's DoRA, even with backend="triton"
-    and a quantized_choice that would send plain 4-bit calls to Triton."""
+    """A 4-bit weight with a magnitude: the reference backend's DoRA, even with backend="triton",
+    which sends plain 4-bit calls to Triton."""
     bnb = pytest.importorskip("bitsandbytes")
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
     from lowrank_fused.backends import triton as triton_backend
     import qlora_helpers
     torch.manual_seed(0)
     layer = qlora_helpers.linear4bit(torch.nn.Linear(64, 32))
     assert isinstance(layer.weight, bnb.nn.Params4bit)
-    monkeypatch.setattr(dispatch, "quantized_choice", lambda backend, device: "triton")
 
     def refuse(*args, **kwargs):
         raise AssertionError("QDoRA reached the Triton backend")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 import lowrank_fused.dropout as dropout_module
 from lowrank_fused.dropout import (DropoutSpec, fast_keep_mask, keep_mask, keep_mask_chunks,
                                    keep_threshold, quantised_p)

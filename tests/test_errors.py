@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lowrank_fused import BackendUnavailableError, LowRankLinear, apply_low_rank, low_rank_linear
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 
 K, N, R = 8, 6, 2
 

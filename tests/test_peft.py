@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft", reason="the peft package is not installed")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lowrank_fused import peft as lfp  # noqa: E402
-from lowrank_fused.backends import reference  # noqa: E402
+from lowrank_fused.backends import pytorch as reference  # noqa: E402
 from lowrank_fused.saved_activations import SavedActivations  # noqa: E402
 from peft_helpers import Small, counting_ops, nonzero_b, small_peft  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_dora_served_matches_peft(frozen_a):
 
 
 def test_dora_served_with_dropout_matches_peft_under_the_same_mask():
-    from lowrank_fused.backends.reference import dropout_keep_mask
+    from lowrank_fused.backends.pytorch import dropout_keep_mask
     from lowrank_fused.dropout import DropoutSpec, seed_tensor
 
     torch.manual_seed(0)

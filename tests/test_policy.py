@@ -1,11 +1,13 @@
 """The measured per-shape policy behind "auto" on CUDA tensors (lowrank_fused.policy), and its
 builder (tools/auto_policy.py), on synthetic measurements."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lowrank_fused import dispatch, policy
+from lowrank_fused import dispatch, policy, stats
+from lowrank_fused.functional import call_kind, low_rank_linear
 
 
 def _entry(m, n, k, r, winner, method="lora", mode="forward+backward", arch="sm90",
@@ -95,33 +97,40 @@ def test_broken_policy_file_says_what_is_wrong(tmp_path, monkeypatch, broken, me
         policy._load.cache_clear()
 
 
-@pytest.fixture
-def both_gpu_backends(monkeypatch):
+def _stand_ins(monkeypatch):
+    """Both GPU backends "built", as stand-in modules (select returns them by name)."""
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    monkeypatch.setattr(dispatch, "backend_module", lambda name, device: None)
+    monkeypatch.setattr(dispatch, "_load_triton", lambda device: SimpleNamespace(NAME="triton"))
+    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: SimpleNamespace(NAME="cuda"))
+
+
+@pytest.fixture
+def both_gpu_backends(monkeypatch):
+    _stand_ins(monkeypatch)
     monkeypatch.setattr(dispatch, "gpu_arch", lambda device: "sm90")
 
 
 def test_auto_defers_to_the_policy_per_shape_on_cuda(use_policy, both_gpu_backends):
     use_policy([_entry(8192, 4096, 4096, 16, "cuda"), _entry(8192, 4096, 4096, 64, "triton")])
     cuda = torch.device("cuda")
-    tag = dispatch.call_choice("auto", cuda, "lora_fa:forward+backward")
-    assert tag == "auto:lora_fa:forward+backward"
-    assert dispatch.call_choice("triton", cuda, "lora:forward") == "triton"  # explicit wins
-    choose = dispatch.shape_choice
-    assert choose(tag, cuda, torch.bfloat16, 8192, 4096, 4096, 16) == "cuda"
-    assert choose(tag, cuda, torch.bfloat16, 8192, 4096, 4096, 64) == "triton"
+
+    def choose(backend, dtype, shape, kind="lora_fa:forward+backward"):
+        return dispatch.select(backend, cuda, dtype=dtype, shape=shape, kind=kind).NAME
+
+    assert choose("auto", torch.bfloat16, (8192, 4096, 4096, 16)) == "cuda"
+    assert choose("auto", torch.bfloat16, (8192, 4096, 4096, 64)) == "triton"
+    assert choose("triton", torch.bfloat16, (8192, 4096, 4096, 16), "lora:forward") == "triton"
     # nothing measured for this dtype or mode: Triton
-    assert choose(tag, cuda, torch.float16, 8192, 4096, 4096, 16) == "triton"
-    assert choose("auto:lora:forward", cuda, torch.bfloat16, 8192, 4096, 4096, 16) == "triton"
+    assert choose("auto", torch.float16, (8192, 4096, 4096, 16)) == "triton"
+    assert choose("auto", torch.bfloat16, (8192, 4096, 4096, 16), "lora:forward") == "triton"
 
 
-def test_ops_resolve_the_tag_with_their_own_shapes(use_policy, monkeypatch):
-    """The custom ops turn the tag into a backend with the shapes they run on (here on the CPU,
-    with both GPU backends standing in as the reference backend)."""
+def test_ops_choose_with_their_own_shapes(use_policy, monkeypatch):
+    """The custom ops choose the backend with the shapes they run on (here on the CPU, taken as
+    a GPU, with both GPU backends standing in as the PyTorch backend)."""
     from lowrank_fused import ops
-    from lowrank_fused.backends import reference
+    from lowrank_fused.backends import pytorch as reference
 
     use_policy([_entry(37, 20, 30, 4, "cuda", dtype="float32", mode="forward"),
                 _entry(37, 20, 30, 64, "triton", dtype="float32", mode="forward")])
@@ -129,33 +138,36 @@ def test_ops_resolve_the_tag_with_their_own_shapes(use_policy, monkeypatch):
 
     def stand_in(name):
         return lambda device: loaded.append(name) or reference
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
     monkeypatch.setattr(dispatch, "_load_cuda", stand_in("cuda"))
     monkeypatch.setattr(dispatch, "_load_triton", stand_in("triton"))
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda device: True)
     monkeypatch.setattr(dispatch, "gpu_arch", lambda device: "sm90")
     seed = torch.zeros(1, dtype=torch.int64)
     for r, want in [(4, "cuda"), (60, "triton")]:
         loaded.clear()
         x, w, a, b = torch.randn(37, 30), torch.randn(20, 30), torch.randn(r, 30), torch.randn(20, r)
-        y, p = ops.forward_op(x, w, None, a, b, None, 0.5, 0.0, seed, "auto:lora:forward")
+        y, p, *_ = ops.forward_op(x, w, None, a, b, None, 0.5, 0.0, seed, "auto",
+                                  kind="lora:forward")
         torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ a.T) @ b.T)
         assert loaded == [want]
 
 
 def test_without_both_gpu_backends_auto_is_concrete(monkeypatch):
-    monkeypatch.setattr(dispatch, "backend_module", lambda name, device, shape=None: None)
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    _stand_ins(monkeypatch)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
-    assert dispatch.call_choice("auto", torch.device("cuda"), "lora:forward") == "triton"
+    assert dispatch.select("auto", torch.device("cuda"), kind="lora:forward").NAME == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: True)
-    assert dispatch.call_choice("auto", torch.device("cuda"), "lora:forward") == "cuda"
+    assert dispatch.select("auto", torch.device("cuda"), kind="lora:forward").NAME == "cuda"
 
 
 def test_call_kind_describes_method_and_mode():
     k, n, r = 12, 10, 3
     x = torch.randn(2, 5, k)
     w, a, b, lat = torch.randn(n, k), torch.randn(r, k), torch.randn(n, r), torch.randn(r, r)
-    kind = dispatch.call_kind
+    kind = call_kind
     assert kind(x, w, a, b, None) == "lora:forward"
     assert kind(x, w, a.requires_grad_(), b, None) == "lora:forward+backward"
     assert kind(x, w, a.detach(), b.requires_grad_(), None) == "lora_fa:forward+backward"
@@ -166,16 +178,20 @@ def test_call_kind_describes_method_and_mode():
 
 @pytest.mark.parametrize("dynamic", [False, True, None])
 def test_choice_traces_under_compile_without_graph_breaks(dynamic):
+    """The choice is made inside the ops at run time: a compiled "auto" call traces whole, over
+    new M's too, and runs the reference backend on CPU tensors."""
+    name = f"traced-{dynamic}"
+
     def f(x, w, a, b):
-        name = dispatch.call_choice("auto", x.device, dispatch.call_kind(x, w, a, b, None))
-        return x * (2.0 if name == "reference" else 3.0)
+        return low_rank_linear(x, w, a, b, backend="auto", name=name)
 
     torch._dynamo.reset()
+    stats.reset([name])
     compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
     for m in (7, 9, 11):  # new M: automatic dynamic shapes recompile with a symbolic M
-        x = torch.randn(m, 12)
-        out = compiled(x, torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3))
-        torch.testing.assert_close(out, 2.0 * x)
+        x, w, a, b = torch.randn(m, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
+        torch.testing.assert_close(compiled(x, w, a, b), x @ w.T + (x @ a.T) @ b.T)
+    assert stats.snapshot()[name] == {"reference": {"forward": 3}}
 
 
 def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy):
@@ -203,9 +219,8 @@ def test_builder_names_the_faster_backend_per_measured_case(tmp_path, use_policy
                          16) == "cuda"
 
 
-def test_policy_tag_round_trips_and_rejects_other_strings():
-    tag = dispatch.policy_tag("lora_xs:forward")
-    assert dispatch.is_policy_tag(tag) and not dispatch.is_policy_tag("triton")
-    assert dispatch.parse_policy_tag(tag) == ("lora_xs", "forward")
-    with pytest.raises(ValueError, match="policy tag"):
-        dispatch.parse_policy_tag("auto:lora")
+def test_call_kind_parses_and_rejects_other_strings():
+    assert dispatch.parse_kind("lora_xs:forward") == ("lora_xs", "forward")
+    for bad in ("lora", "auto:lora:forward", "lora:"):
+        with pytest.raises(ValueError, match="call kind"):
+            dispatch.parse_kind(bad)

@@ -1,10 +1,11 @@
 """QLoRA on the Triton backend (issue 23): the 4-bit GEMMs that dequantize W (bitsandbytes NF4 /
 FP4) inside their K loops. The dequantized values are bit-equal to bitsandbytes'
 dequantize_4bit; y and every gradient are within the one tolerance rule of a float64 reference
-over that dequantized W; routing of 4-bit calls (quantized_choice)."""
+over that dequantized W; routing of 4-bit calls (dispatch.select)."""
 import copy
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,30 +220,36 @@ def test_verified_first_use_checks_a_4bit_call_against_the_dequantized_weight(mo
 
 # ---- routing ----
 
+def quantized_choice(name, device):
+    """The name of the backend ``dispatch.select`` picks for a (plain) 4-bit call."""
+    return dispatch.select(name, device, four_bit=True).NAME
+
+
 def test_quantized_choice_routes_4bit_calls(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(dispatch, "backend_module", lambda name, device, shape=None: None)
+    monkeypatch.setattr(dispatch, "_load_cuda", lambda device: SimpleNamespace(NAME="cuda"))
+    monkeypatch.setattr(dispatch, "_load_triton", lambda device: SimpleNamespace(NAME="triton"))
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch.quantized_choice("auto", cuda) == "triton"
-    assert dispatch.quantized_choice("triton", cuda) == "triton"
-    assert dispatch.quantized_choice("cuda", cuda) == "triton"  # no 4-bit C++ kernels
-    assert dispatch.quantized_choice("reference", cuda) == "reference"
-    assert dispatch.quantized_choice("auto", cpu) == "reference"
-    assert dispatch.quantized_choice("auto", torch.device("meta")) == "reference"
+    assert quantized_choice("auto", cuda) == "triton"
+    assert quantized_choice("triton", cuda) == "triton"
+    assert quantized_choice("cuda", cuda) == "triton"  # no 4-bit C++ kernels
+    assert quantized_choice("reference", cuda) == "reference"
+    assert quantized_choice("auto", cpu) == "reference"
+    assert quantized_choice("auto", torch.device("meta")) == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    assert dispatch.quantized_choice("auto", cuda) == "triton"
+    assert quantized_choice("auto", cuda) == "triton"
     monkeypatch.delenv(dispatch.ENV_VAR)
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch.quantized_choice("auto", cuda) == "reference"
-    assert dispatch.quantized_choice("cuda", cuda) == "reference"
+    assert quantized_choice("auto", cuda) == "reference"
+    assert quantized_choice("cuda", cuda) == "reference"
     with pytest.raises(ValueError, match="unknown backend"):
-        dispatch.quantized_choice("bogus", cpu)
+        quantized_choice("bogus", cpu)
 
 
 def test_asking_for_an_unavailable_backend_still_fails_clearly(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        dispatch.quantized_choice("cuda", torch.device("cuda"))
+        quantized_choice("cuda", torch.device("cuda"))
 
 
 @needs_triton_here
@@ -256,13 +263,11 @@ def test_4bit_calls_reach_the_triton_backend_and_qdora_stays_on_the_reference(mo
     lf.low_rank_linear(case.x, weight, case.lora_a, case.lora_b, backend="triton")
     assert seen == ["triton"]
     # QDoRA (a magnitude over a 4-bit base): the reference backend, whatever was asked
-    from lowrank_fused import dora
-    chosen = []
-    real_apply = dora.DoraLowRank.apply
-    monkeypatch.setattr(dora.DoraLowRank, "apply",
-                        lambda *a: chosen.append(a[-2]) or real_apply(*a))
+    from lowrank_fused import stats
+    stats.reset(["qdora"])
     magnitude = torch.ones(N, requires_grad=True)
     y = lf.low_rank_linear(case.x, weight, case.lora_a, case.lora_b, magnitude=magnitude,
-                           backend="triton")
+                           backend="triton", name="qdora")
     y.sum().backward()
+    chosen = list(stats.snapshot()["qdora"])
     assert chosen == ["reference"] and seen == ["triton"] and magnitude.grad is not None

@@ -9,7 +9,7 @@ import pairwise
 from helpers import (TRAINABLE, case_spec_results, grad_output, grads_of, make_case,
                      spec_results)
 from lowrank_fused import low_rank_linear, spec
-from lowrank_fused.backends import reference
+from lowrank_fused.backends import pytorch as reference
 from tolerance import assert_kernel_close
 
 

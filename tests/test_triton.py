@@ -13,7 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from helpers import case_spec_magnitudes, case_spec_results, grad_output, make_case  # noqa: E402
 from lowrank_fused import low_rank_linear, spec  # noqa: E402
-from lowrank_fused.backends import reference  # noqa: E402
+from lowrank_fused.backends import pytorch as reference  # noqa: E402
 from lowrank_fused.backends import triton as triton_backend  # noqa: E402
 from lowrank_fused.triton_kernels import dropout_keep_mask  # noqa: E402
 from lowrank_fused.triton_kernels.tiling import offsets_2d  # noqa: E402

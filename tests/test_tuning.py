@@ -173,13 +173,14 @@ def forward_then_backward(case, grad_y, forward_backend, backward_backend):
     """y, dx, dB of a LoRA-FA call whose forward and backward run on different backends
     (the operator's op bodies, as the autograd formula calls them)."""
     from lowrank_fused import ops
-    args = (case.weight.detach(), case.bias.detach(), case.lora_a.detach(),
-            case.lora_b.detach(), None, case.scaling, 0.1, 1234)
-    y, p = ops.run_forward(case.x.detach(), *args, forward_backend)
-    weight, _, lora_a, lora_b, latent, scaling, dropout_p, seed = args
-    dx, _, db, _, _ = ops.run_backward(grad_y, None, p, weight, lora_a, lora_b, latent, scaling,
-                                       dropout_p, seed, backward_backend, True, False, True,
-                                       False, False)
+    weight, bias, lora_a, lora_b = (case.weight.detach(), case.bias.detach(),
+                                    case.lora_a.detach(), case.lora_b.detach())
+    y, p, _, _, _ = ops.run_forward(case.x.detach(), weight, bias, lora_a, lora_b, None, None,
+                                    ops.Call(case.scaling, 0.1, 1234, forward_backend))
+    dx, _, db, _, _, _ = ops.run_backward(grad_y, None, p, None, weight, lora_a, lora_b, None,
+                                          None, None,
+                                          ops.Call(case.scaling, 0.1, 1234, backward_backend),
+                                          True, False, True, False, False)
     return y, dx, db
 
 

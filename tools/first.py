@@ -621,7 +621,8 @@ def step_cuda(sink, dry: bool, deadline: float, build_log: str, prefixes=None) -
         failed = 0
     else:
         failed = step_speed(sink, dry, deadline - 30, prefixes, cuda_step=True)
-    # DoRA's and 4-bit calls asked of "cuda" run on Triton: the correctness step has them
+    # DoRA's and 4-bit calls asked of "cuda" run on Triton (dispatch.select): the correctness
+    # step has them
     cases = [(label, c) for label, c in correctness_cases(dry)
              if c["variant"] == "tiled" and not c["method"].startswith("dora")
              and not c.get("quant") and "rank" not in c and "shape" not in c]

@@ -14,9 +14,9 @@ Load it with ``-p tools.peft_served_plugin`` (the worktree on ``sys.path``). Env
 - ``LOWRANK_PEFT_STUBS=0``: do not stub missing imports (default: stub, see ``STUBS``).
 
 Operator calls are counted where the repository's own PEFT tests count them
-(``tests/peft_helpers.counting_ops``): ``ops.run_forward`` (the one body every non-DoRA path runs:
-eager autograd Function, no-grad call, custom op under torch.compile) and the reference backend's
-``dora_forward`` (what a DoRA call, ``magnitude=``, reaches). ``served_calls`` counts entries into
+(``tests/peft_helpers.counting_ops``): ``ops.run_forward`` (the one body every path runs: eager
+autograd Function, no-grad call, custom op under torch.compile; plain, DoRA and 4-bit calls
+alike). ``served_calls`` counts entries into
 ``low_rank_linear`` from a served layer's forward (``lowrank_fused.peft.serving``).
 
 Stubs: PEFT's shared test modules import packages that are not installed here
@@ -224,12 +224,10 @@ def install_counters() -> None:
     """Count the operator's calls (plain runs too: they must read 0)."""
     import lowrank_fused.functional as functional
     import lowrank_fused.ops as ops
-    from lowrank_fused.backends import reference
     from lowrank_fused.peft import serving
 
     for owner in (ops, functional):
         _patch(owner, "run_forward", lambda real: _counting_call(real, "operator_calls"))
-    _patch(reference, "dora_forward", lambda real: _counting_call(real, "operator_calls"))
     _patch(serving, "low_rank_linear", lambda real: _counting_call(real, "served_calls"))
 
     def make_report(real):

@@ -1,4 +1,4 @@
-"""CUDA backend: the reference contract (see ``reference``) on the compiled extension
+"""CUDA backend: the backend contract (see ``pytorch``) on the compiled extension
 lowrank_fused._C (csrc/) for the rank-r passes and cuBLAS (through ATen) for the GEMMs.
 
 Forward: P = dropout(x)·Aᵀ (one read of x); y = s·P·B_effᵀ + bias is written first by a small
@@ -19,9 +19,10 @@ import functools
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.lowrank_fused_C)
-from .reference import latent_gradients, latent_operands
+from .pytorch import latent_gradients, latent_operands
 from ._gpu_common import check_dtypes, seed_and_p
 
+NAME = "cuda"
 _ops = torch.ops.lowrank_fused_C
 _GRAD_A_COLUMNS = 64  # columns of dA per block (csrc: kGradACols)
 
@@ -48,6 +49,15 @@ def grad_a_splits(m: int, k: int, r: int, multiprocessors: int) -> int:
     return max(1, min(wanted, m // 256))
 
 
+def config_key():
+    """Nothing but the call's shapes and dtypes decides which kernel runs."""
+    return None
+
+
+def describe_config(direction, device, shape) -> str:
+    return "n/a (fixed launch configurations)"
+
+
 def dropout_keep_mask(dropout, shape, device):
     with _current(device):
         return _ops.keep_mask(torch.empty(0, device=device), shape[0], shape[1], dropout.seed,
@@ -71,6 +81,7 @@ def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
 
 def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=None,
              need_x, need_a, need_b, need_latent=False, need_bias):
+    grad_y = grad_y.contiguous()  # the kernels index G by rows
     seed, p_drop = seed_and_p(dropout)
     deterministic = torch.are_deterministic_algorithms_enabled()
     n, r = lora_b.shape

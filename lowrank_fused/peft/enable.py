@@ -104,11 +104,6 @@ class FusedPeft:
         self.disable()
 
 
-def _describe(choice: str) -> str:
-    # "auto:<method>:<mode>" is dispatch's measured policy: it picks triton or cuda per shape
-    return "measured per shape" if choice.startswith("auto:") else choice
-
-
 def _backends(backend: str, layers: list) -> dict:
     """{device: what ``backend`` means there} over the layers' devices; raises (before anything
     changes) for an unknown backend or one that cannot run there."""
@@ -119,7 +114,7 @@ def _backends(backend: str, layers: list) -> dict:
         for p in module.lora_A.parameters():
             if p.device not in devices:
                 devices.append(p.device)
-    return {str(d): _describe(dispatch.call_choice(backend, d)) for d in devices}
+    return {str(d): dispatch.select(backend, d).NAME for d in devices}
 
 
 def _plan(layers: list) -> list:

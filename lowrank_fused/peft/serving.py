@@ -20,7 +20,8 @@ the base's compute dtype as bitsandbytes does, the ``Params4bit`` goes to the op
 is (dequantized per call, never saved) and y comes back in x's dtype.
 
 PEFT's DoRA (one active adapter, over a plain nn.Linear or a 4-bit base) runs through the
-operator's ``magnitude=``. What cannot be served (``reasons``) runs PEFT's forward; a reason
+operator's ``magnitude=`` (``dispatch.select``: Triton on CUDA tensors, the reference path on
+the CPU and for QDoRA). What cannot be served (``reasons``) runs PEFT's forward; a reason
 met at call time is said once, for all the layers that met it in one pass
 (``flush_reports``), not once per layer. ``enable`` (``enable_fused``) imports this module,
 never the other way round.

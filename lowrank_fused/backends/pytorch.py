@@ -1,4 +1,5 @@
-"""Reference backend: plain PyTorch. The CPU path and the ground truth for every kernel.
+"""The PyTorch backend (user-facing name "reference"): the operator composed of PyTorch ops
+(cuBLAS on a GPU, oneDNN / MKL on a CPU); the CPU path.
 
 Contract shared by all backends (x is 2-D, (M, K)):
 
@@ -15,10 +16,10 @@ need_a, need_b, need_latent=False, need_bias) -> (dx, da, db, dr, dbias)``
     dP = T·Rᵀ and dR = Pᵀ·T (``latent_gradients``). So dR needs no dB_eff (no N x r reduction,
     no atomics when B is frozen) and never rounds P to a 16-bit dot operand.
 
-``weight`` may be a bitsandbytes ``Params4bit`` (``lowrank_fused.quantized``): this backend
+``weight`` may be a 4-bit ``quantized.Packed4bit`` (bitsandbytes' NF4 / FP4 format): this backend
 dequantizes it to x's dtype per call, forward and backward, as ``bnb.matmul_4bit`` does (the
 dense N x K tensor is a transient, dropped after its GEMM). The Triton backend dequantizes
-inside its GEMMs' K loops instead (``dispatch.quantized_choice``); 4-bit DoRA (QDoRA) runs here.
+inside its GEMMs' K loops instead; 4-bit DoRA (QDoRA) runs here (``dispatch.select``).
 
 ``dropout_keep_mask(dropout, shape, device) -> bool tensor``
     The keep-mask the backend derives from ``dropout.seed``: True where x is kept.
@@ -31,8 +32,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import quantized
 from ..dropout import DropoutSpec, fast_keep_mask, keep_mask_chunks
+
+NAME = "reference"  # the user-facing name: backend="reference"
 
 
 def dropout_keep_mask(dropout: DropoutSpec, shape, device) -> Tensor:
@@ -79,14 +81,37 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    """A dense W as it is; a ``quantized.Packed4bit`` dequantized to ``dtype`` (a transient)."""
+    return weight if isinstance(weight, Tensor) else weight.dequantize(dtype)
+
+
+_FACTORS: dict = {}  # (scaling, dtype) -> 0-d tensor
+
+
+def _scaled_(t: Tensor, scaling: float) -> Tensor:
+    """t *= scaling, in place. By a cached 0-d tensor in t's opmath dtype: the same bits as a
+    Python float (which costs a wrapped tensor on every call, a microsecond on small shapes)."""
+    if scaling == 1.0:
+        return t
+    key = (scaling, t.dtype)
+    factor = _FACTORS.get(key)
+    if factor is None:
+        if len(_FACTORS) >= 256:
+            _FACTORS.clear()
+        opmath = torch.float64 if t.dtype == torch.float64 else torch.float32
+        factor = _FACTORS[key] = torch.tensor(scaling, dtype=opmath)
+    return t.mul_(factor)
+
+
 def forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout):
     x_low = _as(x, lora_a.dtype) if dropout is None else _dropped(x, dropout, lora_a.dtype)
-    p = x_low @ lora_a.T
-    y = torch.nn.functional.linear(x, quantized.dense_like(weight, x.dtype), bias)
+    p = torch.nn.functional.linear(x_low, lora_a)
+    y = torch.nn.functional.linear(x, _dense(weight, x.dtype), bias)
     if _fused_add(x, lora_a):
-        y.addmm_(p, lora_b_eff.T, alpha=scaling)
+        y.addmm_(p, lora_b_eff.t(), alpha=scaling)
     else:
-        y += _as((p @ lora_b_eff.T).mul_(scaling), x.dtype)
+        y += _as(_scaled_(torch.mm(p, lora_b_eff.t()), scaling), x.dtype)
     return y, p
 
 
@@ -129,15 +154,15 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
     dx = da = db = dr = dbias = None
     dp = None
     if need_x or need_a or need_latent:
-        dp = scaling * (grad_lr @ lora_b)  # (M, r); T = s·G·B with a latent
+        dp = _scaled_(torch.mm(grad_lr, lora_b), scaling)  # (M, r); T = s·G·B with a latent
         if latent is not None:
             dp, dr = latent_gradients(dp, p, latent, need_x or need_a, need_latent)
         if dropout is None:
             if need_x:
-                dx = _plus_low_rank(grad_y @ quantized.dense_like(weight, grad_y.dtype), dp,
-                                    lora_a, grad_y.dtype)
+                dx = _plus_low_rank(torch.mm(grad_y, _dense(weight, grad_y.dtype)), dp, lora_a,
+                                    grad_y.dtype)
             if need_a:
-                da = dp.T @ _as(x, adapter_dtype)
+                da = torch.mm(dp.t(), _as(x, adapter_dtype))
         else:
             # One mask for both terms: dx's dropout(dP·A) and dA's dropout(x), chunk by chunk.
             low = dp @ lora_a if need_x else None
@@ -152,11 +177,11 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
                 for rows, mask in _dropout_chunks(low, dropout):
                     drop_low(rows, mask)
             if need_x:
-                dx = grad_y @ quantized.dense_like(weight, grad_y.dtype)
+                dx = grad_y @ _dense(weight, grad_y.dtype)
                 dx += _as(low, dx.dtype)
                 dx = _as(dx, grad_y.dtype)
     if need_b:
-        db = scaling * (grad_lr.T @ latent_operands(p, latent, need_b))
+        db = _scaled_(torch.mm(grad_lr.t(), latent_operands(p, latent, need_b)), scaling)
     if need_bias:
         dbias = grad_y.sum(0)
     return dx, da, db, dr, dbias
@@ -164,7 +189,7 @@ def backward(grad_y, x, p, weight, lora_a, lora_b, scaling, dropout, *, latent=N
 
 # DoRA (lowrank_fused.dora): c = m / ‖W + s·B_eff·A‖_row, detached, given as an (N,) vector in
 # the accumulation dtype (fp32, fp64 for fp64 tensors). The Triton backend has the same two
-# functions (its kernels fuse c); dispatch.dora_choice routes "cuda" there.
+# functions (its kernels fuse c); dispatch.select routes "cuda" there.
 #
 # How this path is made cheap on a CPU (each M x N elementwise pass over a 1024 x 1376 fp32
 # activation costs about a tenth of the GEMM beside it):
@@ -282,7 +307,7 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
     accumulation dtype, as PEFT's DoRA branch computes it)."""
     acc = c.dtype
     col = c.unsqueeze(1)
-    w = quantized.dense_like(weight, x.dtype)
+    w = _dense(weight, x.dtype)
     if dropout is None:
         p = _as(x, lora_a.dtype) @ lora_a.T
         if not need_z and x.dtype == acc and lora_a.dtype == acc:
@@ -336,11 +361,17 @@ def dora_forward(x, weight, bias, lora_a, lora_b_eff, scaling, dropout, c, *, ne
         yc.addcmul_(low, c)
         if yc.dtype != y.dtype:
             y[rows].copy_(yc)
-        if z_keep is not None:
-            zc += low
-            if z_keep is not z:
-                z_keep[rows].copy_(zc)
+        _keep_z_rows(z_keep, z, rows, zc, low)
     return y, p, z_keep
+
+
+def _keep_z_rows(z_keep, z, rows, zc, low) -> None:
+    """Z's rows when Z is kept: zc (x̃·Wᵀ, a view of ``z``) += s·P·B_effᵀ, copied into
+    ``z_keep`` unless that is ``z`` itself."""
+    if z_keep is not None:
+        zc += low
+        if z_keep is not z:
+            z_keep[rows].copy_(zc)
 
 
 def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, need_z):
@@ -371,10 +402,7 @@ def _dora_forward_sparse(x, w, bias, lora_a, lora_b_eff, scaling, dropout, c, ne
         vc.addcmul_(uc, c_minus_1).addcmul_(low, c)
         if y is not v:
             y[rows].copy_(vc)
-        if z_keep is not None:
-            uc += low
-            if z_keep is not u:
-                z_keep[rows].copy_(uc)
+        _keep_z_rows(z_keep, u, rows, uc, low)
     return y, p, z_keep
 
 
@@ -420,7 +448,7 @@ def dora_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, scaling, drop
         db = _scaled_rows(g_low.T @ latent_operands(p, latent, need_b), col, lora_b.dtype,
                           scaling)                         # s·(c ⊙ G)ᵀ·(P·R)
     if need_x or need_a:
-        w = quantized.dense_like(weight, grad_y.dtype) if need_x else None
+        w = _dense(weight, grad_y.dtype) if need_x else None
         if dropout is None:
             if need_x:
                 gd = _gemm_dtype(grad_y)
