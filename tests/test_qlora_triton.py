@@ -69,6 +69,27 @@ def test_dequantized_values_are_bitsandbytes_bit_for_bit(quant_type, nested, dty
 
 
 @needs_triton_here
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_blocks_spanning_rows_of_even_length_follow_bitsandbytes_definition(nested):
+    # K even, not a multiple of the blocksize: bitsandbytes 0.50.2's native CPU dequantize
+    # takes blocks per row there (about 2 off W at K = 80), its generic definition (and its CUDA
+    # kernels) flat blocks; the kernels follow the definition
+    generic = pytest.importorskip("bitsandbytes.backends.default.ops")._dequantize_4bit_compute
+    for blocksize, (n, k) in ((64, (48, 80)), (128, (48, 64)), (64, (6, 48))):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+        weight = params4bit(w, "nf4", blocksize, nested)
+        state = weight.quant_state
+        absmax = state.absmax
+        if nested:
+            absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        want = generic(weight.data.view(torch.uint8).reshape(-1).cpu(), absmax.float().cpu(),
+                       state.code.cpu(), blocksize, (n, k), torch.float32)
+        got = kernels_4bit.dequantize_4bit(quantized.packed(weight)).cpu()
+        assert torch.equal(got, want), (blocksize, n, k)
+        assert (got - w).abs().max() < 0.5  # the quantization error, nothing more
+
+
+@needs_triton_here
 def test_packed_bytes_stored_as_another_dtype_read_the_same():
     # quant_storage: bitsandbytes may keep the packed bytes viewed as bf16 (FSDP's choice)
     weight = bnb.nn.Params4bit(torch.randn(16, 64), requires_grad=False, blocksize=64,
