@@ -75,3 +75,14 @@ def test_a_cuda_error_ends_the_group_after_a_row_naming_the_case(tmp_path, monke
     assert rows[-1]["contender"] == "peft lora"
     # ours was built and run first: its cold calls were made before PEFT's failure
     assert not [r for r in rows if r["kind"] == "missing"]
+
+
+def test_without_matplotlib_the_report_prints_its_table_and_skips_the_plot(tmp_path, monkeypatch,
+                                                                          capsys):
+    # a lent GPU machine may have no matplotlib: the session must not fail on the plot
+    _, path, _ = _group(tmp_path, monkeypatch, broken=(), methods=("lora",))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import raises
+    report.main([str(path), "--markdown", str(tmp_path / "t.md")])
+    out = capsys.readouterr().out
+    assert "## The matrix" in out and "plot: skipped, matplotlib is not installed" in out
+    assert not (tmp_path / "t.first.png").exists()

@@ -258,6 +258,14 @@ def _plot_to(draw, infos, out: Path) -> None:
         tmp.replace(out)
 
 
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def first_report(args) -> None:
     """A .first.jsonl: the matrix and the rest as markdown (printed, or --markdown), the plot
     (--plot, default beside the file), the README's results table (--readme)."""
@@ -268,8 +276,12 @@ def first_report(args) -> None:
         _write(args.markdown, text)
     print(text)
     out = args.plot or args.results.with_name(args.results.name.removesuffix(".jsonl") + ".png")
-    _plot_to(matrix_report.plot, rows, out)
-    print(f"plot: {out}" if out.exists() else "plot: no matrix rows to draw")
+    if _can_plot():
+        _plot_to(matrix_report.plot, rows, out)
+        print(f"plot: {out}" if out.exists() else "plot: no matrix rows to draw")
+    else:  # a lent GPU machine may lack it: the table is the report, the plot is drawn later
+        print(f"plot: skipped, matplotlib is not installed here (python -m tools.report "
+              f"{args.results.name} where it is)")
     if args.readme:
         block = (f"{START}\nFrom `{args.results.as_posix()}`. {matrix_report.setting(rows)}\n\n"
                  f"{matrix_report.matrix_table(rows)}\n{END}")
