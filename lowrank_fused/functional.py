@@ -97,9 +97,7 @@ def low_rank_linear(
         _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
-    # The call's kind only steers the measured policy, which exists for CUDA tensors only.
-    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
-    call = Call(float(scaling), dropout_p, seed, backend, kind, name)
+    call = Call(float(scaling), dropout_p, seed, backend, name)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     # Eager: the custom ops' bodies through an autograd.Function, without the dispatcher's
     # cost; with nothing to differentiate, the forward body alone.
@@ -127,22 +125,10 @@ def _traced_call(x, weight, lora_a, lora_b, bias, latent, scaling, dropout_p, tr
     seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
     magnitude_grad = (magnitude is not None and magnitude.requires_grad
                       and torch.is_grad_enabled())
-    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = forward_op(rows, weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p,
-                     seed, backend, name, magnitude, magnitude_grad, kind, *quant)[0]
+                     seed, backend, name, magnitude, magnitude_grad, DEFAULT_KIND, *quant)[0]
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], y2d.shape[1])
-
-
-def call_kind(x, weight, lora_a, lora_b, latent) -> str:
-    """"<method>:<mode>" of one call, for the measured policy: the method by which adapters
-    train (lora, lora_fa, lora_xs), the mode "forward+backward" when autograd will run."""
-    trains = [t is not None and t.requires_grad for t in (lora_a, lora_b, latent)]
-    method = "lora" if trains[0] else ("lora_fa" if trains[1] else
-                                       ("lora_xs" if trains[2] else "lora"))
-    grads = torch.is_grad_enabled() and (x.requires_grad or any(trains)
-                                         or _any_requires_grad(weight))
-    return f"{method}:{'forward+backward' if grads else 'forward'}"
 
 
 # One C call that says whether any autocast is on (eager only: compile keeps the public checks);
