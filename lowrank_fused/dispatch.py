@@ -148,8 +148,9 @@ def _backend_module(name: str) -> ModuleType:
     return importlib.import_module(f".backends.{name}", __package__)
 
 
-def _on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
+def _on_gpu(device_type: str) -> bool:
+    """Whether "auto" treats the call as a GPU's (the tests make the CPU stand in for one)."""
+    return device_type == "cuda"
 
 
 class CallDetails(NamedTuple):
@@ -167,8 +168,7 @@ class CallDetails(NamedTuple):
 
 def select(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
            shape: Optional[tuple] = None, four_bit: bool = False, dora: bool = False,
-           op: str = "forward",
-           details: Optional[Callable[[], CallDetails]] = None) -> ModuleType:
+           op: str = "forward", details: Optional[tuple] = None) -> ModuleType:
     """The backend module that runs one call (see the module docstring for the rules).
 
     Args:
@@ -178,8 +178,10 @@ def select(backend: str, device: torch.device, dtype: Optional[torch.dtype] = No
             what "auto" on CUDA tensors keys its timed choice on (read only there).
         four_bit: W is a 4-bit (bitsandbytes) weight. dora: a DoRA call (a magnitude).
         op: the pass, "forward" or "backward" ("auto" chooses each apart).
-        details: a function returning the call's ``CallDetails``; without it (or without
-            ``shape``) "auto" on CUDA tensors takes its first fused contender, untimed.
+        details: (function, arguments): ``function(*arguments)`` returns the call's
+            ``CallDetails`` (called only by "auto" on CUDA tensors; a pair rather than a
+            closure, which would cost every call); without it (or without ``shape``) "auto" on
+            CUDA tensors takes its first fused contender, untimed.
 
     Raises:
         ValueError: an unknown backend name. BackendUnavailableError: it cannot run here.
@@ -187,10 +189,11 @@ def select(backend: str, device: torch.device, dtype: Optional[torch.dtype] = No
     if backend == "reference":
         return _REFERENCE
     name = requested_choice(backend)
-    if name == "reference" or device.type == "meta":
+    device_type = device.type  # a property that builds a new string each time: read once
+    if name == "reference" or device_type == "meta":
         return _REFERENCE
     if name == "auto":
-        if not _on_gpu(device):
+        if not _on_gpu(device_type):
             return _REFERENCE
         return _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details)
     module = _load_triton(device) if name == "triton" else _load_cuda(device)
@@ -220,7 +223,7 @@ def describe(backend: str, device: torch.device) -> str:
     """What ``backend`` means on ``device`` in words: a backend name, or for "auto" on a GPU
     "auto (timed per shape: triton, cuda, reference)" (the contenders of a plain call)."""
     name = requested_choice(backend)
-    if name == "auto" and _on_gpu(device):
+    if name == "auto" and _on_gpu(device.type):
         names = contenders()
         if len(names) > 1:
             return f"auto (timed per shape: {', '.join(names)})"
@@ -256,7 +259,7 @@ def _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details) -> ModuleTyp
     if len(names) == 1 or shape is None or details is None or dtype is None:
         return _module(names[0], device)
     from . import tuning  # with its first use: "import lowrank_fused" stays light
-    call = details()
+    call = details[0](*details[1])
     m, n, k, r = shape
     flags = (*call.flags, *(("dora",) if dora else ()), *(("4bit",) if four_bit else ()))
     try:

@@ -85,10 +85,11 @@ def _dropout(call: Call) -> Optional[DropoutSpec]:
 
 
 def _select(call: Call, rows: Tensor, weight, lora_a: Tensor, n: int, dora_call: bool, op: str,
-            details) -> object:
-    """The backend module for this call (``dispatch.select``, the one place a choice is made);
-    ``details`` (called only by "auto" on a GPU) returns the rest of the call's tuning key and
-    how to run it (``dispatch.CallDetails``)."""
+            details: tuple) -> object:
+    """The backend module for this call (``dispatch.select``, the one place a choice is made).
+    ``details``: (function, arguments), called only by "auto" on a GPU for the rest of the
+    call's tuning key and a way to run it (``dispatch.CallDetails``); a tuple, so that the
+    common call builds no closure."""
     r, k = lora_a.shape
     return dispatch.select(call.backend, rows.device, rows.dtype, (rows.shape[0], n, k, r),
                            not isinstance(weight, Tensor), dora_call, op, details)
@@ -138,32 +139,42 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
 def _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude_grad,
              keep_z_where_c_is_zero):
     b_eff = effective_lora_b(lora_b, latent)
-    dropout = _dropout(call)
-    has_latent = latent is not None
-    if magnitude is None:
-        def run(impl, check=verification):
-            y, p = check.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
-                                 has_latent=has_latent)
-            return y, p, None, None, None
-    else:
+    c = norm = None
+    need_z = False
+    if magnitude is not None:
         c, norm = dora.column_scale(weight, lora_a, b_eff, magnitude, call.scaling)
         need_z = magnitude_grad and (
             not z_is_output(True, bias, call.dropout_p)
             or (keep_z_where_c_is_zero and not c.is_meta and bool((c == 0).any())))
         b_eff = b_eff.detach()
-
-        def run(impl, check=verification):
-            y, p, z = check.dora_forward(impl, x, weight, bias, lora_a, b_eff, call.scaling,
-                                         dropout, c, need_z=need_z, has_latent=has_latent)
-            return y, p, z, c, norm
-
-    impl = _select(call, x, weight, lora_a, lora_b.shape[0], magnitude is not None, "forward",
-                   lambda: dispatch.CallDetails(
-                       lora_a.dtype, "lora",
-                       _flags(bias=bias is not None, dropout=dropout is not None),
-                       lambda module: run(module, _Unchecked)))
+    operands = (x, weight, bias, lora_a, b_eff, call, _dropout(call), latent is not None, c, norm,
+                need_z)
+    impl = _select(call, x, weight, lora_a, lora_b.shape[0], c is not None, "forward",
+                   (_forward_details, operands))
     stats.record(call.name, impl.NAME, "forward")
-    return run(impl)
+    return _forward_pass(impl, verification, *operands)
+
+
+def _forward_pass(impl, check, x, weight, bias, lora_a, b_eff, call, dropout, has_latent, c,
+                  norm, need_z) -> tuple:
+    """(y, P, Z, c, norm) of the forward on backend ``impl``, through ``check``
+    (``verification``, or ``_Unchecked`` while "auto" times it)."""
+    if c is None:
+        y, p = check.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
+                             has_latent=has_latent)
+        return y, p, None, None, None
+    y, p, z = check.dora_forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout, c,
+                                 need_z=need_z, has_latent=has_latent)
+    return y, p, z, c, norm
+
+
+def _forward_details(*operands) -> dispatch.CallDetails:
+    """What "auto" on a GPU keys and times a forward on (every forward is "lora": its kernels
+    do the same work for the three methods)."""
+    x, weight, bias, lora_a, b_eff, call, dropout = operands[:7]
+    return dispatch.CallDetails(lora_a.dtype, "lora",
+                                _flags(bias=bias is not None, dropout=dropout is not None),
+                                lambda module: _forward_pass(module, _Unchecked, *operands))
 
 
 def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call: Call,
@@ -183,41 +194,51 @@ def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call:
 
 def _backward_body(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, need_x,
                    need_a, need_b, need_latent, need_bias, need_m, z_is_output):
-    dropout = _dropout(call)
     need_latent = need_latent and latent is not None
-    if c is None:
-        def run(impl, check=verification):
-            dx, da, db, dr, dbias = check.backward(
-                impl, grad_y, x, p, weight, lora_a, lora_b, call.scaling, dropout,
-                latent=latent, need_x=need_x, need_a=need_a, need_b=need_b,
-                need_latent=need_latent, need_bias=need_bias)
-            return dx, da, db, dr, dbias, None
-    else:
+    if c is not None:
         if need_m and z is not None and z_is_output and not c.is_meta and bool((c == 0).any()):
             z = None  # Z = y / c is lost where c = 0
         if need_m and z is None and x is None:
             raise _inplace_output_error(c)
-
-        def run(impl, check=verification):
-            z_kept, z_from_y = z, z_is_output
-            if need_m and z_kept is None:  # recomputed from x, on this backend
-                z_kept, z_from_y = _recompute_z(impl, x, weight, lora_a, lora_b, latent, call,
-                                                check), False
-            dx, da, db, dr, dbias, dm = check.dora_backward(
-                impl, grad_y, x, p, z_kept, weight, lora_a, lora_b, latent, call.scaling,
-                dropout, c, norm, need_x=need_x, need_a=need_a, need_b=need_b,
-                need_latent=need_latent, need_bias=need_bias, need_m=need_m,
-                z_is_output=z_from_y)
-            return dx, da, db, dr, dbias, None if dm is None else dm.to(lora_a.dtype)
-
+    operands = (grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, _dropout(call),
+                need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_output)
     impl = _select(call, grad_y, weight, lora_a, lora_b.shape[0], c is not None, "backward",
-                   lambda: dispatch.CallDetails(
-                       lora_a.dtype, method_of(need_a, need_b, need_latent),
-                       _flags(bias=need_bias, needs_dx=need_x, dropout=dropout is not None,
-                              deterministic=torch.are_deterministic_algorithms_enabled()),
-                       lambda module: run(module, _Unchecked)))
+                   (_backward_details, operands))
     stats.record(call.name, impl.NAME, "backward")
-    return run(impl)
+    return _backward_pass(impl, verification, *operands)
+
+
+def _backward_pass(impl, check, grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call,
+                   dropout, need_x, need_a, need_b, need_latent, need_bias, need_m,
+                   z_is_output) -> tuple:
+    """(dx, dA, dB, dR, dbias, dm) of the backward on backend ``impl``, through ``check``
+    (``verification``, or ``_Unchecked`` while "auto" times it); a DoRA Z that y no longer
+    stands for is recomputed from x on the same backend."""
+    if c is None:
+        dx, da, db, dr, dbias = check.backward(
+            impl, grad_y, x, p, weight, lora_a, lora_b, call.scaling, dropout, latent=latent,
+            need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
+            need_bias=need_bias)
+        return dx, da, db, dr, dbias, None
+    if need_m and z is None:
+        z, z_is_output = _recompute_z(impl, x, weight, lora_a, lora_b, latent, call, check), False
+    dx, da, db, dr, dbias, dm = check.dora_backward(
+        impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, call.scaling, dropout, c, norm,
+        need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
+        need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
+    return dx, da, db, dr, dbias, None if dm is None else dm.to(lora_a.dtype)
+
+
+def _backward_details(*operands) -> dispatch.CallDetails:
+    """What "auto" on a GPU keys and times a backward on: the method by the gradients asked
+    for, and what changes the kernels' work (bias and x gradients, dropout, deterministic
+    reductions)."""
+    lora_a, dropout = operands[5], operands[11]
+    need_x, need_a, need_b, need_latent, need_bias = operands[12:17]
+    flags = _flags(bias=need_bias, needs_dx=need_x, dropout=dropout is not None,
+                   deterministic=torch.are_deterministic_algorithms_enabled())
+    return dispatch.CallDetails(lora_a.dtype, method_of(need_a, need_b, need_latent), flags,
+                                lambda module: _backward_pass(module, _Unchecked, *operands))
 
 
 def _inplace_output_error(c: Tensor) -> InplaceOutputError:
