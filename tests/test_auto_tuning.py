@@ -378,3 +378,31 @@ def test_enable_fused_says_auto_is_timed_per_shape_on_a_gpu(monkeypatch):
         disable_fused(model)
     monkeypatch.setattr(dispatch, "_on_gpu", lambda device: False)
     assert dispatch.describe("auto", torch.device("cpu")) == "reference"
+
+
+# -- tools.probe's first training step -------------------------------------------------------
+
+def test_the_probes_warm_first_step_times_nothing(monkeypatch, tmp_path):
+    """tools.probe's cold/warm first step, on the CPU standing in for a GPU: the cold step
+    times every key of the model (its three shapes, forward and backward), the warm one (a new
+    tuner over the same cache, no kernel choice in memory: a second process's view) times
+    nothing, and the decisions land in this machine's tuning cache."""
+    from tools import model, probe
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(dispatch, "cuda_extension_available", lambda: False)
+    monkeypatch.setattr(probe, "LLAMA_DRY", dict(layers=1, d=32, ff=48, batch=1, seq=16,
+                                                 head_dim=16, vocab=64))
+    monkeypatch.setattr(probe, "have", lambda package: package == "triton")  # the Linear stack
+    monkeypatch.setenv("LOWRANK_FUSED_CACHE_DIR", str(tmp_path / "machine"))
+    rows = []
+    p = probe.Probe(torch.device("cpu"), model.Hardware(), model.Code(), sink=rows.append)
+    probe.llama_first_step_group(p, "first step")
+    steps = {r["name"]: r for r in rows if "timed" in r}
+    cold, warm = steps["first training step, cold"], steps["first training step, warm"]
+    # three shapes forward; backward four: q, k, v of the first block have no dx to compute
+    assert cold["timed"]["backend keys"] == 7 and cold["sources"] == {"timed now": 7}
+    assert warm["timed"] == {"configs benchmarked": 0, "variant timings": 0, "backend keys": 0}
+    assert warm["sources"] == {"local cache": 7}
+    [report] = [r for r in rows if r["name"] == "tuning_report"]
+    assert sum(report["winners"].values()) == 7
+    assert len(list((tmp_path / "machine").glob("tuning-*.json"))) == 1
