@@ -252,6 +252,12 @@ def _untimed_reason(m: int) -> Optional[str]:
     return None
 
 
+# (tuner, device, pass, dtype, adapter dtype, method, flags, 4-bit, DoRA, M bucket, N, K, r) ->
+# the module of the winner the tuner settled: each later call's lookup, without building a
+# TuningKey (~5 us) or checking the backend again
+_settled: dict = {}
+
+
 def _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details) -> ModuleType:
     """"auto" on a CUDA device: the fastest contender for this call's key, timed once
     (``lowrank_fused.tuning``)."""
@@ -261,18 +267,24 @@ def _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details) -> ModuleTyp
     from . import tuning  # with its first use: "import lowrank_fused" stays light
     call = details[0](*details[1])
     m, n, k, r = shape
+    tuner = tuning.tuner()
+    settled = (tuner, device, op, dtype, call.adapter_dtype, call.method, call.flags, four_bit,
+               dora, 1 << max(m - 1, 0).bit_length(), n, k, r)
+    module = _settled.get(settled)
+    if module is not None:
+        return module
     flags = (*call.flags, *(("dora",) if dora else ()), *(("4bit",) if four_bit else ()))
     try:
         key = tuning.TuningKey.of(op, dtype, call.adapter_dtype, call.method, m, n, k, r, flags)
     except ValueError:  # a dtype the key has no name for: nothing to look up or record
         return _module(names[0], device)
-    tuner = tuning.tuner()
-    winner = tuner.decided(key, device)
-    if winner is None:
-        winner = tuner.decide(key, {name: functools.partial(call.run, _module(name, device))
-                                    for name in names},
-                              device=device, default=names[0], untimed=_untimed_reason(m))
-    return _module(winner, device)
+    winner = tuner.decide(key, {name: functools.partial(call.run, _module(name, device))
+                                for name in names},
+                          device=device, default=names[0], untimed=_untimed_reason(m))
+    module = _module(winner, device)
+    if tuner.decided(key, device) == winner:  # settled (an untimed default is not)
+        _settled[settled] = module
+    return module
 
 
 _REFERENCE = _backend_module("pytorch")

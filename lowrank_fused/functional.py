@@ -35,8 +35,9 @@ def low_rank_linear(
         weight: frozen base weight W, shape (N, K) (nn.Linear's layout), or a bitsandbytes
             ``Params4bit`` (QLoRA: NF4/FP4, any blocksize, nested absmax or not) holding it:
             dequantized to x's dtype as ``bnb.matmul_4bit`` does: inside the GEMMs' K loops on
-            the Triton backend ("triton", "auto" on CUDA tensors, and "cuda", whose C++
-            kernels have no 4-bit path), per call on the reference backend; never saved dense.
+            the Triton backend ("triton", and "cuda", whose C++ kernels have no 4-bit path),
+            per call on the reference backend ("auto" on CUDA tensors times the two per
+            shape); never saved dense.
         lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
             backward: only P = dropout(x)·Aᵀ, shape (M, r).
         lora_b: B, shape (N, r).
@@ -47,14 +48,17 @@ def low_rank_linear(
             The mask is regenerated from a seed in backward, never stored.
         training: dropout is applied only when True.
         backend: "auto", "reference", "triton" or "cuda"; the environment variable
-            ``LOWRANK_FUSED_BACKEND`` replaces "auto".
+            ``LOWRANK_FUSED_BACKEND`` replaces "auto". "auto" on CUDA tensors runs, per shape
+            and pass, the fastest of the fused kernels and the reference (timed once,
+            remembered: ``lowrank_fused.tuning_report()``); elsewhere the reference.
         dropout_seed: seed of the dropout mask; drawn from torch's RNG when None.
         magnitude: DoRA's magnitude m, shape (N,), the adapters' dtype: then
             y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached,
             recomputed each call), and with dropout PEFT's rule
             y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ (``lowrank_fused.dora``). Runs
-            on the Triton backend for "triton", "cuda" (the CUDA extension has no DoRA kernels)
-            and "auto" on CUDA tensors; over a 4-bit weight (QDoRA) on the reference backend
+            on the Triton backend for "triton" and "cuda" (the CUDA extension has no DoRA
+            kernels), on the faster of Triton and the reference per shape for "auto" on CUDA
+            tensors; over a 4-bit weight (QDoRA) on the reference backend
             (``dispatch.select``). Without bias and dropout the output stands for what m's
             gradient needs: changed in place before backward, that is recomputed from x, or,
             with lora_a frozen, ``InplaceOutputError`` says what to change.

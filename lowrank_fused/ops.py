@@ -23,6 +23,7 @@ checked against the PyTorch backend).
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -116,9 +117,15 @@ class _Unchecked:
         return impl.dora_backward(*args, **kwargs)
 
 
-def _flags(**present: bool) -> tuple:
-    """The tuning key's flags that are on (``tuning.key.FLAGS``), in sorted order."""
-    return tuple(sorted(name for name, on in present.items() if on))
+def _flag_table(*names: str) -> dict:
+    """{(on, ...): the names that are on, sorted} for every combination of ``names``: a call's
+    tuning-key flags (``tuning.key.FLAGS``) by one lookup."""
+    return {ons: tuple(sorted(n for n, on in zip(names, ons) if on))
+            for ons in itertools.product((False, True), repeat=len(names))}
+
+
+_FORWARD_FLAGS = _flag_table("bias", "dropout")
+_BACKWARD_FLAGS = _flag_table("bias", "needs_dx", "dropout", "deterministic")
 
 
 def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
@@ -173,7 +180,7 @@ def _forward_details(*operands) -> dispatch.CallDetails:
     do the same work for the three methods)."""
     x, weight, bias, lora_a, b_eff, call, dropout = operands[:7]
     return dispatch.CallDetails(lora_a.dtype, "lora",
-                                _flags(bias=bias is not None, dropout=dropout is not None),
+                                _FORWARD_FLAGS[bias is not None, dropout is not None],
                                 lambda module: _forward_pass(module, _Unchecked, *operands))
 
 
@@ -235,8 +242,8 @@ def _backward_details(*operands) -> dispatch.CallDetails:
     reductions)."""
     lora_a, dropout = operands[5], operands[11]
     need_x, need_a, need_b, need_latent, need_bias = operands[12:17]
-    flags = _flags(bias=need_bias, needs_dx=need_x, dropout=dropout is not None,
-                   deterministic=torch.are_deterministic_algorithms_enabled())
+    flags = _BACKWARD_FLAGS[bool(need_bias), bool(need_x), dropout is not None,
+                            torch.are_deterministic_algorithms_enabled()]
     return dispatch.CallDetails(lora_a.dtype, method_of(need_a, need_b, need_latent), flags,
                                 lambda module: _backward_pass(module, _Unchecked, *operands))
 
