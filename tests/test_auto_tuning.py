@@ -296,12 +296,14 @@ def test_a_damaged_cache_entry_costs_one_warning_and_a_retune_never_a_call(fake_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_call(case, None, "auto")
-    assert len([w for w in caught if issubclass(w.category, TuningCacheWarning)]) <= 1
+    assert len([w for w in caught if issubclass(w.category, TuningCacheWarning)]) == 1
     rows = lowrank_fused.tuning_report()
-    retimed = [r for r in rows if r["source"] == "timed now"]
-    assert retimed, rows  # at least the damaged entry's key was timed again
-    for row in retimed:
-        assert row["winner"] == ("triton" if row["key"].startswith("forward") else "reference")
+    retimed = {r["key"].split("|")[0]: r["winner"] for r in rows if r["source"] == "timed now"}
+    # a file that is not usable at all: both keys again; a bad entry (the backward's, the
+    # first in the file): that key alone, the other read from the file
+    whole_file = kind in ("truncated", "another package version")
+    assert retimed == ({"forward": "triton", "backward": "reference"} if whole_file
+                       else {"backward": "reference"}), rows
     out = run_second_process(fake_gpu.cache, DEFAULT_PATH)  # rewritten: read back, no warning
     assert {row["source"] for row in out["report"]} == {"local cache"}
 
