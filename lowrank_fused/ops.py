@@ -178,7 +178,7 @@ def _forward_pass(impl, check, x, weight, bias, lora_a, b_eff, call, dropout, ha
 def _forward_details(*operands) -> dispatch.CallDetails:
     """What "auto" on a GPU keys and times a forward on (every forward is "lora": its kernels
     do the same work for the three methods)."""
-    x, weight, bias, lora_a, b_eff, call, dropout = operands[:7]
+    x, weight, bias, lora_a, b_eff, call, dropout, has_latent, c, norm, need_z = operands
     return dispatch.CallDetails(lora_a.dtype, "lora",
                                 _FORWARD_FLAGS[bias is not None, dropout is not None],
                                 lambda module: _forward_pass(module, _Unchecked, *operands))
@@ -240,8 +240,8 @@ def _backward_details(*operands) -> dispatch.CallDetails:
     """What "auto" on a GPU keys and times a backward on: the method by the gradients asked
     for, and what changes the kernels' work (bias and x gradients, dropout, deterministic
     reductions)."""
-    lora_a, dropout = operands[5], operands[11]
-    need_x, need_a, need_b, need_latent, need_bias = operands[12:17]
+    (grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, dropout, need_x, need_a,
+     need_b, need_latent, need_bias, need_m, z_is_output) = operands
     flags = _BACKWARD_FLAGS[bool(need_bias), bool(need_x), dropout is not None,
                             torch.are_deterministic_algorithms_enabled()]
     return dispatch.CallDetails(lora_a.dtype, method_of(need_a, need_b, need_latent), flags,

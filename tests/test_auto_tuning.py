@@ -308,6 +308,26 @@ def test_a_damaged_cache_entry_costs_one_warning_and_a_retune_never_a_call(fake_
     assert {row["source"] for row in out["report"]} == {"local cache"}
 
 
+def test_warmup_decides_each_key_of_a_model_before_training(fake_gpu):
+    """lowrank_fused.warmup on a model of the real layer: each distinct key (two layers' shapes,
+    forward and backward) decided once, timed; a new process warming up again reads them all;
+    the model keeps no gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        lowrank_fused.LowRankLinear(K, N, R, method="lora_fa", dropout=0.1),
+        torch.nn.GELU(), lowrank_fused.LowRankLinear(N, K, R))
+    batch = torch.randn(M, K)
+    rows = lowrank_fused.warmup(model, batch, progress=False)
+    assert [(r["key"].split("|")[0], r["source"]) for r in rows] == [
+        ("forward", "timed now"), ("forward", "timed now"),
+        ("backward", "timed now"), ("backward", "timed now")]
+    assert all(p.grad is None for p in model.parameters())
+    fake_gpu.configure(timer=lambda fn: pytest.fail("timed again"))
+    again = lowrank_fused.warmup(model, batch, progress=False)
+    assert [r["key"] for r in again] == [r["key"] for r in rows]
+    assert {r["source"] for r in again} == {"local cache"}
+
+
 # -- capture and compile ---------------------------------------------------------------------
 
 def test_under_graph_capture_a_decided_key_runs_and_a_new_one_raises(fake_gpu, monkeypatch):
