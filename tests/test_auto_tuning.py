@@ -144,6 +144,8 @@ def test_auto_times_the_kernels_against_the_reference_forward_and_backward_apart
     assert report[1]["contenders"] == ["triton", "reference"]
     assert ("dora" in report[0]["key"].split("|")[4]) == dora
     assert report[1]["key"].split("|")[3] == "lora_fa"  # the backward's method: B trains
+    # the key is the op's own shapes: M bucketed to a power of two, N, K, r
+    assert all(row["key"].endswith(f"|32|{N}|{K}|{R}") for row in report)
 
     explicit = {backend: run_call(case, magnitude, backend) for backend in ("triton", "reference")}
     for backend, (_, _, other_bytes, other_shapes) in explicit.items():

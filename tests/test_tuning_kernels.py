@@ -177,7 +177,9 @@ def test_precompile_configs_compiles_each_candidate_with_the_launch_arguments():
     class Launch:
         fn = Fn()
         nargs = {"x_ptr": torch.zeros(4), "n": 4}
-    assert parallel.precompile_configs(Launch(), CONFIGS, {"HAS_DROPOUT": True}, workers=2)
+    # what Autotuner.run passes on (KernelInterface.__getitem__ adds the grid and warmup=False)
+    meta = {"HAS_DROPOUT": True, "grid": (8,), "warmup": False}
+    assert parallel.precompile_configs(Launch(), CONFIGS, meta, workers=2)
     assert [(s["BLOCK"], s["num_warps"], s["HAS_DROPOUT"], s["n"], s["grid"]) for s in seen] == [
         (64, 4, True, 4, (1,)), (128, 8, True, 4, (1,))]
 
