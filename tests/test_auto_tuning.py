@@ -200,6 +200,18 @@ def test_quick_autotuning_runs_the_kernels_untimed(fake_gpu, monkeypatch):
         ("triton", "default (untimed)", "LOWRANK_FUSED_AUTOTUNE=quick")] * 2
 
 
+def test_importing_the_package_loads_neither_triton_nor_the_tuning_hooks():
+    """The tuning is imported with the package, the kernels and Triton only with the Triton
+    backend (which installs the hooks): a CPU user pays for neither."""
+    code = ("import sys, lowrank_fused; "
+            "print(sorted(m for m in ('triton', 'lowrank_fused.triton_kernels', "
+            "'lowrank_fused.backends.triton') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_qdora_and_the_contenders_of_each_call():
     """The CUDA extension competes for plain calls only (no DoRA or 4-bit kernels); QDoRA has
     nothing to time."""
