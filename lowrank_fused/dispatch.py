@@ -2,10 +2,10 @@
 made.
 
 ``select`` takes the call's properties (the backend asked for, the device, the dtype, the shape,
-a 4-bit weight or not, DoRA or not, the method and mode) and returns the backend module that runs
-it (``backends/``). The ops call it at run time, inside their bodies, so under torch.compile the
+a 4-bit weight or not, DoRA or not, the pass, and for "auto" on a GPU the rest of the call's key
+and a way to run it) and returns the backend module that runs it (``backends/``). The ops call it at run time, inside their bodies, so under torch.compile the
 choice is made per call on the real shapes without a guard or a recompile; a choice that needs
-more of the call (a timed one) belongs here too.
+more of the call (the timed one of "auto") is made here too.
 
 An explicit ``backend=`` argument wins; otherwise the environment variable
 ``LOWRANK_FUSED_BACKEND`` replaces the default "auto". What each name means:
@@ -17,10 +17,16 @@ An explicit ``backend=`` argument wins; otherwise the environment variable
 - "cuda": the CUDA C++ extension. It has no DoRA and no 4-bit kernels: after checking that it
   could run here, a DoRA call runs on Triton (which must then be installed), a 4-bit call on
   Triton where it is installed and on the PyTorch backend otherwise, QDoRA on the PyTorch backend.
-- "auto": on CUDA tensors, a dense plain call takes the measured per-shape policy
-  (``lowrank_fused.policy``) when both GPU backends are built (Triton where the policy has no
-  entry), else whichever GPU backend is built; a DoRA or 4-bit call takes Triton where installed
-  (no measured policy for them); QDoRA and anything not on CUDA take the PyTorch backend.
+- "auto": on CUDA tensors, per key (the pass, forward and backward apart; dtypes; method and
+  flags; M bucketed to a power of two; N, K, r: ``tuning.TuningKey``) the fastest of the
+  ``contenders``: Triton, the CUDA extension where built (plain calls only), and the reference
+  (cuBLAS with the same memory saving: the saved tensors are decided by the ops, whichever
+  backend runs), timed once on the call's first use of its key and remembered in the local
+  tuning cache, or taken from the shipped table (``lowrank_fused.tuning``;
+  ``lowrank_fused.tuning_report()`` lists each choice). Untimed (a recorded choice, else the
+  first fused contender) under ``LOWRANK_FUSED_AUTOTUNE=quick`` and deterministic algorithms;
+  under CUDA graph capture a key not decided yet raises CaptureError. QDoRA and anything not
+  on CUDA take the PyTorch backend at once (the tuning machinery is never touched).
 - Meta tensors: the PyTorch backend whatever was asked (its ops propagate shapes).
 
 Asking for a backend that cannot run here raises ``BackendUnavailableError`` saying how to get it.
@@ -31,11 +37,11 @@ import functools
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _env, policy
+from . import _env
 from ._numpy_check import check_numpy_for_triton_interpreter
 from .errors import BackendUnavailableError
 
@@ -142,54 +148,54 @@ def _backend_module(name: str) -> ModuleType:
     return importlib.import_module(f".backends.{name}", __package__)
 
 
-def gpu_arch(device: torch.device) -> str:
-    """"sm90" for H100/H200, "sm80" for A100, ...: the key of the measured policy."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
+def _on_gpu(device_type: str) -> bool:
+    """Whether "auto" treats the call as a GPU's (the tests make the CPU stand in for one)."""
+    return device_type == "cuda"
 
 
-DEFAULT_KIND = "lora:forward+backward"
+class CallDetails(NamedTuple):
+    """What "auto" on a GPU needs of a call beyond ``select``'s arguments, asked for only there
+    (``select``'s ``details``): the adapters' dtype, the method by which the adapters train
+    (``tuning.key.METHODS``; "lora" for every forward: its kernels do the same work for all
+    three), the flags of its key (``tuning.key.FLAGS``), and ``run(module)``, which runs this
+    very call on a backend module, unchecked, its result discarded (what timing runs)."""
 
-
-def parse_kind(kind: str) -> tuple[str, str]:
-    """(method, mode) of a call kind "<method>:<mode>" (``functional.call_kind``); ValueError
-    for anything else."""
-    parts = kind.split(":")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"expected a call kind '<method>:<mode>', got {kind!r}")
-    return parts[0], parts[1]
-
-
-def _on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
+    adapter_dtype: torch.dtype
+    method: str
+    flags: tuple
+    run: Callable[[ModuleType], object]
 
 
 def select(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-           shape: Optional[tuple] = None, kind: str = DEFAULT_KIND, four_bit: bool = False,
-           dora: bool = False) -> ModuleType:
+           shape: Optional[tuple] = None, four_bit: bool = False, dora: bool = False,
+           op: str = "forward", details: Optional[tuple] = None) -> ModuleType:
     """The backend module that runs one call (see the module docstring for the rules).
 
     Args:
         backend: "auto", "reference", "triton" or "cuda" as the caller asked.
         device: the tensors' device.
-        dtype, shape: the base dtype and (M, N, K, r): what the measured policy is keyed on
-            (read only for "auto" on CUDA tensors with both GPU backends built).
-        kind: "<method>:<mode>" (lora / lora_fa / lora_xs, forward / forward+backward).
+        dtype, shape: the base (compute) dtype and (M, N, K, r): with ``op`` and ``details``
+            what "auto" on CUDA tensors keys its timed choice on (read only there).
         four_bit: W is a 4-bit (bitsandbytes) weight. dora: a DoRA call (a magnitude).
+        op: the pass, "forward" or "backward" ("auto" chooses each apart).
+        details: (function, arguments): ``function(*arguments)`` returns the call's
+            ``CallDetails`` (called only by "auto" on CUDA tensors; a pair rather than a
+            closure, which would cost every call); without it (or without ``shape``) "auto" on
+            CUDA tensors takes its first fused contender, untimed.
 
     Raises:
-        ValueError: an unknown backend name. BackendUnavailableError: it cannot run here."""
+        ValueError: an unknown backend name. BackendUnavailableError: it cannot run here.
+        CaptureError: "auto" meets a key not decided yet while a CUDA graph is captured."""
     if backend == "reference":
         return _REFERENCE
     name = requested_choice(backend)
-    if name == "reference" or device.type == "meta":
+    device_type = device.type  # a property that builds a new string each time: read once
+    if name == "reference" or device_type == "meta":
         return _REFERENCE
     if name == "auto":
-        if not _on_gpu(device) or (four_bit and dora):
+        if not _on_gpu(device_type):
             return _REFERENCE
-        if four_bit or dora:
-            return _load_triton(device) if triton_available() else _REFERENCE
-        return _auto_dense(device, dtype, shape, kind)
+        return _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details)
     module = _load_triton(device) if name == "triton" else _load_cuda(device)
     if four_bit and dora:
         return _REFERENCE
@@ -200,20 +206,85 @@ def select(backend: str, device: torch.device, dtype: Optional[torch.dtype] = No
     return module
 
 
-def _auto_dense(device, dtype, shape, kind) -> ModuleType:
-    """"auto" for a dense plain call on a CUDA device."""
-    have_triton, have_cuda = triton_available(), cuda_extension_available()
-    if have_triton and have_cuda:
-        winner = None
-        if dtype is not None and shape is not None:
-            method, mode = parse_kind(kind)
-            m, n, k, r = shape
-            winner = policy.choose(gpu_arch(device), str(dtype).replace("torch.", ""), method,
-                                   mode, m, n, k, r)
-        return _load_cuda(device) if winner == "cuda" else _load_triton(device)
-    if have_triton:
+def contenders(four_bit: bool = False, dora: bool = False) -> tuple:
+    """The backends "auto" times against each other on CUDA tensors, fused first: Triton where
+    installed, the CUDA extension where built (plain calls only: it has no DoRA or 4-bit
+    kernels), and always the reference (cuBLAS with the same memory saving). QDoRA: the
+    reference alone."""
+    if four_bit and dora:
+        return ("reference",)
+    names = ["triton"] if triton_available() else []
+    if not (four_bit or dora) and cuda_extension_available():
+        names.append("cuda")
+    return (*names, "reference")
+
+
+def describe(backend: str, device: torch.device) -> str:
+    """What ``backend`` means on ``device`` in words: a backend name, or for "auto" on a GPU
+    "auto (timed per shape: triton, cuda, reference)" (the contenders of a plain call)."""
+    name = requested_choice(backend)
+    if name == "auto" and _on_gpu(device.type):
+        names = contenders()
+        if len(names) > 1:
+            return f"auto (timed per shape: {', '.join(names)})"
+    return select(backend, device).NAME
+
+
+def _module(name: str, device: torch.device) -> ModuleType:
+    if name == "triton":
         return _load_triton(device)
-    return _load_cuda(device) if have_cuda else _REFERENCE
+    return _load_cuda(device) if name == "cuda" else _REFERENCE
+
+
+_env_autotune = _env.reader("LOWRANK_FUSED_AUTOTUNE")
+
+
+def _untimed_reason(m: int) -> Optional[str]:
+    """Why this call may not be timed (then a recorded choice, else the first fused contender),
+    or None."""
+    if _env_autotune() == "quick":  # correctness runs: the kernels, no timing
+        return "LOWRANK_FUSED_AUTOTUNE=quick"
+    if torch.are_deterministic_algorithms_enabled():
+        # timing noise could pick either backend from run to run, and they round differently
+        return "deterministic algorithms"
+    if m == 0:
+        return "an empty batch"
+    return None
+
+
+# (tuner, device, pass, dtype, adapter dtype, method, flags, 4-bit, DoRA, M bucket, N, K, r) ->
+# the module of the winner the tuner settled: each later call's lookup, without building a
+# TuningKey (~5 us) or checking the backend again
+_settled: dict = {}
+
+
+def _auto_on_gpu(device, dtype, shape, four_bit, dora, op, details) -> ModuleType:
+    """"auto" on a CUDA device: the fastest contender for this call's key, timed once
+    (``lowrank_fused.tuning``)."""
+    names = contenders(four_bit, dora)
+    if len(names) == 1 or shape is None or details is None or dtype is None:
+        return _module(names[0], device)
+    from . import tuning  # with its first use: "import lowrank_fused" stays light
+    call = details[0](*details[1])
+    m, n, k, r = shape
+    tuner = tuning.tuner()
+    settled = (tuner, device, op, dtype, call.adapter_dtype, call.method, call.flags, four_bit,
+               dora, 1 << max(m - 1, 0).bit_length(), n, k, r)
+    module = _settled.get(settled)
+    if module is not None:
+        return module
+    flags = (*call.flags, *(("dora",) if dora else ()), *(("4bit",) if four_bit else ()))
+    try:
+        key = tuning.TuningKey.of(op, dtype, call.adapter_dtype, call.method, m, n, k, r, flags)
+    except ValueError:  # a dtype the key has no name for: nothing to look up or record
+        return _module(names[0], device)
+    winner = tuner.decide(key, {name: functools.partial(call.run, _module(name, device))
+                                for name in names},
+                          device=device, default=names[0], untimed=_untimed_reason(m))
+    module = _module(winner, device)
+    if tuner.decided(key, device) == winner:  # settled (an untimed default is not)
+        _settled[settled] = module
+    return module
 
 
 _REFERENCE = _backend_module("pytorch")

@@ -35,8 +35,9 @@ def low_rank_linear(
         weight: frozen base weight W, shape (N, K) (nn.Linear's layout), or a bitsandbytes
             ``Params4bit`` (QLoRA: NF4/FP4, any blocksize, nested absmax or not) holding it:
             dequantized to x's dtype as ``bnb.matmul_4bit`` does: inside the GEMMs' K loops on
-            the Triton backend ("triton", "auto" on CUDA tensors, and "cuda", whose C++
-            kernels have no 4-bit path), per call on the reference backend; never saved dense.
+            the Triton backend ("triton", and "cuda", whose C++ kernels have no 4-bit path),
+            per call on the reference backend ("auto" on CUDA tensors times the two per
+            shape); never saved dense.
         lora_a: A, shape (r, K). Freeze it (``requires_grad=False``) and x is never saved for
             backward: only P = dropout(x)·Aᵀ, shape (M, r).
         lora_b: B, shape (N, r).
@@ -47,14 +48,17 @@ def low_rank_linear(
             The mask is regenerated from a seed in backward, never stored.
         training: dropout is applied only when True.
         backend: "auto", "reference", "triton" or "cuda"; the environment variable
-            ``LOWRANK_FUSED_BACKEND`` replaces "auto".
+            ``LOWRANK_FUSED_BACKEND`` replaces "auto". "auto" on CUDA tensors runs, per shape
+            and pass, the fastest of the fused kernels and the reference (timed once,
+            remembered: ``lowrank_fused.tuning_report()``); elsewhere the reference.
         dropout_seed: seed of the dropout mask; drawn from torch's RNG when None.
         magnitude: DoRA's magnitude m, shape (N,), the adapters' dtype: then
             y = c ⊙ (x·Wᵀ + s·P·B_effᵀ) + bias with c = m / ‖W + s·B_eff·A‖_row (detached,
             recomputed each call), and with dropout PEFT's rule
             y = x·Wᵀ + bias + (c − 1) ⊙ x̃·Wᵀ + c ⊙ s·P·B_effᵀ (``lowrank_fused.dora``). Runs
-            on the Triton backend for "triton", "cuda" (the CUDA extension has no DoRA kernels)
-            and "auto" on CUDA tensors; over a 4-bit weight (QDoRA) on the reference backend
+            on the Triton backend for "triton" and "cuda" (the CUDA extension has no DoRA
+            kernels), on the faster of Triton and the reference per shape for "auto" on CUDA
+            tensors; over a 4-bit weight (QDoRA) on the reference backend
             (``dispatch.select``). Without bias and dropout the output stands for what m's
             gradient needs: changed in place before backward, that is recomputed from x, or,
             with lora_a frozen, ``InplaceOutputError`` says what to change.
@@ -97,9 +101,7 @@ def low_rank_linear(
         _check_inputs_once(x, weight, lora_a, lora_b, bias, latent, dropout_p, magnitude)
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(dropout_seed) if dropout_p > 0.0 else None
-    # The call's kind only steers the measured policy, which exists for CUDA tensors only.
-    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
-    call = Call(float(scaling), dropout_p, seed, backend, kind, name)
+    call = Call(float(scaling), dropout_p, seed, backend, name)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     # Eager: the custom ops' bodies through an autograd.Function, without the dispatcher's
     # cost; with nothing to differentiate, the forward body alone.
@@ -127,22 +129,10 @@ def _traced_call(x, weight, lora_a, lora_b, bias, latent, scaling, dropout_p, tr
     seed = seed_tensor(dropout_seed) if dropout_p > 0.0 else None
     magnitude_grad = (magnitude is not None and magnitude.requires_grad
                       and torch.is_grad_enabled())
-    kind = call_kind(x, weight, lora_a, lora_b, latent) if x.is_cuda else DEFAULT_KIND
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = forward_op(rows, weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p,
-                     seed, backend, name, magnitude, magnitude_grad, kind, *quant)[0]
+                     seed, backend, name, magnitude, magnitude_grad, DEFAULT_KIND, *quant)[0]
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], y2d.shape[1])
-
-
-def call_kind(x, weight, lora_a, lora_b, latent) -> str:
-    """"<method>:<mode>" of one call, for the measured policy: the method by which adapters
-    train (lora, lora_fa, lora_xs), the mode "forward+backward" when autograd will run."""
-    trains = [t is not None and t.requires_grad for t in (lora_a, lora_b, latent)]
-    method = "lora" if trains[0] else ("lora_fa" if trains[1] else
-                                       ("lora_xs" if trains[2] else "lora"))
-    grads = torch.is_grad_enabled() and (x.requires_grad or any(trains)
-                                         or _any_requires_grad(weight))
-    return f"{method}:{'forward+backward' if grads else 'forward'}"
 
 
 # One C call that says whether any autocast is on (eager only: compile keeps the public checks);

@@ -23,15 +23,22 @@ checked against the PyTorch backend).
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import dispatch, dora, quantized, stats, verification
-from .dispatch import DEFAULT_KIND
 from .dropout import DropoutSpec
 from .errors import DoubleBackwardError, InplaceOutputError
+from .tuning.key import method_of
+
+
+# The ops' ``kind`` argument ("<method>:<mode>") steered the measured triton-vs-cuda policy, which
+# the timed choice of "auto" replaced (it keys on the pass and the gradients asked for): accepted
+# and unused, so that the ops' schema (and graphs compiled against it) stay as they were.
+DEFAULT_KIND = "lora:forward+backward"
 
 
 class Call(NamedTuple):
@@ -41,7 +48,6 @@ class Call(NamedTuple):
     dropout_p: float  # 0.0 without dropout (or out of training)
     seed: Union[int, Tensor, None]  # an int (eager) or a 1-element int64 tensor (custom op)
     backend: str  # as asked: "auto", "reference", "triton" or "cuda"
-    kind: str = DEFAULT_KIND  # "<method>:<mode>", for the measured policy (dispatch.select)
     name: Optional[str] = None  # the call's label in ``stats``
 
 
@@ -79,11 +85,47 @@ def _dropout(call: Call) -> Optional[DropoutSpec]:
     return DropoutSpec(call.dropout_p, int(seed.item()) if isinstance(seed, Tensor) else int(seed))
 
 
-def _select(call: Call, rows: Tensor, weight, lora_a: Tensor, n: int, dora_call: bool):
-    """The backend module for this call (``dispatch.select``, the one place a choice is made)."""
+def _select(call: Call, rows: Tensor, weight, lora_a: Tensor, n: int, dora_call: bool, op: str,
+            details: tuple) -> object:
+    """The backend module for this call (``dispatch.select``, the one place a choice is made).
+    ``details``: (function, arguments), called only by "auto" on a GPU for the rest of the
+    call's tuning key and a way to run it (``dispatch.CallDetails``); a tuple, so that the
+    common call builds no closure."""
     r, k = lora_a.shape
     return dispatch.select(call.backend, rows.device, rows.dtype, (rows.shape[0], n, k, r),
-                           call.kind, not isinstance(weight, Tensor), dora_call)
+                           not isinstance(weight, Tensor), dora_call, op, details)
+
+
+class _Unchecked:
+    """``verification``'s entry points without the check: how a contender runs while "auto"
+    times it (its outputs are discarded; the winner then runs checked)."""
+
+    @staticmethod
+    def forward(impl, *args, has_latent=False):
+        return impl.forward(*args)
+
+    @staticmethod
+    def backward(impl, *args, **kwargs):
+        return impl.backward(*args, **kwargs)
+
+    @staticmethod
+    def dora_forward(impl, *args, has_latent=False, **kwargs):
+        return impl.dora_forward(*args, **kwargs)
+
+    @staticmethod
+    def dora_backward(impl, *args, **kwargs):
+        return impl.dora_backward(*args, **kwargs)
+
+
+def _flag_table(*names: str) -> dict:
+    """{(on, ...): the names that are on, sorted} for every combination of ``names``: a call's
+    tuning-key flags (``tuning.key.FLAGS``) by one lookup."""
+    return {ons: tuple(sorted(n for n, on in zip(names, ons) if on))
+            for ons in itertools.product((False, True), repeat=len(names))}
+
+
+_FORWARD_FLAGS = _flag_table("bias", "dropout")
+_BACKWARD_FLAGS = _flag_table("bias", "needs_dx", "dropout", "deterministic")
 
 
 def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
@@ -103,22 +145,43 @@ def run_forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call: Call,
 
 def _forward(x, weight, bias, lora_a, lora_b, latent, magnitude, call, magnitude_grad,
              keep_z_where_c_is_zero):
-    impl = _select(call, x, weight, lora_a, lora_b.shape[0], magnitude is not None)
-    stats.record(call.name, impl.NAME, "forward")
     b_eff = effective_lora_b(lora_b, latent)
-    dropout = _dropout(call)
-    if magnitude is None:
-        y, p = verification.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
-                                    has_latent=latent is not None)
+    c = norm = None
+    need_z = False
+    if magnitude is not None:
+        c, norm = dora.column_scale(weight, lora_a, b_eff, magnitude, call.scaling)
+        need_z = magnitude_grad and (
+            not z_is_output(True, bias, call.dropout_p)
+            or (keep_z_where_c_is_zero and not c.is_meta and bool((c == 0).any())))
+        b_eff = b_eff.detach()
+    operands = (x, weight, bias, lora_a, b_eff, call, _dropout(call), latent is not None, c, norm,
+                need_z)
+    impl = _select(call, x, weight, lora_a, lora_b.shape[0], c is not None, "forward",
+                   (_forward_details, operands))
+    stats.record(call.name, impl.NAME, "forward")
+    return _forward_pass(impl, verification, *operands)
+
+
+def _forward_pass(impl, check, x, weight, bias, lora_a, b_eff, call, dropout, has_latent, c,
+                  norm, need_z) -> tuple:
+    """(y, P, Z, c, norm) of the forward on backend ``impl``, through ``check``
+    (``verification``, or ``_Unchecked`` while "auto" times it)."""
+    if c is None:
+        y, p = check.forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout,
+                             has_latent=has_latent)
         return y, p, None, None, None
-    c, norm = dora.column_scale(weight, lora_a, b_eff, magnitude, call.scaling)
-    need_z = magnitude_grad and (
-        not z_is_output(True, bias, call.dropout_p)
-        or (keep_z_where_c_is_zero and not c.is_meta and bool((c == 0).any())))
-    y, p, z = verification.dora_forward(impl, x, weight, bias, lora_a, b_eff.detach(),
-                                        call.scaling, dropout, c, need_z=need_z,
-                                        has_latent=latent is not None)
+    y, p, z = check.dora_forward(impl, x, weight, bias, lora_a, b_eff, call.scaling, dropout, c,
+                                 need_z=need_z, has_latent=has_latent)
     return y, p, z, c, norm
+
+
+def _forward_details(*operands) -> dispatch.CallDetails:
+    """What "auto" on a GPU keys and times a forward on (every forward is "lora": its kernels
+    do the same work for the three methods)."""
+    x, weight, bias, lora_a, b_eff, call, dropout, has_latent, c, norm, need_z = operands
+    return dispatch.CallDetails(lora_a.dtype, "lora",
+                                _FORWARD_FLAGS[bias is not None, dropout is not None],
+                                lambda module: _forward_pass(module, _Unchecked, *operands))
 
 
 def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call: Call,
@@ -138,45 +201,74 @@ def run_backward(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call:
 
 def _backward_body(grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, need_x,
                    need_a, need_b, need_latent, need_bias, need_m, z_is_output):
-    impl = _select(call, grad_y, weight, lora_a, lora_b.shape[0], c is not None)
-    stats.record(call.name, impl.NAME, "backward")
-    dropout = _dropout(call)
     need_latent = need_latent and latent is not None
+    if c is not None:
+        if need_m and z is not None and z_is_output and not c.is_meta and bool((c == 0).any()):
+            z = None  # Z = y / c is lost where c = 0
+        if need_m and z is None and x is None:
+            raise _inplace_output_error(c)
+    operands = (grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, _dropout(call),
+                need_x, need_a, need_b, need_latent, need_bias, need_m, z_is_output)
+    impl = _select(call, grad_y, weight, lora_a, lora_b.shape[0], c is not None, "backward",
+                   (_backward_details, operands))
+    stats.record(call.name, impl.NAME, "backward")
+    return _backward_pass(impl, verification, *operands)
+
+
+def _backward_pass(impl, check, grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call,
+                   dropout, need_x, need_a, need_b, need_latent, need_bias, need_m,
+                   z_is_output) -> tuple:
+    """(dx, dA, dB, dR, dbias, dm) of the backward on backend ``impl``, through ``check``
+    (``verification``, or ``_Unchecked`` while "auto" times it); a DoRA Z that y no longer
+    stands for is recomputed from x on the same backend."""
     if c is None:
-        dx, da, db, dr, dbias = verification.backward(
+        dx, da, db, dr, dbias = check.backward(
             impl, grad_y, x, p, weight, lora_a, lora_b, call.scaling, dropout, latent=latent,
             need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
             need_bias=need_bias)
         return dx, da, db, dr, dbias, None
-    if need_m and z is not None and z_is_output and not c.is_meta and bool((c == 0).any()):
-        z = None  # Z = y / c is lost where c = 0
     if need_m and z is None:
-        z, z_is_output = _recompute_z(impl, x, weight, lora_a, lora_b, latent, call, c), False
-    dx, da, db, dr, dbias, dm = verification.dora_backward(
+        z, z_is_output = _recompute_z(impl, x, weight, lora_a, lora_b, latent, call, check), False
+    dx, da, db, dr, dbias, dm = check.dora_backward(
         impl, grad_y, x, p, z, weight, lora_a, lora_b, latent, call.scaling, dropout, c, norm,
         need_x=need_x, need_a=need_a, need_b=need_b, need_latent=need_latent,
         need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
     return dx, da, db, dr, dbias, None if dm is None else dm.to(lora_a.dtype)
 
 
-def _recompute_z(impl, x, weight, lora_a, lora_b, latent, call: Call, c: Tensor) -> Tensor:
+def _backward_details(*operands) -> dispatch.CallDetails:
+    """What "auto" on a GPU keys and times a backward on: the method by the gradients asked
+    for, and what changes the kernels' work (bias and x gradients, dropout, deterministic
+    reductions)."""
+    (grad_y, x, p, z, weight, lora_a, lora_b, latent, c, norm, call, dropout, need_x, need_a,
+     need_b, need_latent, need_bias, need_m, z_is_output) = operands
+    flags = _BACKWARD_FLAGS[bool(need_bias), bool(need_x), dropout is not None,
+                            torch.are_deterministic_algorithms_enabled()]
+    return dispatch.CallDetails(lora_a.dtype, method_of(need_a, need_b, need_latent), flags,
+                                lambda module: _backward_pass(module, _Unchecked, *operands))
+
+
+def _inplace_output_error(c: Tensor) -> InplaceOutputError:
+    """Z is needed for dm, y no longer stands for it, and x was not kept (lora_a frozen)."""
+    zero = not c.is_meta and bool((c == 0).any())
+    return InplaceOutputError(
+        "lowrank_fused: the magnitude's gradient of a DoRA call without bias and dropout "
+        "needs the call's output y (Z = y / c), and "
+        + ("c = m / ‖W + s·B·A‖ has an exact zero (a zero in the magnitude), where y says "
+           "nothing of Z" if zero else
+           "y was changed in place before backward (e.g. nn.ReLU(inplace=True) after the "
+           "layer)")
+        + "; with lora_a frozen (DoRA-FA) x is not kept, so Z cannot be recomputed. Use an "
+        "out-of-place op after the layer (nn.ReLU(inplace=False)), let lora_a train, or "
+        "run the call eagerly (outside torch.compile an exact zero keeps Z)")
+
+
+def _recompute_z(impl, x, weight, lora_a, lora_b, latent, call: Call, check) -> Tensor:
     """Z = x·Wᵀ + s·(x·Aᵀ)·B_effᵀ again (a call without bias and dropout, whose y stood for Z),
-    from x; ``InplaceOutputError`` when x was not kept (lora_a frozen)."""
-    if x is None:
-        zero = not c.is_meta and bool((c == 0).any())
-        raise InplaceOutputError(
-            "lowrank_fused: the magnitude's gradient of a DoRA call without bias and dropout "
-            "needs the call's output y (Z = y / c), and "
-            + ("c = m / ‖W + s·B·A‖ has an exact zero (a zero in the magnitude), where y says "
-               "nothing of Z" if zero else
-               "y was changed in place before backward (e.g. nn.ReLU(inplace=True) after the "
-               "layer)")
-            + "; with lora_a frozen (DoRA-FA) x is not kept, so Z cannot be recomputed. Use an "
-            "out-of-place op after the layer (nn.ReLU(inplace=False)), let lora_a train, or "
-            "run the call eagerly (outside torch.compile an exact zero keeps Z)")
+    from x (kept: ``_inplace_output_error`` otherwise)."""
     b_eff = effective_lora_b(lora_b, latent).detach()
-    return verification.forward(impl, x, weight, None, lora_a, b_eff, call.scaling, None,
-                                has_latent=latent is not None)[0]
+    return check.forward(impl, x, weight, None, lora_a, b_eff, call.scaling, None,
+                         has_latent=latent is not None)[0]
 
 
 def _refuse_double_backward() -> None:
@@ -233,11 +325,12 @@ def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     ``magnitude_grad`` (m trains: Z is made); a 4-bit W (``quantized.Packed4bit``): ``weight``
     its packed bytes (uint8), ``absmax`` (uint8 indices when nested), ``code`` (16 values) and,
     nested, ``absmax2``, ``code2`` and ``offset``; ``quant_type`` "nf4" / "fp4", ``blocksize``
-    (``blocksize2`` nested) and ``quant_dtype`` (what bitsandbytes dequantizes to)."""
+    (``blocksize2`` nested) and ``quant_dtype`` (what bitsandbytes dequantizes to); ``kind``
+    unused (``DEFAULT_KIND``)."""
     n, k = lora_b.shape[0], x.shape[1]
     w = _weight_operand(weight, (absmax, code, absmax2, code2, offset, quant_type, blocksize,
                                  blocksize2, quant_dtype), n, k)
-    call = Call(scaling, dropout_p, seed, backend, kind, name)
+    call = Call(scaling, dropout_p, seed, backend, name)
     y, p, z, c, norm = run_forward(x, w, bias, lora_a, lora_b, latent, magnitude, call,
                                    magnitude_grad)
     return y, p, _or_empty(z, x), _or_empty(c, x), _or_empty(norm, x)
@@ -285,7 +378,7 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
     w = _weight_operand(weight, (absmax, code, absmax2, code2, offset, quant_type, blocksize,
                                  blocksize2, quant_dtype), n, k)
     grads = run_backward(grad_y, x, p, z, w, lora_a, lora_b, latent, c, norm,
-                         Call(scaling, dropout_p, seed, backend, kind, name), need_x=need_x,
+                         Call(scaling, dropout_p, seed, backend, name), need_x=need_x,
                          need_a=need_a, need_b=need_b, need_latent=need_latent,
                          need_bias=need_bias, need_m=need_m, z_is_output=z_is_output)
     return tuple(_or_empty(t, grad_y) for t in grads)
@@ -309,7 +402,7 @@ def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, ba
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name, magnitude,
-     magnitude_grad, kind, *quant) = inputs
+     magnitude_grad, _kind, *quant) = inputs
     y, p, z, c, norm = output
     need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
     dora_call = magnitude is not None
@@ -323,7 +416,7 @@ def _setup_context(ctx, inputs, output):
         weight, lora_a, lora_b, latent,  # parameters: no activation memory
         c.detach() if dora_call else None, norm.detach() if dora_call else None,  # N-vectors
         *quant[:5])  # a 4-bit W's quant state: the parameter's own tensors
-    ctx.call = Call(scaling, dropout_p, seed, backend, kind, name)  # the seed: one integer
+    ctx.call = Call(scaling, dropout_p, seed, backend, name)  # the seed: one integer
     ctx.quant_format = dict(zip(("quant_type", "blocksize", "blocksize2", "quant_dtype"),
                                 quant[5:]))
 
@@ -341,7 +434,7 @@ def _backward(ctx, grad_y, *unused):
         grad_y.contiguous(), x, p, weight, lora_a, lora_b, latent, call.scaling, call.dropout_p,
         call.seed, call.backend, need_x, need_a, need_b, need_latent and latent is not None,
         need_bias, call.name, z=z, c=c, norm=norm, need_m=need_m and c is not None,
-        z_is_output=ctx.z_is_output and z is not None, kind=call.kind, absmax=absmax, code=code, absmax2=absmax2,
+        z_is_output=ctx.z_is_output and z is not None, absmax=absmax, code=code, absmax2=absmax2,
         code2=code2, offset=offset, **ctx.quant_format)
     dx, da, db, dr, dbias, dm = (g if needed else None for g, needed in
                                  zip(outs, (need_x, need_a, need_b, need_latent, need_bias,

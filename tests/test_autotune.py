@@ -13,12 +13,27 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa
+from lowrank_fused.backends import triton as _backend  # noqa: E402,F401 (installs the hooks)
 from lowrank_fused.dropout import keep_mask, quantised_p  # noqa: E402
 from lowrank_fused.triton_kernels import (autotune_mode, autotuner, backward,  # noqa: E402
                                           configs, dora, dropout, fit, forward, interpreter,
                                           persistent, variants)
 
 pytestmark = pytest.mark.skipif(not interpreter.interpreting(), reason="fakes the GPU path on CPU")
+
+@pytest.fixture(autouse=True)
+def new_process_tuning(tmp_path):
+    """Each test's kernel choices as a new process makes them: the Triton backend's hooks send
+    them through lowrank_fused.tuning, here over an empty cache of the test's own."""
+    from lowrank_fused import tuning
+    from lowrank_fused.tuning.environment import Environment
+    h100 = Environment("NVIDIA H100 80GB HBM3", "9.0", "550.54.15", "12.4", "2.11.0", "3.6.0",
+                       "0.1.0", "0123456789abcdef")
+    tuning.configure(cache_dir=tmp_path / "tuning", table=tmp_path / "no-table.json",
+                     environment=h100)
+    yield
+    tuning.configure()
+
 
 SEEDED_KERNELS = [forward._project_kernel, backward._grad_input_kernel, backward._grad_a_kernel,
                   dropout._keep_mask_kernel, dora._dora_grad_input_kernel]
@@ -159,6 +174,7 @@ def capturing(monkeypatch):
     """Makes torch report a CUDA graph capture in progress; returns a switch to end it."""
     state = {"on": True}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["on"])
     return state
 

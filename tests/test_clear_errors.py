@@ -1,10 +1,12 @@
 """Odd arguments get an error naming the argument, what was expected and what came (issue 14,
 items 11 and 12)."""
 import numpy
+import warnings
+
 import pytest
 import torch
 
-from lowrank_fused import BackendUnavailableError, low_rank_linear, policy
+from lowrank_fused import BackendUnavailableError, low_rank_linear
 
 K, N, R = 8, 6, 2
 
@@ -57,13 +59,35 @@ def test_numpy_array_as_x():
         call([[1.0] * K])
 
 
-def test_policy_file_not_utf8(tmp_path, monkeypatch):
-    path = tmp_path / "policy.json"
-    path.write_bytes(b'{"entries": [], "note": "\xff\xfe caf\xe9"}')
-    monkeypatch.setenv(policy.ENV_VAR, str(path))
-    with pytest.raises(ValueError, match=rf"backend policy {path} \(LOWRANK_FUSED_POLICY\) must be "
-                                         r"JSON text in UTF-8, got bytes that are not UTF-8"):
-        policy.entries()
+def test_tuning_table_not_utf8_costs_one_warning_never_a_call(tmp_path, monkeypatch):
+    """The shipped tuning table (which replaced the measured policy file) is data: bytes that
+    are not UTF-8 are named in one warning and the table is ignored (its keys are timed)."""
+    from lowrank_fused.tuning import TuningCacheWarning, environment, shipped
+    path = tmp_path / "table.json"
+    path.write_bytes(b'{"schema": "lowrank_fused.tuning-table/1", "note": "\xff\xfe caf\xe9"}')
+    monkeypatch.setenv(shipped.TABLE_ENV, str(path))
+    table = shipped.ShippedTable(shipped.table_path())
+    env = environment.current()
+    with pytest.warns(TuningCacheWarning, match=rf"shipped tuning table {path} "
+                                                r"\(LOWRANK_FUSED_TUNING_TABLE\): .* is not valid "
+                                                r"JSON \(UnicodeDecodeError"):
+        assert table.winner(env, "any") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table.kernel(env, "any") is None  # read once: no second warning
+
+
+def test_the_removed_policy_variable_warns_once_and_is_not_read(monkeypatch):
+    from lowrank_fused.tuning import TuningCacheWarning, shipped
+    monkeypatch.setattr(shipped, "_warned_removed", False)
+    monkeypatch.setenv("LOWRANK_FUSED_POLICY", "/no/such/policy.json")
+    monkeypatch.delenv(shipped.TABLE_ENV, raising=False)
+    with pytest.warns(TuningCacheWarning, match="LOWRANK_FUSED_POLICY is no longer read.*"
+                                                "LOWRANK_FUSED_TUNING_TABLE"):
+        assert shipped.table_path() == shipped.DEFAULT_PATH
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped.table_path()
 
 
 def test_numpy_too_new_for_triton_interpreter(monkeypatch):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowrank_fused import available_backends, dispatch
+from lowrank_fused import available_backends, dispatch, low_rank_linear, stats
 
 
 def chosen(backend, device):
@@ -94,3 +94,21 @@ def test_missing_extension_says_not_built(monkeypatch):
     monkeypatch.setattr(dispatch, "_extension_load_error", lambda: "ModuleNotFoundError: _C")
     with pytest.raises(dispatch.BackendUnavailableError, match="not built"):
         dispatch.select("cuda", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dynamic", [False, True, None])
+def test_choice_traces_under_compile_without_graph_breaks(dynamic):
+    """The choice is made inside the ops at run time: a compiled "auto" call traces whole, over
+    new M's too, and runs the reference backend on CPU tensors."""
+    name = f"traced-{dynamic}"
+
+    def f(x, w, a, b):
+        return low_rank_linear(x, w, a, b, backend="auto", name=name)
+
+    torch._dynamo.reset()
+    stats.reset([name])
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for m in (7, 9, 11):  # new M: automatic dynamic shapes recompile with a symbolic M
+        x, w, a, b = torch.randn(m, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
+        torch.testing.assert_close(compiled(x, w, a, b), x @ w.T + (x @ a.T) @ b.T)
+    assert stats.snapshot()[name] == {"reference": {"forward": 3}}

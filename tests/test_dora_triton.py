@@ -183,7 +183,7 @@ def test_dora_routing(monkeypatch):
     def dora_choice(name, device, four_bit=False):
         return dispatch.select(name, device, dora=True, four_bit=four_bit).NAME
 
-    # auto: Triton on CUDA tensors (whatever the plain operator's measured policy says), the
+    # auto without a call to time (no details): Triton, its first fused contender, on CUDA; the
     # reference elsewhere; "cuda" runs DoRA on Triton (the extension has no DoRA kernels)
     assert dora_choice("auto", cuda) == "triton"
     assert dora_choice("auto", cpu) == "reference"

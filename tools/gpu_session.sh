@@ -18,13 +18,14 @@
 #   bash tools/gpu_session.sh build            # lowrank_fused._C for this GPU only
 #   bash tools/gpu_session.sh test             # CUDA-tensor correctness of both backends
 #   bash tools/gpu_session.sh bench NAME [-k EXPR]   # throughput + memory -> results/NAME.json
-#   bash tools/gpu_session.sh policy NAME      # report, README table, auto policy from NAME
+#   bash tools/gpu_session.sh policy NAME      # report, README table from NAME; the shipped tuning
+#                                              # table from this GPU's tuning cache
 #   bash tools/gpu_session.sh all NAME         # the five above, one after the other
 #
 # Dry run (no GPU; what CI does): GPU_SESSION_DRY_RUN=1, or --dry-run as the first argument.
 # Every stage then runs on the CPU with the CPU shapes: GPU-only calls are skipped (build),
 # tests are collected but not run (CI runs them itself), and nothing in the tree is written:
-# results, the README copy and the policy go to GPU_SESSION_RESULTS (default: a temp dir).
+# results, the README copy and the tuning table go to GPU_SESSION_RESULTS (default: a temp dir).
 #
 # Results land in benchmarks/results/ (GPU_SESSION_RESULTS overrides) and, when $OUT is set
 # (the device tool), are copied there.
@@ -48,12 +49,12 @@ fi
 if [ "$dry" = 1 ]; then
   results="${GPU_SESSION_RESULTS:-$(mktemp -d -t gpu_session.XXXXXX)}"
   readme="$results/README.md"  # a copy: the dry run never rewrites the real README
-  policy_out="$results/auto_policy.json"
+  table_out="$results/shipped_table.json"
   echo "[dry run] CPU shapes, GPU-only calls skipped; outputs in $results"
 else
   results="${GPU_SESSION_RESULTS:-benchmarks/results}"
   readme=README.md
-  policy_out=lowrank_fused/auto_policy.json
+  table_out=lowrank_fused/tuning/shipped_table.json
 fi
 mkdir -p "$results"
 
@@ -115,8 +116,27 @@ policy() {
   if [ "$dry" = 1 ]; then cp README.md "$readme"; fi
   python -m tools.report "$results/$name.json" --markdown "$results/$name.md" \
     --plot "$results/$name.png" --readme "$readme"
-  python -m tools.auto_policy "$results/$name.json" --out "$policy_out"
-  export_out "$results/$name.md" "$results/$name.png" "$policy_out" "$readme"
+  export_out "$results/$name.md" "$results/$name.png" "$readme"
+  tuning_table "$name"
+}
+
+# The shipped tuning table (what "auto" decided on this GPU: each key's winner among the fused
+# backends and the reference, and the kernels' launch configs) from this GPU's tuning cache
+# file, kept beside the results; a dry run builds it from a sample cache of a made-up GPU.
+tuning_table() {
+  name="$1"
+  if [ "$dry" = 1 ]; then
+    cache="$(python -m tools.tuning_table --sample-cache "$results/$name.tuning-sample")"
+  else
+    cache="$(python -c "import torch; from lowrank_fused import tuning; print(tuning.tuner().store(torch.device('cuda')).path)")"
+  fi
+  if [ ! -f "$cache" ]; then
+    echo "no tuning cache at $cache (nothing ran backend='auto' on this GPU): $table_out left as it is"
+    return 0
+  fi
+  cp "$cache" "$results/$name.tuning.json"
+  python -m tools.tuning_table "$results/$name.tuning.json" --out "$table_out" --source "$name"
+  export_out "$results/$name.tuning.json" "$table_out"
 }
 
 first() {

@@ -122,9 +122,15 @@ def figures_table(rows) -> str:
         if "p50_ms" in r:
             value = _ms(r) + (f", {r['tflops']} TFLOP/s" if "tflops" in r else "") + (
                 f", {r['tb_s_read_plus_write']} TB/s" if "tb_s_read_plus_write" in r else "")
-        elif "cold_ms" in r:
-            value = (f"cold {r['cold_ms'] / 1e3:.2f} s, warm {r['warm_ms']:.1f} ms, steady "
-                     f"{r['steady']['p50_ms']:.1f} ms ({r.get('model')}, {r.get('tokens')} tokens)")
+        elif "timed" in r:  # a first training step: its time and what it timed
+            timed = ", ".join(f"{n} {what}" for what, n in r["timed"].items())
+            value = (f"{r['ms'] / 1e3:.2f} s, timed: {timed} ({r.get('model')}, "
+                     f"{r.get('tokens')} tokens)")
+        elif "steady" in r:
+            value = f"{r['steady']['p50_ms']:.1f} ms ({r.get('model')}, {r.get('tokens')} tokens)"
+        elif "winners" in r:
+            value = "keys won: " + (", ".join(f"{b} {n}" for b, n in r["winners"].items())
+                                    or "none")
         elif "skipped" in r:
             value = f"skipped: {r['skipped']}"
         elif r.get("model_level"):

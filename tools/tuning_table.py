@@ -3,16 +3,20 @@
 The table is lowrank_fused/tuning/shipped_table.json:
 
     python -m tools.tuning_table CACHE.json [CACHE.json ...] [--out PATH] [--source TEXT]
+    python -m tools.tuning_table --sample-cache DIR   # a dry run's stand-in for a GPU's cache
 
 Each CACHE.json is a file of ``lowrank_fused.tuning.cache_dir()`` (``tuning-<digest>.json``)
 copied from a GPU machine after a run that decided its keys (``lowrank_fused.warmup``, a
 benchmark, a training step). Files of one GPU (name and capability) are merged, later files
 winning a key both hold; each GPU measured replaces its section of the table at --out, whose
 other GPUs are kept. The inputs are checked against the schema and a malformed one is refused.
+``tools/gpu_session.sh policy NAME`` runs it on the GPU's cache file of the session (a dry run:
+on ``--sample-cache``'s, written by the real tuner for a made-up GPU on made-up timings).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -83,13 +87,43 @@ def existing_gpus(path: Path) -> list[dict]:
     return gpus
 
 
+SAMPLE_GPU = "dry-run sample GPU (not measured)"
+
+
+def write_sample_cache(directory) -> Path:
+    """A cache file as a GPU run leaves one, for dry runs without a GPU: the tuner decides two
+    keys (the reference faster forward, Triton backward) for a made-up GPU on made-up
+    timings and writes them as it would. Returns the file's path."""
+    from lowrank_fused.tuning import Tuner, TuningKey
+    from lowrank_fused.tuning.environment import current
+
+    environment = dataclasses.replace(current(), gpu=SAMPLE_GPU, capability="9.0",
+                                      driver="sample", cuda="sample")
+    made_up_ms = {"forward": {"triton": 2.0, "reference": 1.0},
+                  "backward": {"triton": 1.0, "reference": 2.0}}
+    tuner = Tuner(cache_dir=directory, table=DEFAULT_PATH, environment=environment,
+                  timer=lambda run: run())
+    for op, times in made_up_ms.items():
+        key = TuningKey.of(op, "bfloat16", "float32", "lora_fa" if op == "backward" else "lora",
+                           8192, 4096, 4096, 16, flags=("needs_dx",) if op == "backward" else ())
+        tuner.decide(key, {name: (lambda ms=ms: ms / 1e3) for name, ms in times.items()})
+    return tuner.store().path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("caches", nargs="+", help="local tuning cache files of GPU runs")
+    parser.add_argument("caches", nargs="*", help="local tuning cache files of GPU runs")
     parser.add_argument("--out", default=str(DEFAULT_PATH))
     parser.add_argument("--source", default=None,
                         help="what the measurements came from (default: the input paths)")
+    parser.add_argument("--sample-cache", metavar="DIR", default=None,
+                        help="write a sample cache file into DIR (dry runs), print its path")
     args = parser.parse_args(argv)
+    if args.sample_cache:
+        print(write_sample_cache(args.sample_cache))
+        return 0
+    if not args.caches:
+        parser.error("give the cache files to build the table from (or --sample-cache DIR)")
     out = Path(args.out)
     try:
         measured = gpu_sections(args.caches, args.source)

@@ -1,7 +1,8 @@
 """The launcher every kernel goes through: under the interpreter the raw kernel at one fixed
 config; on a GPU an autotuner over its family's fitting configs (fit.py), per shape key, timed
 or by rule as ``LOWRANK_FUSED_AUTOTUNE`` says (autotune_mode.py), never timed under CUDA graph
-capture (capture.py)."""
+capture (capture.py); the choice goes through ``choice_hook``, which the Triton backend sets to
+remember it across processes."""
 import torch
 import triton
 
@@ -38,25 +39,44 @@ def _pruner(family: str):
     return prune
 
 
+choice_hook = None
+"""Set by the Triton backend (lowrank_fused.tuning.autotune.restore_or_tune): called as
+``choice_hook(autotuner, tuning_key, configs, bench)`` for a key not tuned in this process, it
+sets ``autotuner.cache[tuning_key]`` (from its own record, else by calling ``bench``) and
+returns whether the config was restored. None: every key is timed in every process."""
+
+
 class _Autotuner(triton.runtime.Autotuner):
     """triton's Autotuner with "quick" mode (the first fitting config), no timing where one
-    config is left (Triton 3.6 would still time it), and no timing under graph capture."""
+    config is left (Triton 3.6 would still time it), the choice made through ``choice_hook``
+    (persisted), and no timing under graph capture (a choice restored without timing runs)."""
 
     def __init__(self, kernel, configs, key, reset_to_zero, prune, quick: bool):
         super().__init__(kernel, kernel.arg_names, configs, key, reset_to_zero, None,
                          prune_configs_by={"early_config_prune": prune})
         self.quick = quick
         self.timed = True
+        # an attribute, not the keyword (older Tritons have neither it nor the hook): Autotuner.run
+        # then asks check_disk_cache for a key it has not tuned in this process
+        self.cache_results = True
 
     def prune_configs(self, kwargs):
         """Only called for a key not tuned yet (and by warmup)."""
+        self.last_meta = dict(kwargs)  # the launch's meta-parameters: the hook precompiles with them
         pruned = super().prune_configs(kwargs)
         if self.quick:
             pruned = pruned[:1]
         self.timed = len(pruned) > 1
-        if self.timed:
-            check_not_capturing(f"the launch config of {self.base_fn.__name__}")
         return pruned
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        """Triton's hook for a key not tuned in this process (Autotuner.run, after pruning)."""
+        if choice_hook is not None:
+            return choice_hook(self, tuning_key, configs, bench_fn)
+        if len(configs) > 1:
+            check_not_capturing(f"the launch config of {self.base_fn.__name__}")
+        bench_fn()
+        return False
 
     def _bench(self, *args, config, **meta):
         if not self.timed:  # nothing to choose between: timing would only run the kernel

@@ -35,6 +35,12 @@ VARIANTS = ("auto", "tiled", "tma")
 
 _winners = {}  # (launcher name, device, base dtype, shape key) -> "tiled" | "tma"
 
+variant_hook = None
+"""Set by the Triton backend (lowrank_fused.tuning.autotune.remembered_variant): called as
+``variant_hook(name, dtype, key, time_variants)`` for a key not chosen in this process, it
+returns "tiled" or "tma" from its own record, else from ``time_variants()`` ({variant: ms, or
+None for one that failed}). None: the variants are timed in every process."""
+
 
 def requested(variant=None) -> str:
     """The variant asked for: ``variant`` if given, else the environment's, else "auto"."""
@@ -85,14 +91,18 @@ def _auto(name: str, device: torch.device, dtype: torch.dtype, key, launch) -> s
         return "tiled"
     cache_key = (name, device.index, dtype, key)  # a bf16 winner says nothing of fp16
     if cache_key not in _winners:
-        check_not_capturing(f"the GEMM variant of {name}")
-        _winners[cache_key] = _faster(launch)
+        if variant_hook is not None:  # remembered across processes; it checks capture itself
+            _winners[cache_key] = variant_hook(name, dtype, key, lambda: _variant_times(launch))
+        else:
+            check_not_capturing(f"the GEMM variant of {name}")
+            _winners[cache_key] = _faster(launch)
     return _winners[cache_key]
 
 
-def _faster(launch) -> str:
-    """The variant whose (autotuned) launch is faster, by triton.testing.do_bench. A variant
-    that raises leaves the other (with a warning); if both raise, the tiled one's error."""
+def _variant_times(launch) -> dict:
+    """{"tiled": ms, "tma": ms} of the (autotuned) launches, by triton.testing.do_bench; None
+    for a variant that raises (with a warning: the other runs); if both raise, the tiled one's
+    error."""
     from triton.testing import do_bench
     times, errors = {}, {}
     for variant in ("tiled", "tma"):
@@ -105,5 +115,12 @@ def _faster(launch) -> str:
         raise errors["tiled"]
     for variant, error in errors.items():
         warnings.warn(f"lowrank_fused: the {variant!r} GEMM variant failed ({error!r}); the "
-                      f"other runs for this shape", RuntimeWarning, stacklevel=2)
+                      f"other runs for this shape", RuntimeWarning, stacklevel=3)
+        times[variant] = None
+    return times
+
+
+def _faster(launch) -> str:
+    """The faster variant of ``_variant_times``."""
+    times = {variant: ms for variant, ms in _variant_times(launch).items() if ms is not None}
     return min(times, key=times.get)

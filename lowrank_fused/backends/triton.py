@@ -12,11 +12,18 @@ import torch
 
 from .. import triton_kernels as kernels
 from ..quantized import Packed4bit
-from ..triton_kernels import quantized as kernels_4bit
+from ..triton_kernels import autotuner as kernels_autotuner, quantized as kernels_4bit, variants
+from ..tuning import autotune as persisted
 from ._gpu_common import check_dtypes, device_guard, seed_and_p
 from .pytorch import latent_gradients, latent_operands
 
 NAME = "triton"
+
+# The kernels' launch configs and GEMM variants, chosen once per key and remembered across
+# processes (the tuning cache, the shipped table): the kernels expose the hooks, this package
+# fills them (the kernels never import it).
+kernels_autotuner.choice_hook = persisted.restore_or_tune
+variants.variant_hook = persisted.remembered_variant
 
 
 def dropout_keep_mask(dropout, shape, device):
@@ -120,7 +127,7 @@ def _column_scale(c):
 def config_key():
     """What, besides the call's shapes and dtypes, decides which kernel code runs: the requested
     GEMM variant (LOWRANK_FUSED_TRITON_GEMM), part of the first-use check's key."""
-    return kernels.variants.requested()
+    return variants.requested()
 
 
 _GEMMS = {"forward": "fused_linear", "backward": "grad_input", "DoRA forward": "dora_linear",
@@ -131,10 +138,10 @@ def describe_config(direction: str, device, shape) -> str:
     """The autotuners' chosen configs for ``direction``'s kernels (their last launch: this
     call's) and the GEMM variant's timed winner for ``shape`` (M bucket, N, K, r): what a
     failed first-use check names."""
-    parts = [f"GEMM variant {kernels.variants.requested()}"]
+    parts = [f"GEMM variant {variants.requested()}"]
     gemm = _GEMMS.get(direction)
     backward = direction.endswith("backward")
-    for key, chosen in list(kernels.variants._winners.items()):
+    for key, chosen in list(variants._winners.items()):
         name, where, *_, shape_key = key
         if name == gemm and where == device.index and tuple(shape_key[:4]) == tuple(shape):
             parts.append(f"{name} timed winner {chosen}")
@@ -149,10 +156,5 @@ def describe_config(direction: str, device, shape) -> str:
 
 
 def _autotuners() -> list:
-    """The kernels' autotuners (their table lives in triton_kernels/autotuner.py, or in
-    configs.py before the kernels were split by job)."""
-    try:
-        from ..triton_kernels import autotuner as table
-    except ImportError:
-        table = kernels.configs
-    return list(table._tuned.values())
+    """The kernels' autotuners (their table lives in triton_kernels/autotuner.py)."""
+    return list(kernels_autotuner._tuned.values())

@@ -105,8 +105,9 @@ class FusedPeft:
 
 
 def _backends(backend: str, layers: list) -> dict:
-    """{device: what ``backend`` means there} over the layers' devices; raises (before anything
-    changes) for an unknown backend or one that cannot run there."""
+    """{device: what ``backend`` means there, in words (``dispatch.describe``: a backend's
+    name, or "auto (timed per shape: ...)" on a GPU)} over the layers' devices; raises (before
+    anything changes) for an unknown backend or one that cannot run there."""
     from .. import dispatch
 
     devices = []
@@ -114,7 +115,7 @@ def _backends(backend: str, layers: list) -> dict:
         for p in module.lora_A.parameters():
             if p.device not in devices:
                 devices.append(p.device)
-    return {str(d): dispatch.select(backend, d).NAME for d in devices}
+    return {str(d): dispatch.describe(backend, d) for d in devices}
 
 
 def _plan(layers: list) -> list:

@@ -66,9 +66,6 @@ def tuning_report() -> list:
 
 
 def __getattr__(name):  # what touches Triton is imported when asked for
-    if name == "PersistentAutotuner":
-        from .autotune import PersistentAutotuner
-        return PersistentAutotuner
     if name == "CaptureError":
         from .guard import capture_error
         return capture_error()
@@ -77,4 +74,4 @@ def __getattr__(name):  # what touches Triton is imported when asked for
 
 __all__ = ["TuningKey", "Tuner", "Decision", "SOURCES", "CaptureError", "TuningCacheWarning",
            "cache_dir", "configure", "decide", "kernel_choice", "kernel_entry_id", "tuner",
-           "tuning_report", "warmup", "PersistentAutotuner"]
+           "tuning_report", "warmup"]

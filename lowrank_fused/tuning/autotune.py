@@ -10,10 +10,11 @@ backend installs, and these functions are what it installs.
   tuning cache instead of Triton's own autotune files (which Triton loads with ``Config(**json)``
   and no check, so a damaged file raises inside a call); on a miss it compiles the candidate
   configs in parallel (``parallel.precompile_configs``), times them with ``bench_fn`` (not under
-  CUDA graph capture: CaptureError) and records the winner. ``PersistentAutotuner`` is the same
-  as a mixin.
+  CUDA graph capture: CaptureError) and records the winner. The kernels' autotuner
+  (``triton_kernels/autotuner.py``) calls it through its ``choice_hook``.
 - ``remembered_variant(name, dtype, key, time_variants)`` is the GEMM-variant choice, timed by
-  ``time_variants`` only when nothing is recorded.
+  ``time_variants`` only when nothing is recorded (``triton_kernels/variants.py``'s
+  ``variant_hook``).
 
 A second process at the same keys restores both without timing; the one config it then
 launches, Triton loads from its own disk cache of compiled kernels.
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .choice import Tuner, kernel_entry_id
+from .guard import check_not_capturing
 
 VARIANTS = ("tiled", "tma")
 
@@ -67,11 +69,15 @@ def restore_or_tune(autotuner, tuning_key, configs, bench_fn, *,
     ``autotuner.cache[tuning_key]`` and returns True when the config was restored without
     timing. The launch's meta-parameters, for the parallel precompile, are read from
     ``autotuner.last_meta`` (set it in ``prune_configs``; without it no precompile)."""
-    if len(configs) <= 1 or any(getattr(c, "pre_hook", None) for c in configs):
-        bench_fn()  # nothing to choose (or a hook that cannot be stored): nothing recorded
+    if len(configs) <= 1:
+        bench_fn()  # nothing to choose: nothing timed, nothing recorded
+        return False
+    name = autotuner.base_fn.__name__
+    if any(getattr(c, "pre_hook", None) for c in configs):  # a hook cannot be stored
+        check_not_capturing(f"the launch config of {name}")
+        bench_fn()
         return False
     from . import parallel
-    name = autotuner.base_fn.__name__
     candidates = [config_json(c) for c in configs]
     entry_id = kernel_entry_id("autotune", name, repr(tuple(tuning_key)), candidates)
     measured = []
@@ -91,21 +97,6 @@ def restore_or_tune(autotuner, tuning_key, configs, bench_fn, *,
                                                 what=f"the launch config of {name}")
     autotuner.cache[tuning_key] = configs[index]
     return not measured
-
-
-class PersistentAutotuner:
-    """Mixin: first among the bases of a triton.runtime.Autotuner subclass, with
-    ``self.cache_results = True`` set after ``super().__init__``; ``tuner``: a Tuner (default:
-    the process's)."""
-
-    tuner: Optional[Tuner] = None
-
-    def prune_configs(self, kwargs):
-        self.last_meta = dict(kwargs)
-        return super().prune_configs(kwargs)
-
-    def check_disk_cache(self, tuning_key, configs, bench_fn):
-        return restore_or_tune(self, tuning_key, configs, bench_fn, tuner=self.tuner)
 
 
 def remembered_variant(name: str, dtype, key, time_variants: Callable[[], dict], *,

@@ -110,7 +110,8 @@ class TuningKey:
 
 
 def method_of(trains_a: bool, trains_b: bool, trains_latent: bool) -> str:
-    """The method by which adapters train (as ``dispatch.call_kind`` names it)."""
+    """The method by which adapters train, from the gradients a backward computes (dA: "lora";
+    dB without dA: "lora_fa"; dR alone: "lora_xs"); "lora" when none is asked for."""
     if trains_a:
         return "lora"
     if trains_b:

@@ -69,6 +69,9 @@ def precompile_configs(autotuner, configs, meta: dict, workers: Optional[int] = 
     if not nargs:
         return False
     warmup = autotuner.fn.warmup
+    # the launch's own grid and warmup flag ride in its meta-parameters: a compile-only call
+    # sets both itself
+    meta = {name: value for name, value in meta.items() if name not in ("grid", "warmup")}
     return precompile([functools.partial(warmup, **nargs, **meta, **config.all_kwargs(),
                                          grid=(1,))
                        for config in configs], workers)

@@ -21,6 +21,9 @@ from .schema import TABLE_SCHEMA, SchemaError, check_table
 from .store import TuningCacheWarning, read_json
 
 TABLE_ENV = "LOWRANK_FUSED_TUNING_TABLE"
+# The measured triton-vs-cuda policy file this table replaced; its format is not a table's, so
+# the variable is not read: setting it warns once.
+REMOVED_ENV = "LOWRANK_FUSED_POLICY"
 DEFAULT_PATH = Path(__file__).with_name("shipped_table.json")
 # The one text of the file's "about" (the packaged file is checked against the builder's).
 ABOUT = ("Measured choices of 'auto' per GPU model: for each key (pass, dtypes, method, flags, "
@@ -30,7 +33,18 @@ ABOUT = ("Measured choices of 'auto' per GPU model: for each key (pass, dtypes, 
          "timed on the machine.")
 
 
+_warned_removed = False
+
+
 def table_path() -> Path:
+    """``LOWRANK_FUSED_TUNING_TABLE``, else the packaged table."""
+    global _warned_removed
+    if os.environ.get(REMOVED_ENV) and not _warned_removed:
+        _warned_removed = True
+        warnings.warn(f"lowrank_fused: {REMOVED_ENV} is no longer read: the measured "
+                      f"triton-vs-cuda policy became the shipped tuning table, which times the "
+                      f"reference too; point {TABLE_ENV} at a table written by python -m "
+                      f"tools.tuning_table instead", TuningCacheWarning, stacklevel=3)
     return Path(os.environ.get(TABLE_ENV) or DEFAULT_PATH)
 
 
@@ -69,8 +83,9 @@ class ShippedTable:
         return gpus
 
     def _warn(self, problem: str) -> None:
-        warnings.warn(f"lowrank_fused: shipped tuning table {self.path}: {problem}; ignored "
-                      f"(keys it would have decided are timed on this machine)",
+        warnings.warn(f"lowrank_fused: shipped tuning table {self.path} ({TABLE_ENV}): "
+                      f"{problem}; ignored (keys it would have decided are timed on this "
+                      f"machine)",
                       TuningCacheWarning, stacklevel=5)
 
     def section(self, environment: Environment) -> Optional[dict]:
