@@ -94,3 +94,20 @@ def test_report_table_and_readme(tmp_path):
     assert "kept" in text and "old" not in text and "| llama | lora_fa |" in text
     assert "Whole models" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "m.png").stat().st_size > 0 and not (tmp_path / "p.png").exists()
+
+
+def test_report_writes_each_table_where_its_markers_are(tmp_path):
+    # the README holds the headline table's markers, docs/benchmarks.md the model-level one's
+    info = run(case("llama", "lora_fa"))
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"benchmarks": [{"extra_info": info}]}))
+    readme, page = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text(f"a\n{report.START}\nkept\n{report.END}\n")
+    page.write_text(f"b\n{report.MODEL_START}\nold\n{report.MODEL_END}\n")
+    report.main([str(results), "--markdown", str(tmp_path / "r.md"),
+                 "--readme", str(readme), "--readme", str(page)])
+    assert readme.read_text() == f"a\n{report.START}\nkept\n{report.END}\n"
+    assert "old" not in page.read_text() and "| llama | lora_fa |" in page.read_text()
+    with pytest.raises(SystemExit, match="model-results"):  # no file has its markers
+        report.main([str(results), "--markdown", str(tmp_path / "r.md"), "--readme", str(readme)])
+    assert readme.read_text() == f"a\n{report.START}\nkept\n{report.END}\n"  # nothing written

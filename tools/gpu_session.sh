@@ -48,12 +48,14 @@ fi
 
 if [ "$dry" = 1 ]; then
   results="${GPU_SESSION_RESULTS:-$(mktemp -d -t gpu_session.XXXXXX)}"
-  readme="$results/README.md"  # a copy: the dry run never rewrites the real README
+  readme="$results/README.md"  # copies: the dry run never rewrites the real pages
+  bench_page="$results/benchmarks.md"
   table_out="$results/shipped_table.json"
   echo "[dry run] CPU shapes, GPU-only calls skipped; outputs in $results"
 else
   results="${GPU_SESSION_RESULTS:-benchmarks/results}"
   readme=README.md
+  bench_page=docs/benchmarks.md
   table_out=lowrank_fused/tuning/shipped_table.json
 fi
 mkdir -p "$results"
@@ -113,10 +115,11 @@ bench() {
 
 policy() {
   name="${1:?policy NAME}"
-  if [ "$dry" = 1 ]; then cp README.md "$readme"; fi
+  if [ "$dry" = 1 ]; then cp README.md "$readme"; cp docs/benchmarks.md "$bench_page"; fi
+  # the README holds the headline GPU table, docs/benchmarks.md the model-level one
   python -m tools.report "$results/$name.json" --markdown "$results/$name.md" \
-    --plot "$results/$name.png" --readme "$readme"
-  export_out "$results/$name.md" "$results/$name.png" "$readme"
+    --plot "$results/$name.png" --readme "$readme" --readme "$bench_page"
+  export_out "$results/$name.md" "$results/$name.png" "$readme" "$bench_page"
   tuning_table "$name"
 }
 

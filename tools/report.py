@@ -2,7 +2,7 @@
 
     python -m tools.report NAME.first.jsonl [--markdown OUT.md] [--plot OUT.png] [--readme R]
     python -m tools.report RESULTS.json [--markdown OUT.md] [--plot OUT.png]
-        [--model-plot OUT.png] [--readme README.md]
+        [--model-plot OUT.png] [--readme README.md --readme docs/benchmarks.md]
 
 A ``.first.jsonl`` (tools/first.py, the first GPU run) gives the matrix: per point, method and
 mode, ours' p50 with its p20-p80 spread, its ratio to the bare frozen layer and to PEFT doing
@@ -12,10 +12,12 @@ the contenders missing and why, the correctness checks, and the run's setting (G
 versions, autotune mode). The plot (default: beside the file, ``.png``) draws the fwd+bwd ratios
 to bare per point. A pytest-benchmark JSON file gives the suites' tables.
 
---readme rewrites the table between the README's "results" markers with the headline cases
-(LLaMA-7B shapes, M = 8192, r in {16, 64}) of RESULTS.json, and, when RESULTS.json holds
+--readme FILE (repeatable) rewrites the table between the "results" markers with the headline
+cases (LLaMA-7B shapes, M = 8192, r in {16, 64}) of RESULTS.json, and, when RESULTS.json holds
 model-level cases (benchmarks/test_model_level.py), the table between the "model-results"
-markers; a file with model-level cases only leaves the "results" markers alone.
+markers, in each FILE that holds them (README.md holds "results", docs/benchmarks.md
+"model-results"); a block no FILE has markers for is an error. A file with model-level cases
+only leaves the "results" markers alone.
 """
 from __future__ import annotations
 
@@ -222,25 +224,36 @@ def plot_models(infos: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
-def _replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
-    if start not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
-    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+def _replace_blocks(files: list, blocks: dict) -> None:
+    """Each (start, end) -> block into every file holding those markers; SystemExit (nothing
+    written) when some block's markers are in none of the files."""
+    texts = {f: f.read_text() for f in files}
+    for (start, end), block in blocks.items():
+        holders = [f for f, text in texts.items() if start in text]
+        if not holders:
+            raise SystemExit(f"none of {', '.join(map(str, files))} has {start} ... {end} "
+                             "markers")
+        for f in holders:
+            texts[f] = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block,
+                              texts[f], flags=re.S)
+    for f, text in texts.items():
+        _write(f, text)
 
 
-def update_readme(readme: Path, infos: list[dict], source: str) -> None:
-    text = readme.read_text()
+def update_readme(files: list, infos: list[dict], source: str) -> None:
+    """The results tables of ``infos`` into the marked blocks of ``files`` (README.md, the
+    docs' benchmarks page)."""
+    blocks = {}
     models = model_cases(infos)
     if not models or any("ratio_to_linear" in i for i in infos):
         table = (throughput_table(infos, headline) if any(map(headline, infos))
                  else throughput_table(infos))
-        text = _replace_block(text, START, END, f"{START}\nFrom `{source}`:\n\n{table}\n{END}",
-                              readme)
+        blocks[START, END] = f"{START}\nFrom `{source}`:\n\n{table}\n{END}"
     if models:
-        block = (f"{MODEL_START}\nFrom `{source}`. {model_caption(infos)}\n\n"
-                 f"{model_table(infos)}\n{MODEL_END}")
-        text = _replace_block(text, MODEL_START, MODEL_END, block, readme)
-    _write(readme, text)
+        blocks[MODEL_START, MODEL_END] = (f"{MODEL_START}\nFrom `{source}`. "
+                                          f"{model_caption(infos)}\n\n{model_table(infos)}\n"
+                                          f"{MODEL_END}")
+    _replace_blocks(files, blocks)
 
 
 def _write(path: Path, text: str) -> None:
@@ -285,8 +298,7 @@ def first_report(args) -> None:
     if args.readme:
         block = (f"{START}\nFrom `{args.results.as_posix()}`. {matrix_report.setting(rows)}\n\n"
                  f"{matrix_report.matrix_table(rows)}\n{END}")
-        _write(args.readme, _replace_block(args.readme.read_text(), START, END, block,
-                                           args.readme))
+        _replace_blocks(args.readme, {(START, END): block})
 
 
 def main(argv=None) -> None:
@@ -298,7 +310,9 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the ratios here")
     parser.add_argument("--model-plot", type=Path,
                         help="write a PNG plot of the model-level ratios (ours / PEFT) here")
-    parser.add_argument("--readme", type=Path, help="refresh this README's results tables")
+    parser.add_argument("--readme", type=Path, action="append",
+                        help="refresh the results tables in this file (repeatable: README.md, "
+                             "docs/benchmarks.md)")
     args = parser.parse_args(argv)
     if args.results.name.endswith(".jsonl"):
         first_report(args)
