@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import quantized
 from .dropout import seed_tensor
-from .ops import DEFAULT_KIND, Call, EagerLowRank, forward_op, run_forward
+from .ops import Call, EagerLowRank, forward_op, run_forward
 from .validation import check_call_arguments, check_operator_inputs
 
 
@@ -131,7 +131,7 @@ def _traced_call(x, weight, lora_a, lora_b, bias, latent, scaling, dropout_p, tr
                       and torch.is_grad_enabled())
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = forward_op(rows, weight, bias, lora_a, lora_b, latent, float(scaling), dropout_p,
-                     seed, backend, name, magnitude, magnitude_grad, DEFAULT_KIND, *quant)[0]
+                     seed, backend, name, magnitude, magnitude_grad, *quant)[0]
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], y2d.shape[1])
 
 

@@ -35,12 +35,6 @@ from .errors import DoubleBackwardError, InplaceOutputError
 from .tuning.key import method_of
 
 
-# The ops' ``kind`` argument ("<method>:<mode>") steered the measured triton-vs-cuda policy, which
-# the timed choice of "auto" replaced (it keys on the pass and the gradients asked for): accepted
-# and unused, so that the ops' schema (and graphs compiled against it) stay as they were.
-DEFAULT_KIND = "lora:forward+backward"
-
-
 class Call(NamedTuple):
     """The non-tensor arguments of one call, as the bodies take them."""
 
@@ -313,7 +307,7 @@ def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
                lora_b: Tensor, latent: Optional[Tensor], scaling: float, dropout_p: float,
                seed: Optional[Tensor], backend: str, name: Optional[str] = None,
                magnitude: Optional[Tensor] = None, magnitude_grad: bool = False,
-               kind: str = DEFAULT_KIND, absmax: Optional[Tensor] = None,
+               absmax: Optional[Tensor] = None,
                code: Optional[Tensor] = None, absmax2: Optional[Tensor] = None,
                code2: Optional[Tensor] = None, offset: Optional[Tensor] = None,
                quant_type: Optional[str] = None, blocksize: int = 0, blocksize2: int = 0,
@@ -325,8 +319,7 @@ def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     ``magnitude_grad`` (m trains: Z is made); a 4-bit W (``quantized.Packed4bit``): ``weight``
     its packed bytes (uint8), ``absmax`` (uint8 indices when nested), ``code`` (16 values) and,
     nested, ``absmax2``, ``code2`` and ``offset``; ``quant_type`` "nf4" / "fp4", ``blocksize``
-    (``blocksize2`` nested) and ``quant_dtype`` (what bitsandbytes dequantizes to); ``kind``
-    unused (``DEFAULT_KIND``)."""
+    (``blocksize2`` nested) and ``quant_dtype`` (what bitsandbytes dequantizes to)."""
     n, k = lora_b.shape[0], x.shape[1]
     w = _weight_operand(weight, (absmax, code, absmax2, code2, offset, quant_type, blocksize,
                                  blocksize2, quant_dtype), n, k)
@@ -344,7 +337,7 @@ def _norm_dtype(weight: Tensor, quant_type: Optional[str]) -> torch.dtype:
 
 @forward_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name=None,
-      magnitude=None, magnitude_grad=False, kind=DEFAULT_KIND, absmax=None, code=None,
+      magnitude=None, magnitude_grad=False, absmax=None, code=None,
       absmax2=None, code2=None, offset=None, quant_type=None, blocksize=0, blocksize2=0,
       quant_dtype=None):
     m, n = x.shape[0], lora_b.shape[0]
@@ -364,7 +357,7 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
                 need_a: bool, need_b: bool, need_latent: bool, need_bias: bool,
                 name: Optional[str] = None, z: Optional[Tensor] = None,
                 c: Optional[Tensor] = None, norm: Optional[Tensor] = None, need_m: bool = False,
-                z_is_output: bool = False, kind: str = DEFAULT_KIND,
+                z_is_output: bool = False,
                 absmax: Optional[Tensor] = None, code: Optional[Tensor] = None,
                 absmax2: Optional[Tensor] = None, code2: Optional[Tensor] = None,
                 offset: Optional[Tensor] = None, quant_type: Optional[str] = None,
@@ -387,7 +380,7 @@ def backward_op(grad_y: Tensor, x: Optional[Tensor], p: Optional[Tensor], weight
 @backward_op.register_fake
 def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, backend,
       need_x, need_a, need_b, need_latent, need_bias, name=None, z=None, c=None, norm=None,
-      need_m=False, z_is_output=False, kind=DEFAULT_KIND, absmax=None, code=None, absmax2=None,
+      need_m=False, z_is_output=False, absmax=None, code=None, absmax2=None,
       code2=None, offset=None, quant_type=None, blocksize=0, blocksize2=0, quant_dtype=None):
     def maybe(needed, like, shape):
         return like.new_empty(shape if needed else (0,))
@@ -402,7 +395,7 @@ def _(grad_y, x, p, weight, lora_a, lora_b, latent, scaling, dropout_p, seed, ba
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, latent, scaling, dropout_p, seed, backend, name, magnitude,
-     magnitude_grad, _kind, *quant) = inputs
+     magnitude_grad, *quant) = inputs
     y, p, z, c, norm = output
     need_x, need_w, _, need_a, need_b, need_latent = ctx.needs_input_grad[:6]
     dora_call = magnitude is not None
@@ -439,7 +432,7 @@ def _backward(ctx, grad_y, *unused):
     dx, da, db, dr, dbias, dm = (g if needed else None for g, needed in
                                  zip(outs, (need_x, need_a, need_b, need_latent, need_bias,
                                             need_m)))
-    return (dx, dw, dbias, da, db, dr) + (None,) * 5 + (dm,) + (None,) * 11
+    return (dx, dw, dbias, da, db, dr) + (None,) * 5 + (dm,) + (None,) * 10
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
