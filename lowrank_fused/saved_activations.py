@@ -28,13 +28,16 @@ class SavedActivations:
     """
 
     def __init__(self, *modules: nn.Module):
-        self._parameter_storages = {p.untyped_storage().data_ptr()
-                                    for m in modules for p in m.parameters()}
+        self._parameters = [p for m in modules for p in m.parameters()]
         self.tensors: list[Tensor] = []
         self._hooks = None
 
     def _pack(self, tensor: Tensor) -> Tensor:
-        if tensor.untyped_storage().data_ptr() not in self._parameter_storages:
+        # the parameters' storages as they are now: a parameter may get a new one mid-forward
+        # (bitsandbytes repacks a CPU 4-bit weight between eval and training), and an
+        # activation may then be allocated where the old one was
+        ptr = tensor.untyped_storage().data_ptr()
+        if all(p.untyped_storage().data_ptr() != ptr for p in self._parameters):
             self.tensors.append(tensor)
         return tensor
 

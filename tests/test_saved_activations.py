@@ -1,6 +1,7 @@
 """What each method keeps for backward, counted with saved_tensors_hooks."""
 import pytest
 import torch
+from torch import nn
 
 from lowrank_fused import LowRankLinear
 from lowrank_fused.saved_activations import SavedActivations
@@ -50,3 +51,21 @@ def test_counter_skips_parameters_and_counts_each_storage_once():
     loss.backward()
     assert saved.shapes() == [(M, K), (M, N), (M, N)]
     assert saved.nbytes == (M * K + M * N) * x.element_size()
+
+
+def test_a_parameter_given_new_storage_mid_forward_is_still_not_an_activation():
+    # bitsandbytes does this to a CPU 4-bit weight between eval and training (.data replaced)
+    class Repacking(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 16), requires_grad=False)  # frozen
+
+        def forward(self, x):
+            self.weight.data = self.weight.data.clone()  # a new storage, the old one freed
+            return x @ self.weight.T  # autograd saves the weight alone (for x's gradient)
+
+    module = Repacking()
+    x = torch.randn(4, 16, requires_grad=True)
+    with SavedActivations(module) as saved:
+        module(x)
+    assert saved.nbytes == 0  # the weight, the only saved tensor, is a parameter
